@@ -1,0 +1,231 @@
+"""`gpupool host`: the GPU host agent, a jupyter_server that serves this machine's GPU kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, cast
+
+from jupyter_server import serverapp
+from jupyter_server.serverapp import ServerApp
+from tornado.ioloop import IOLoop
+from traitlets import Bool, Dict, Float, Unicode, default
+
+from . import __version__
+from .allocator import GpuAllocator
+from .auth import HostTokenIdentityProvider
+from .gateway_link import GatewayLink
+from .gpus import InventoryError, describe
+from .kernels import HostKernelManager, HostKernelSpecManager
+from .nvml import choose_inventory
+from .status import HostStatus
+from .tenants import TenantSpaces
+from .websocket import HostWebsocketConnection
+
+
+class HostAgent(ServerApp):
+    """Serves the kernels of one GPU machine to the gpupool gateway."""
+
+    name = "gpupool-host"
+    version = __version__
+    description = (
+        "The gpupool GPU host agent: finds this machine's GPUs, starts kernels pinned to them, "
+        "keeps some warm, and serves them over the Jupyter kernels API to the gateway."
+    )
+    default_services = ("api", "kernels", "kernelspecs")  # type: ignore[assignment]
+
+    aliases = Dict(
+        {
+            **serverapp.aliases,
+            "fake-gpus": "HostAgent.fake_gpus",
+            "host-token": "HostAgent.host_token",
+            "gateway": "HostAgent.gateway_url",
+            "join-token": "HostAgent.join_token",
+            "public-url": "HostAgent.public_url",
+            "heartbeat-seconds": "HostAgent.heartbeat_seconds",
+            "kernel-python": "HostAgent.kernel_python",
+            "state-dir": "HostAgent.state_dir",
+            "warm-per-shape": "HostKernelManager.warm_per_shape",
+        }
+    )
+    flags = Dict(
+        {
+            **serverapp.flags,
+            "isolate": (
+                {"HostAgent": {"isolate": True}},
+                "Run each tenant's kernels as its own user.",
+            ),
+            "no-isolate": (
+                {"HostAgent": {"isolate": False}},
+                "Run all kernels as the agent's user.",
+            ),
+        }
+    )
+
+    fake_gpus = Unicode(
+        "",
+        help="Serve fake GPUs instead of NVML's, e.g. 'H100:4,A10G:2' (for machines without one).",
+    ).tag(config=True)
+    host_token = Unicode(
+        help="Token the gateway must send (Authorization: token T). Default: $GPUPOOL_HOST_TOKEN, "
+        "else a new random one, printed at start."
+    ).tag(config=True)
+    gateway_url = Unicode("", help="The gateway to register with, e.g. https://gw:8888.").tag(
+        config=True
+    )
+    join_token = Unicode(
+        help="The cluster join token to register with the gateway. Default: $GPUPOOL_JOIN_TOKEN."
+    ).tag(config=True)
+    public_url = Unicode(
+        "",
+        help="The URL the gateway should use to reach this agent. Default: from --ip and --port.",
+    ).tag(config=True)
+    heartbeat_seconds = Float(3.0, help="Seconds between heartbeats to the gateway.").tag(
+        config=True
+    )
+    gateway_max_backoff = Float(
+        30.0, help="Longest wait between retries while the gateway is unreachable, in seconds."
+    ).tag(config=True)
+    isolate = Bool(
+        help="Run each tenant's kernels as its own unprivileged Unix user. Default: on when root."
+    ).tag(config=True)
+    kernel_python = Unicode(
+        help="The Python (with ipykernel) that runs kernels. Under --isolate, tenants' users must "
+        "be able to run it. Default: this agent's Python."
+    ).tag(config=True)
+    state_dir = Unicode(".gpupool/host", help="Where tenants' working folders live.").tag(
+        config=True
+    )
+
+    @default("host_token")
+    def _default_host_token(self) -> str:
+        return os.environ.get("GPUPOOL_HOST_TOKEN") or secrets.token_urlsafe(32)
+
+    @default("join_token")
+    def _default_join_token(self) -> str:
+        return os.environ.get("GPUPOOL_JOIN_TOKEN", "")
+
+    @default("isolate")
+    def _default_isolate(self) -> bool:
+        return os.geteuid() == 0
+
+    @default("kernel_python")
+    def _default_kernel_python(self) -> str:
+        return sys.executable
+
+    @default("kernel_manager_class")
+    def _default_km(self) -> type:
+        return HostKernelManager
+
+    @default("kernel_spec_manager_class")
+    def _default_ksm(self) -> type:
+        return HostKernelSpecManager
+
+    @default("identity_provider_class")
+    def _default_identity(self) -> type:
+        return HostTokenIdentityProvider
+
+    @default("kernel_websocket_connection_class")
+    def _default_ws(self) -> type:
+        return HostWebsocketConnection
+
+    @default("extra_services")
+    def _default_extra_services(self) -> list[str]:
+        return ["gpu_host.handlers"]
+
+    @default("open_browser")
+    def _default_open_browser(self) -> bool:
+        return False
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        return "127.0.0.1"
+
+    @default("no_browser_open_file")
+    def _default_no_browser_open_file(self) -> bool:
+        return True
+
+    @default("allow_root")
+    def _default_allow_root(self) -> bool:
+        return True
+
+    def find_server_extensions(self) -> None:
+        """The agent is an API for the gateway: no JupyterLab or other server extension."""
+        self.jpserver_extensions = {}
+
+    def _handle_sigint(self, sig: Any, frame: Any) -> None:
+        self._signal_stop(sig, frame)  # stop at once: no "are you sure?" prompt on a service
+
+    def init_configurables(self) -> None:
+        # Kernels must never be slowed or dropped for printing fast.
+        self.config.ZMQChannelsWebsocketConnection.limit_rate = False
+        self.config.HostKernelSpecManager.kernel_python = self.kernel_python
+        try:
+            inventory, line = choose_inventory(self.fake_gpus or None)
+        except InventoryError as error:
+            self.log.critical("%s", error)
+            self.exit(2)
+        super().init_configurables()
+        self.inventory = inventory or _no_gpus()
+        print(f"gpus: {line}; {describe(self.inventory.devices())}", flush=True)
+        self.allocator = GpuAllocator(self.inventory.devices())
+        runtime = Path(tempfile.gettempdir()) / f"gpupool-{os.getuid()}-{os.getpid()}"
+        self.spaces = TenantSpaces(Path(self.state_dir), runtime, self.isolate)
+        self.host_kernels = cast(HostKernelManager, self.kernel_manager)
+        self.host_kernels.attach(self.allocator, self.spaces)
+        self.host_identity = cast(HostTokenIdentityProvider, self.identity_provider)
+        self.host_identity.token = self.host_token
+        self.host_identity.accept(self.host_token)
+
+    def init_webapp(self) -> None:
+        super().init_webapp()
+        url = self.public_url or f"http://{self.ip or '127.0.0.1'}:{self.port}"
+        self.status = HostStatus(self.inventory, self.allocator, self.host_kernels, url)
+        self.web_app.settings["gpupool_status"] = self.status
+        self.web_app.settings["websocket_ping_interval"] = 30
+
+    def start_app(self) -> None:
+        super().start_app()
+        IOLoop.current().add_callback(self._start_background)
+        print(f"host: {self.status.url}", flush=True)
+        if not os.environ.get("GPUPOOL_HOST_TOKEN") and "host_token" not in self.config.HostAgent:
+            print(f"token: {self.host_token}", flush=True)
+
+    async def _start_background(self) -> None:
+        self.host_kernels.start_background()
+        self._link: asyncio.Task[None] | None = None
+        if self.gateway_url:
+            link = GatewayLink(
+                self.gateway_url,
+                self.join_token,
+                self.status,
+                self.host_identity,
+                self.heartbeat_seconds,
+                self.gateway_max_backoff,
+            )
+            self._link = asyncio.get_running_loop().create_task(link.run())
+
+    async def cleanup_kernels(self) -> None:
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.cancel()
+        await super().cleanup_kernels()
+
+
+class _NoGpus:
+    source = "none"
+
+    def devices(self) -> list[Any]:
+        return []
+
+
+def _no_gpus() -> _NoGpus:
+    return _NoGpus()
+
+
+def main(argv: list[str] | None = None) -> None:
+    HostAgent.launch_instance(argv=argv)

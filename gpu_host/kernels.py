@@ -1,0 +1,256 @@
+"""The agent's kernels: jupyter_server's kernel manager, plus GPUs, tenants, a warm pool and
+death detection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_server._tz import isoformat, utcnow
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from tornado import web
+from traitlets import Float, Int, Unicode
+
+from .allocator import AllocationError, GpuAllocator, Shape
+from .kernel_request import KernelRequest
+from .placement import KernelPlacement
+from .tenants import TenantSpaces
+from .warm_pool import WarmKey, WarmPool
+
+KERNEL_NAME = "python3"
+ENDED_KEPT = 256  # how many dead kernels stay visible, so a poller can learn how they ended
+
+
+class HostKernelSpecManager(KernelSpecManager):
+    """One kernelspec, `python3`, launched through the GPU-pinning provisioner."""
+
+    kernel_python = Unicode(help="The Python that runs kernels.").tag(config=True)
+
+    def _spec(self) -> KernelSpec:
+        return KernelSpec(
+            argv=[self.kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="Python 3",
+            language="python",
+            metadata={"kernel_provisioner": {"provisioner_name": "gpupool-gpu-provisioner"}},
+            resource_dir="",
+        )
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        return {KERNEL_NAME: ""}
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if kernel_name != KERNEL_NAME:
+            raise NoSuchKernel(kernel_name)
+        return self._spec()
+
+    def get_all_specs(self) -> dict[str, Any]:
+        return {KERNEL_NAME: {"resource_dir": "", "spec": self._spec().to_dict()}}
+
+
+class HostKernelManager(AsyncMappingKernelManager):
+    """Kernels pinned to GPUs, one tenant each, with a warm pool and a watch for deaths."""
+
+    warm_per_shape = Int(1, help="Warm kernels kept per GPU shape (and for CPU).").tag(config=True)
+    poll_seconds = Float(0.5, help="How often kernel processes are checked for death.").tag(
+        config=True
+    )
+
+    def attach(self, allocator: GpuAllocator, spaces: TenantSpaces) -> None:
+        """Give the manager this machine's GPUs and tenant spaces; called once at start."""
+        self.allocator = allocator
+        self.spaces = spaces
+        self.placements: dict[str, KernelPlacement] = {}
+        self.ended: dict[str, dict[str, Any]] = {}
+        self.warm = WarmPool(allocator, self._start_warm, self._stop, self.warm_per_shape)
+        self._watch: asyncio.Task[None] | None = None
+
+    def start_background(self) -> None:
+        if self.warm_per_shape > 0 and not self.spaces.isolate:
+            self.warm.want_defaults(None)
+        self.warm.refill_soon()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_deaths())
+
+    async def stop_background(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+        await self.warm.close()
+
+    # -- starting --------------------------------------------------------------------------
+
+    def _warm_key(self, shape: Shape, tenant: str | None) -> WarmKey:
+        return WarmKey(shape, (tenant or "default") if self.spaces.isolate else None)
+
+    async def start_for(self, request: KernelRequest) -> str:
+        """Start (or take warm) a kernel for `request` and return its id."""
+        self.allocator.check(request.shape, request.gpus)
+        space = await self.spaces.get(request.tenant)
+        key = self._warm_key(request.shape, request.tenant)
+        if self.warm_per_shape > 0 and self.spaces.isolate:
+            self.warm.wanted.add(key)  # this tenant uses this host: keep one ready for next time
+        kernel_id = None if request.shared else self.warm.take(key, request.gpus)
+        if kernel_id is not None:
+            placement = self.placements[kernel_id]
+            placement.claimed = True
+            placement.started_at = time.time()
+            if request.env:
+                await self._set_env(kernel_id, request.env)
+            self.log.info("kernel %s taken warm for %s", kernel_id, space.tenant)
+        else:
+            kernel_id = await self._start_pinned(request, claimed=True)
+        self.warm.refill_soon()
+        return kernel_id
+
+    async def _start_warm(self, key: WarmKey) -> str:
+        return await self._start_pinned(KernelRequest(shape=key.shape, tenant=key.tenant), False)
+
+    async def _start_pinned(self, request: KernelRequest, claimed: bool) -> str:
+        kernel_id = str(uuid.uuid4())
+        try:
+            gpus = self.allocator.allocate(kernel_id, request.shape, request.gpus, request.shared)
+        except AllocationError:
+            # GPUs held by warm kernels of another shape are given up for a real request.
+            evict = self.warm.holding(request.shape.gpu_type) if claimed else []
+            if not evict:
+                raise
+            await self.warm.evict(evict)
+            gpus = self.allocator.allocate(kernel_id, request.shape, request.gpus, request.shared)
+        space = await self.spaces.get(request.tenant)
+        placement = KernelPlacement(
+            kernel_id,
+            gpus,
+            request.shape.gpu_type if gpus else None,
+            space,
+            claimed,
+            request.shared,
+        )
+        self.placements[kernel_id] = placement
+        try:
+            await self.start_kernel(
+                kernel_id=kernel_id, kernel_name=KERNEL_NAME, env=request.env, gpupool=placement
+            )
+        except BaseException:
+            self.allocator.release(kernel_id)
+            self.placements.pop(kernel_id, None)
+            raise
+        return kernel_id
+
+    async def _set_env(self, kernel_id: str, env: dict[str, str]) -> None:
+        """Give a warm kernel the environment its client asked for, before the client sees it."""
+        env = {
+            k: v
+            for k, v in env.items()
+            if k not in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+        }
+        code = f"import os as _os; _os.environ.update({json.dumps(env)}); del _os"
+        client = self.get_kernel(kernel_id).client()
+        client.start_channels()
+        try:
+            reply = await client.execute(
+                code, silent=True, store_history=False, reply=True, timeout=10
+            )
+            if reply["content"]["status"] != "ok":
+                raise web.HTTPError(500, "could not set the kernel's environment")
+        finally:
+            client.stop_channels()
+
+    # -- visibility: warm kernels are nobody's until taken --------------------------------
+
+    def _visible(self, kernel_id: str) -> bool:
+        placement = self.placements.get(kernel_id)
+        return kernel_id in self and placement is not None and placement.claimed
+
+    def require_visible(self, kernel_id: str, alive: bool = False) -> None:
+        """404, exactly as for an id that never existed, unless a client may see this kernel."""
+        if self._visible(kernel_id) or (not alive and kernel_id in self.ended):
+            return
+        raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        if kernel_id in self.ended and not self._visible(kernel_id):
+            return self.ended[kernel_id]
+        model: dict[str, Any] = super().kernel_model(kernel_id)
+        placement = self.placements[kernel_id]
+        model["gpupool"] = {
+            "tenant": placement.space.tenant,
+            "gpus": placement.gpus,
+            "gpu_type": placement.gpu_type,
+            "gpu_count": len(placement.gpus),
+            "shared": placement.shared,
+        }
+        return model
+
+    def list_kernels(self) -> list[dict[str, Any]]:
+        models = [self.kernel_model(k) for k in list(self._kernels) if self._visible(k)]
+        return models + list(self.ended.values())
+
+    # -- ending ----------------------------------------------------------------------------
+
+    async def _stop(self, kernel_id: str) -> None:
+        if kernel_id in self:
+            await self._async_shutdown_kernel(kernel_id, now=True)
+
+    def _forget(self, kernel_id: str) -> None:
+        self.allocator.release(kernel_id)
+        self.placements.pop(kernel_id, None)
+        self.warm.refill_soon()
+
+    async def _async_shutdown_kernel(
+        self, kernel_id: str, now: bool | None = False, restart: bool | None = False
+    ) -> None:
+        if kernel_id not in self._kernels and self.ended.pop(kernel_id, None) is not None:
+            return  # a dead kernel: forgetting it is all there is to do
+        try:
+            await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
+        finally:
+            if not restart:
+                self._forget(kernel_id)
+
+    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
+
+    async def _watch_deaths(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            for kernel_id in list(self._kernels):
+                km = self._kernels.get(kernel_id)
+                if km is None or km.shutting_down or km.provisioner is None:
+                    continue
+                code = await km.provisioner.poll()
+                if code is not None and kernel_id in self._kernels:
+                    await self._record_death(kernel_id, code)
+
+    async def _record_death(self, kernel_id: str, code: int) -> None:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        visible = self._visible(kernel_id)
+        model = self.kernel_model(kernel_id) if visible else None
+        self.log.warning("kernel %s process ended (%s)", kernel_id, how)
+        for ids in self.warm.ready.values():
+            if kernel_id in ids:
+                ids.remove(kernel_id)
+        try:
+            await self._async_shutdown_kernel(kernel_id, now=True)
+        except Exception:
+            self.log.exception("cleaning up dead kernel %s", kernel_id)
+        if model is not None:
+            model.update(
+                execution_state="dead",
+                connections=0,
+                reason=f"the kernel process ended unexpectedly ({how}); its variables are lost",
+                last_activity=isoformat(utcnow()),
+            )
+            self.ended[kernel_id] = model
+            while len(self.ended) > ENDED_KEPT:
+                self.ended.pop(next(iter(self.ended)))
+
+    async def cleanup_kernels(self) -> None:
+        # Warm kernels are plain kernels underneath, so stopping everything stops them too.
+        await self.stop_background()
+        await super()._async_shutdown_all()
+
+    def activity(self) -> list[dict[str, Any]]:
+        """Each claimed kernel's state, for heartbeats."""
+        return self.list_kernels()
