@@ -1,0 +1,153 @@
+"""Shared fixtures: a real `gpupool host` process on loopback, and a small JSON client for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HostAgent:
+    """A running `gpupool host`, with the token it printed."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    token: str
+    log_path: Path
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+    ) -> Reply:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {"Content-Type": "application/json"}
+        if token is None:
+            token = self.token
+        if token:
+            headers["Authorization"] = f"token {token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                text = response.read()
+                return Reply(
+                    response.status, json.loads(text) if text else None, dict(response.headers)
+                )
+        except urllib.error.HTTPError as error:
+            text = error.read()
+            return Reply(error.code, json.loads(text) if text else None, dict(error.headers))
+
+    def create(self, **body: Any) -> dict[str, Any]:
+        reply = self.call("POST", "/api/kernels", body)
+        assert reply.status == 201, reply.body
+        return dict(reply.body)
+
+    def wait_for(self, check: Any, timeout: float = 30, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; log: {self.log()}")
+
+    def warm_count(self) -> int:
+        return int(self.call("GET", "/api/host").body["warm"])
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_host(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> HostAgent:
+    port = free_port()
+    log_path = tmp_path / f"host-{port}.log"
+    command = [sys.executable, "-m", "gpu_host", "--port", str(port), "--state-dir",
+               str(tmp_path / "state"), *args]  # fmt: skip
+    full_env = {k: v for k, v in os.environ.items() if k != "GPUPOOL_HOST_TOKEN"}
+    full_env.update(env or {})
+    log = open(log_path, "w")  # the process writes it until it ends
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=tmp_path)  # fmt: skip
+    url = token = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (url and token):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"gpupool host exited with {proc.returncode}: {log_path.read_text()}"
+            )
+        for line in log_path.read_text().splitlines():
+            if line.startswith("host: "):
+                url = line.split(" ", 1)[1]
+            elif line.startswith("token: "):
+                token = line.split(" ", 1)[1]
+        if (env or {}).get("GPUPOOL_HOST_TOKEN"):
+            token = (env or {})["GPUPOOL_HOST_TOKEN"]
+        time.sleep(0.05)
+    if not (url and token):
+        proc.kill()
+        raise AssertionError(f"gpupool host did not start: {log_path.read_text()}")
+    return HostAgent(proc, url, token, log_path)
+
+
+@pytest.fixture
+def host_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start agents with any options; every one is stopped at the end of the test."""
+    started: list[HostAgent] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> HostAgent:
+        agent = start_host(tmp_path, *args, env=env)
+        started.append(agent)
+        return agent
+
+    yield factory
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
+    """One agent with two fake H100s and one A10G, shared by a module's tests."""
+    agent = start_host(
+        tmp_path_factory.mktemp("host"), "--fake-gpus", "H100:2,A10G:1", "--no-isolate"
+    )
+    yield agent
+    agent.stop()
