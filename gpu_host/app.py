@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import sys
@@ -170,6 +171,10 @@ class HostAgent(ServerApp):
             self.log.critical("%s", error)
             self.exit(2)
         super().init_configurables()
+        # The agent's own modules log through the server's handlers and format.
+        ours = logging.getLogger("gpu_host")
+        ours.handlers, ours.propagate = list(self.log.handlers), False
+        ours.setLevel(self.log.level)
         self.inventory = inventory or _no_gpus()
         print(f"gpus: {line}; {describe(self.inventory.devices())}", flush=True)
         self.allocator = GpuAllocator(self.inventory.devices())

@@ -94,7 +94,7 @@ class GatewayLink:
             except asyncio.CancelledError:
                 raise
             except GatewayRefused as error:
-                log.error("%s; check --join-token; retrying in %.0f s", error, self.max_backoff)
+                log.error("%s; check --join-token; retrying in %.1f s", error, self.max_backoff)
                 await asyncio.sleep(self.max_backoff)
             except Exception as error:
                 log.warning(

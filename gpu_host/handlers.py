@@ -41,7 +41,7 @@ class KernelsHandler(HostHandlerMixin, stock.MainKernelHandler):
             request = parse_kernel_request(self.request.body)
             kernel_id = await km.start_for(request)
         except RequestError as error:
-            raise web.HTTPError(400, str(error)) from None
+            raise web.HTTPError(error.status, str(error)) from None
         except AllocationError as error:
             raise web.HTTPError(error.status, error.message) from None
         model = km.kernel_model(kernel_id)

@@ -20,7 +20,11 @@ KERNEL_NAMES = "python3, or python3-gpu-<type>-x<count> such as python3-gpu-h100
 
 
 class RequestError(ValueError):
-    """A request that cannot be served as written; the message says what to change (HTTP 400)."""
+    """A request that cannot be served as written; the message says what to change."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -67,7 +71,9 @@ def _count(value: Any, where: str) -> int:
 
 def parse_kernel_request(body: bytes) -> KernelRequest:
     if len(body) > MAX_BODY_BYTES:
-        raise RequestError(f"the request body is {len(body)} bytes; at most {MAX_BODY_BYTES}.")
+        raise RequestError(
+            f"the request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted.", 413
+        )
     try:
         data = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as error:

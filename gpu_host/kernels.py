@@ -93,9 +93,13 @@ class HostKernelManager(AsyncMappingKernelManager):
         if self.warm_per_shape > 0 and self.spaces.isolate:
             self.warm.wanted.add(key)  # this tenant uses this host: keep one ready for next time
         kernel_id = None if request.shared else self.warm.take(key, request.gpus)
+        if kernel_id is None and not request.shared and self.warm.starting(key):
+            await self.warm.settle()  # one is almost ready: sooner than starting another
+            kernel_id = self.warm.take(key, request.gpus)
         if kernel_id is not None:
             placement = self.placements[kernel_id]
             placement.claimed = True
+            placement.start = "warm"
             placement.started_at = time.time()
             if request.env:
                 await self._set_env(kernel_id, request.env)
@@ -113,12 +117,21 @@ class HostKernelManager(AsyncMappingKernelManager):
         try:
             gpus = self.allocator.allocate(kernel_id, request.shape, request.gpus, request.shared)
         except AllocationError:
-            # GPUs held by warm kernels of another shape are given up for a real request.
-            evict = self.warm.holding(request.shape.gpu_type) if claimed else []
-            if not evict:
+            if not claimed:
                 raise
-            await self.warm.evict(evict)
-            gpus = self.allocator.allocate(kernel_id, request.shape, request.gpus, request.shared)
+            # GPUs held by warm kernels of another shape are given up for a real request.
+            self.warm.hold_off()
+            try:
+                await self.warm.settle()
+                evict = self.warm.holding(request.shape.gpu_type)
+                if not evict:
+                    raise
+                await self.warm.evict(evict)
+                gpus = self.allocator.allocate(
+                    kernel_id, request.shape, request.gpus, request.shared
+                )
+            finally:
+                self.warm.resume()
         space = await self.spaces.get(request.tenant)
         placement = KernelPlacement(
             kernel_id,
@@ -137,6 +150,11 @@ class HostKernelManager(AsyncMappingKernelManager):
             self.allocator.release(kernel_id)
             self.placements.pop(kernel_id, None)
             raise
+        kernel = self.get_kernel(kernel_id)
+        if kernel.execution_state == "starting":  # type: ignore[attr-defined]
+            # It has answered kernel_info, so it is idle, though its first status may have gone
+            # out before the activity watch subscribed.
+            kernel.execution_state = "idle"  # type: ignore[attr-defined]
         return kernel_id
 
     async def _set_env(self, kernel_id: str, env: dict[str, str]) -> None:
@@ -181,6 +199,7 @@ class HostKernelManager(AsyncMappingKernelManager):
             "gpu_type": placement.gpu_type,
             "gpu_count": len(placement.gpus),
             "shared": placement.shared,
+            "start": placement.start,
         }
         return model
 
@@ -246,10 +265,16 @@ class HostKernelManager(AsyncMappingKernelManager):
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
 
-    async def cleanup_kernels(self) -> None:
-        # Warm kernels are plain kernels underneath, so stopping everything stops them too.
+    async def _async_shutdown_all(self, now: bool = False) -> None:
+        """Stop every kernel, warm ones included; one that fails to stop does not stop the rest."""
         await self.stop_background()
-        await super()._async_shutdown_all()
+        for kernel_id in list(self._kernels):
+            try:
+                await self._async_shutdown_kernel(kernel_id, now=True)
+            except Exception:
+                self.log.exception("could not shut down kernel %s", kernel_id)
+
+    shutdown_all = _async_shutdown_all  # type: ignore[assignment]
 
     def activity(self) -> list[dict[str, Any]]:
         """Each claimed kernel's state, for heartbeats."""

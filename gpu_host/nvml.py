@@ -53,8 +53,9 @@ class NvmlInventory:
             processes = []
         gpu_type = gpu_type_of(parent.name if parent else name)
         if parent is not None:
-            # "NVIDIA A100-SXM4-40GB MIG 1g.5gb" is scheduled as type "A100-1g.5gb".
-            profile = name.rsplit("MIG", 1)[-1].strip()
+            # "NVIDIA A100-SXM4-40GB MIG 1g.5gb" is scheduled as type "A100-1G.5GB": upper case
+            # like every type, since requests are upper-cased before they are matched.
+            profile = name.rsplit("MIG", 1)[-1].strip().upper()
             gpu_type = f"{gpu_type}-{profile}" if profile else gpu_type
         return Gpu(
             index=index,

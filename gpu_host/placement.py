@@ -26,6 +26,7 @@ class KernelPlacement:
     space: TenantSpace
     claimed: bool  # False while the kernel waits in the warm pool
     shared: bool = False
+    start: str = "cold"  # "warm" when taken from the warm pool
     started_at: float = field(default_factory=time.time)
 
     @property

@@ -39,6 +39,8 @@ class WarmPool:
         self.ready: dict[WarmKey, list[str]] = {}
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
+        self._starting: tuple[WarmKey, asyncio.Future[None]] | None = None
+        self._held_off = 0  # requests evicting warm kernels: refilling would race them
 
     def want_defaults(self, tenant: str | None) -> None:
         """Keep warm kernels of every GPU type (one GPU each) and a CPU one."""
@@ -67,13 +69,30 @@ class WarmPool:
             if key.shape.gpu_count and gpu_type in (None, key.shape.gpu_type)
         ]
 
+    def starting(self, key: WarmKey | None = None) -> bool:
+        """Whether a warm kernel (for `key`, or any) is being started right now."""
+        return self._starting is not None and key in (None, self._starting[0])
+
+    async def settle(self) -> None:
+        """Wait until the warm kernel being started, if any, is ready (or has failed)."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting[1])
+
     async def evict(self, kernel_ids: list[str]) -> None:
-        """Shut down warm kernels so a larger request can have their GPUs."""
+        """Shut down warm kernels so a request can have their GPUs; call within `hold_off`."""
         for ids in self.ready.values():
             for kernel_id in kernel_ids:
                 if kernel_id in ids:
                     ids.remove(kernel_id)
         await asyncio.gather(*(self._stop(k) for k in kernel_ids))
+
+    def hold_off(self) -> None:
+        """Start no warm kernel until `resume`, so GPUs freed for a request stay free for it."""
+        self._held_off += 1
+
+    def resume(self) -> None:
+        self._held_off -= 1
+        self.refill_soon()
 
     def refill_soon(self) -> None:
         if self._closed or (self._refill and not self._refill.done()):
@@ -81,6 +100,8 @@ class WarmPool:
         self._refill = asyncio.get_running_loop().create_task(self._fill())
 
     def _missing(self) -> WarmKey | None:
+        if self._held_off:
+            return None
         for key in sorted(self.wanted, key=lambda k: (k.shape.gpu_count == 0, str(k))):
             if len(self.ready.get(key, [])) >= self.per_shape:
                 continue
@@ -92,12 +113,17 @@ class WarmPool:
     async def _fill(self) -> None:
         # One kernel at a time: starting kernels is CPU-heavy and requests come first.
         while not self._closed and (key := self._missing()) is not None:
+            done = asyncio.get_running_loop().create_future()
+            self._starting = (key, done)
             try:
                 kernel_id = await self._start(key)
             except Exception:
                 log.exception("could not start a warm kernel for %s; retrying in 5 s", key)
                 await asyncio.sleep(5)
                 continue
+            finally:
+                self._starting = None
+                done.set_result(None)
             if self._closed:
                 await self._stop(kernel_id)
                 return
@@ -107,7 +133,12 @@ class WarmPool:
     async def close(self) -> None:
         self._closed = True
         if self._refill and not self._refill.done():
-            self._refill.cancel()
+            # Let a start in flight finish rather than cancel it halfway: jupyter_client would
+            # go on adding the half-started kernel after the cancel, unowned.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._refill), 60)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("a warm kernel start did not finish while stopping")
         ids = [k for ids in self.ready.values() for k in ids]
         self.ready.clear()
         await asyncio.gather(*(self._stop(k) for k in ids), return_exceptions=True)

@@ -1,0 +1,178 @@
+"""The host agent with real ipykernel processes: GPU pinning, the warm pool, deaths and auth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from kernel_ws import V1, KernelSocket, run_code
+from tornado.httpclient import HTTPClientError
+
+PIN = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['NVIDIA_VISIBLE_DEVICES'])"
+
+
+def pinned(host, kernel_id: str) -> list[str]:
+    out = asyncio.run(run_code(host.url, host.token, kernel_id, PIN)).split()
+    assert len(out) == 2 and out[0] == out[1], out
+    return out[0].split(",")
+
+
+def test_kernel_sees_exactly_its_gpus(host):
+    model = host.create(name="python3", gpu_type="H100", gpu_count=1)
+    gpus = model["gpupool"]["gpus"]
+    assert len(gpus) == 1 and gpus[0].startswith("GPU-")
+    assert pinned(host, model["id"]) == gpus
+    assert host.call("DELETE", f"/api/kernels/{model['id']}").status == 204
+
+
+def test_kernels_on_different_gpus_never_overlap(host):
+    first = host.create(gpu_type="H100")
+    second = host.create(gpu_type="H100")
+    a, b = pinned(host, first["id"]), pinned(host, second["id"])
+    assert a != b and set(a).isdisjoint(b)
+    devices = {d["uuid"]: d for d in host.call("GET", "/api/gpus").body}
+    assert devices[a[0]]["kernels"] == [first["id"]] and devices[b[0]]["kernels"] == [second["id"]]
+    full = host.call("POST", "/api/kernels", {"gpu_type": "H100"})
+    assert full.status == 409 and "only 0 free" in full.body["message"]
+    host.call("DELETE", f"/api/kernels/{first['id']}")
+    third = host.create(gpu_type="H100")
+    assert pinned(host, third["id"]) == a
+    for kernel in (second, third):
+        host.call("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+def test_exact_gpus_by_uuid_and_two_gpu_kernel(host):
+    devices = [d["uuid"] for d in host.call("GET", "/api/gpus").body if d["gpu_type"] == "H100"]
+    model = host.create(gpus=devices)
+    assert sorted(pinned(host, model["id"])) == sorted(devices)
+    assert model["gpupool"]["gpu_count"] == 2
+    host.call("DELETE", f"/api/kernels/{model['id']}")
+
+
+def test_cpu_kernel_sees_no_gpu(host):
+    model = host.create(name="python3")
+    code = (
+        "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), "
+        "os.environ['NVIDIA_VISIBLE_DEVICES'])"
+    )
+    out = asyncio.run(run_code(host.url, host.token, model["id"], code))
+    assert model["gpupool"]["gpus"] == []
+    assert out.split()[0] == "''" and out.split()[1] == "void"
+    host.call("DELETE", f"/api/kernels/{model['id']}")
+
+
+def test_warm_pool_serves_then_refills(host):
+    host.wait_for(lambda: host.warm_count() >= 3, what="a warm H100, A10G and CPU kernel")
+    model = host.create(gpu_type="A10G", env={"GREETING": "hello from the client"})
+    assert model["gpupool"]["start"] == "warm"
+    code = "import os; print(os.environ['GREETING'])"
+    assert (
+        asyncio.run(run_code(host.url, host.token, model["id"], code)) == "hello from the client\n"
+    )
+    # The only A10G is now held, so its shape cannot refill; the others stay ready.
+    assert host.call("POST", "/api/kernels", {"gpu_type": "A10G"}).status == 409
+    host.call("DELETE", f"/api/kernels/{model['id']}")
+    host.wait_for(lambda: host.warm_count() >= 3, what="the A10G warm kernel to be started again")
+    again = host.create(gpu_type="A10G")
+    assert again["id"] != model["id"], "a kernel that was used must never be handed out again"
+    assert again["gpupool"]["start"] == "warm"
+    host.call("DELETE", f"/api/kernels/{again['id']}")
+
+
+def test_warm_kernels_are_invisible_until_taken(host):
+    host.wait_for(lambda: host.warm_count() >= 1, what="a warm kernel")
+    listed = {k["id"] for k in host.call("GET", "/api/kernels").body}
+    held = {k for d in host.call("GET", "/api/gpus").body for k in d["kernels"]}
+    assert held <= listed  # only claimed kernels are listed or shown on GPUs
+
+
+def test_killed_kernel_is_reported_dead_and_frees_its_gpu(host):
+    model = host.create(gpu_type="H100")
+    kernel_id, gpu = model["id"], model["gpupool"]["gpus"][0]
+    pid = int(
+        asyncio.run(run_code(host.url, host.token, kernel_id, "import os; print(os.getpid())"))
+    )
+    os.kill(pid, signal.SIGKILL)
+    dead = host.wait_for(
+        lambda: (
+            (m := host.call("GET", f"/api/kernels/{kernel_id}").body)["execution_state"] == "dead"
+            and m
+        ),
+        timeout=10,
+        what="the killed kernel to be reported dead",
+    )
+    assert "SIGKILL" in dead["reason"]
+    assert any(k["id"] == kernel_id for k in host.call("GET", "/api/host").body["kernels"])
+    device = next(d for d in host.call("GET", "/api/gpus").body if d["uuid"] == gpu)
+    assert kernel_id not in device["kernels"]
+    assert host.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+    assert host.call("GET", f"/api/kernels/{kernel_id}").status == 404
+
+
+@pytest.mark.parametrize("protocol", [None, V1])
+def test_websocket_speaks_both_framings(host, protocol):
+    model = host.create(gpu_type="H100")
+
+    async def session():
+        sock = await KernelSocket.open(host.url, host.token, model["id"], protocol)
+        assert sock.protocol == protocol
+        info = await sock.kernel_info()
+        assert info["content"]["language_info"]["name"] == "python"
+        out, reply = await sock.execute("print(1 + 1)")
+        sock.close()
+        return out, reply
+
+    out, reply = asyncio.run(session())
+    assert out == "2\n" and reply["status"] == "ok"
+    host.call("DELETE", f"/api/kernels/{model['id']}")
+
+
+def test_activity_connections_and_state(host):
+    model = host.create(gpu_type="H100")
+    kernel_id = model["id"]
+
+    async def busy_then_check():
+        sock = await KernelSocket.open(host.url, host.token, kernel_id)
+        await sock.send("shell", "execute_request", {"code": "import time; time.sleep(1.5)"})
+        await asyncio.sleep(0.7)
+        during = host.call("GET", f"/api/kernels/{kernel_id}").body
+        await sock.recv()
+        sock.close()
+        return during
+
+    before = host.call("GET", f"/api/kernels/{kernel_id}").body
+    during = asyncio.run(busy_then_check())
+    assert during["execution_state"] == "busy" and during["connections"] == 1
+    assert during["last_activity"] > before["last_activity"]
+    assert during["last_activity"].endswith("Z")
+    activity = {k["id"]: k for k in host.call("GET", "/api/host").body["kernels"]}
+    assert activity[kernel_id]["gpupool"]["tenant"] == "default"
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_interrupt_and_restart_keep_the_gpu(host):
+    model = host.create(gpu_type="H100")
+    kernel_id = model["id"]
+    before = pinned(host, kernel_id)
+    assert host.call("POST", f"/api/kernels/{kernel_id}/interrupt").status == 204
+    restarted = host.call("POST", f"/api/kernels/{kernel_id}/restart")
+    assert restarted.status == 200 and restarted.body["id"] == kernel_id
+    assert pinned(host, kernel_id) == before
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_host_token_is_enforced_everywhere(host):
+    for method, path in [("GET", "/api/kernels"), ("POST", "/api/kernels"), ("GET", "/api/gpus"),
+                         ("GET", "/api/host"), ("GET", "/api/kernelspecs")]:  # fmt: skip
+        for token in ("", "wrong-token"):
+            reply = host.call(method, path, {} if method == "POST" else None, token=token)
+            assert reply.status == 401, (method, path, token)
+            assert "host token" in reply.body["message"]
+    model = host.create(gpu_type="H100")
+    with pytest.raises(HTTPClientError) as refused:
+        asyncio.run(KernelSocket.open(host.url, "wrong-token", model["id"]))
+    assert refused.value.code == 401
+    assert host.call("GET", "/api/kernels").status == 200
+    host.call("DELETE", f"/api/kernels/{model['id']}")
