@@ -43,6 +43,7 @@ class HostAgent(ServerApp):
         {
             **serverapp.aliases,
             "fake-gpus": "HostAgent.fake_gpus",
+            "fallback-fake-gpus": "HostAgent.fallback_fake_gpus",
             "host-token": "HostAgent.host_token",
             "gateway": "HostAgent.gateway_url",
             "join-token": "HostAgent.join_token",
@@ -70,6 +71,9 @@ class HostAgent(ServerApp):
     fake_gpus = Unicode(
         "",
         help="Serve fake GPUs instead of NVML's, e.g. 'H100:4,A10G:2' (for machines without one).",
+    ).tag(config=True)
+    fallback_fake_gpus = Unicode(
+        "", help="Fake GPUs to serve when NVML finds none, e.g. 'H100:2' (the embedded default)."
     ).tag(config=True)
     host_token = Unicode(
         help="Token the gateway must send (Authorization: token T). Default: $GPUPOOL_HOST_TOKEN, "
@@ -167,6 +171,10 @@ class HostAgent(ServerApp):
         self.config.HostKernelSpecManager.kernel_python = self.kernel_python
         try:
             inventory, line = choose_inventory(self.fake_gpus or None)
+            if inventory is None and self.fallback_fake_gpus:
+                why = line
+                inventory, _ = choose_inventory(self.fallback_fake_gpus)
+                line = f"{why}; using fake GPUs {self.fallback_fake_gpus} instead"
         except InventoryError as error:
             self.log.critical("%s", error)
             self.exit(2)

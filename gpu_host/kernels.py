@@ -173,6 +173,8 @@ class HostKernelManager(AsyncMappingKernelManager):
             )
             if reply["content"]["status"] != "ok":
                 raise web.HTTPError(500, "could not set the kernel's environment")
+            # The reply comes before the idle status; the client must not see a busy kernel.
+            self.get_kernel(kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
         finally:
             client.stop_channels()
 

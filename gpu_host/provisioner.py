@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
+from tornado import web
 
 from .placement import KernelPlacement
+from .tenants import CannotRunKernels, check_can_run_kernels
 
 # Agent secrets and settings that must never reach a tenant's kernel.
 HIDDEN_ENV_PREFIXES = ("GPUPOOL_HOST_", "GPUPOOL_JOIN_", "JUPYTER_TOKEN", "JPY_API_TOKEN")
@@ -45,9 +48,19 @@ class GpuProvisioner(LocalProvisioner):
             kwargs["env"] = kernel_env(placement, kwargs.get("env") or {})
             kwargs["cwd"] = str(placement.space.workdir)
             if placement.space.uid != os.getuid():
+                await self._check_can_run(placement, kwargs["env"])
                 kwargs.update(user=placement.space.uid, group=placement.space.gid, extra_groups=[])
         launch = await super().pre_launch(**kwargs)
         if placement is not None and placement.space.uid != os.getuid():
             # The kernel reads its connection file as the tenant; nobody else may.
             os.chown(placement.connection_file, placement.space.uid, placement.space.gid)
         return launch
+
+    async def _check_can_run(self, placement: KernelPlacement, env: dict[str, str]) -> None:
+        """Refuse, with one clear line, a kernel its tenant's user could not run."""
+        python = self.kernel_spec.argv[0]
+        try:
+            await asyncio.to_thread(check_can_run_kernels, python, placement.space, env)
+        except CannotRunKernels as error:
+            self.log.error("%s", error)
+            raise web.HTTPError(500, str(error)) from None

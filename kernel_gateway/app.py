@@ -1,0 +1,122 @@
+"""`gpupool gateway`: the front door, serving the Jupyter gateway protocol to tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from traitlets import Float, Int, Unicode, default
+from traitlets.config import Application
+
+from . import __version__
+from .handlers import routes
+from .state import GatewayState
+from .store import open_store
+from .tokens import new_token
+
+
+def secret_file(path: Path) -> str:
+    """A token kept in a 0600 file, made on first use, so restarts keep the same one."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class GatewayApp(Application):
+    name = "gpupool-gateway"
+    version = __version__
+    description = "The gpupool gateway: tenants, GPU kernelspecs, placement and kernel websockets."
+    aliases = {
+        "ip": "GatewayApp.ip",
+        "port": "GatewayApp.port",
+        "state-dir": "GatewayApp.state_dir",
+        "db": "GatewayApp.db_url",
+        "host-timeout": "GatewayApp.host_timeout",
+        "max-message-mb": "GatewayApp.max_message_mb",
+    }
+
+    ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
+    port = Int(8765, help="Port to listen on (0 picks a free one).").tag(config=True)
+    state_dir = Unicode(".gpupool", help="Folder for the database and the token files.").tag(
+        config=True
+    )
+    db_url = Unicode("", help="SQLAlchemy URL; default SQLite in the state folder.").tag(
+        config=True
+    )
+    admin_token = Unicode(
+        help="Admin token. Default: $GPUPOOL_ADMIN_TOKEN or state/admin-token."
+    ).tag(config=True)
+    join_token = Unicode(
+        help="Host join token. Default: $GPUPOOL_JOIN_TOKEN or state/join-token."
+    ).tag(config=True)
+    host_timeout = Float(15.0, help="Seconds without a heartbeat before a host is lost.").tag(
+        config=True
+    )
+    max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
+
+    @default("admin_token")
+    def _admin(self) -> str:
+        return os.environ.get("GPUPOOL_ADMIN_TOKEN") or secret_file(
+            Path(self.state_dir) / "admin-token"
+        )
+
+    @default("join_token")
+    def _join(self) -> str:
+        return os.environ.get("GPUPOOL_JOIN_TOKEN") or secret_file(
+            Path(self.state_dir) / "join-token"
+        )
+
+    def make_state(self) -> GatewayState:
+        db = open_store(self.db_url or str(Path(self.state_dir) / "gateway.db"))
+        return GatewayState(db, self.admin_token, self.join_token, self.host_timeout)
+
+    def make_app(self, state: GatewayState) -> web.Application:
+        return web.Application(
+            routes(),
+            gpupool=state,
+            websocket_max_message_size=self.max_message_mb << 20,
+            websocket_ping_interval=30,
+        )
+
+    async def serve(self) -> tuple[HTTPServer, str, GatewayState]:
+        state = self.make_state()
+        server = HTTPServer(self.make_app(state), max_body_size=1 << 20)
+        sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(
+            self.port, self.ip
+        )
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        url = f"http://{self.ip}:{port}"
+        state.start_watch()
+        info = Path(self.state_dir) / "gateway.json"
+        info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        return server, url, state
+
+    async def run(self) -> None:
+        server, url, _state = await self.serve()
+        print(f"gateway: {url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()
+
+    def start(self) -> None:
+        asyncio.run(self.run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    app = GatewayApp()
+    app.initialize(argv)
+    app.start()

@@ -1,0 +1,89 @@
+"""What every gateway handler shares: JSON errors, body limits, and identity from the token."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tornado import web
+
+from .errors import ApiError
+from .state import GatewayState
+from .store import Tenant
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def token_of(handler: web.RequestHandler) -> str:
+    """The token a request carries, in `Authorization: token T` (or ?token=, for browsers)."""
+    header = handler.request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("token", "bearer") and value.strip():
+        return value.strip()
+    return handler.get_query_argument("token", "") or ""
+
+
+def tenant_of(state: GatewayState, token: str) -> Tenant:
+    """Identity comes from the token alone."""
+    if not token:
+        raise ApiError(401, "send your tenant token: 'Authorization: token T'.")
+    tenant = state.tenant_for(token)
+    if tenant is None:
+        raise ApiError(401, "this token is unknown or revoked; ask your admin for a new one.")
+    return tenant
+
+
+class GatewayHandler(web.RequestHandler):
+    @property
+    def state(self) -> GatewayState:
+        state: GatewayState = self.settings["gpupool"]
+        return state
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def given_token(self) -> str:
+        return token_of(self)
+
+    def tenant(self) -> Tenant:
+        return tenant_of(self.state, self.given_token())
+
+    def require_admin(self) -> None:
+        if not self.state.is_admin(self.given_token()):
+            raise ApiError(401, "this needs the gateway's admin token.")
+
+    def body(self) -> dict[str, Any]:
+        raw = self.request.body or b"{}"
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes.")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object.")
+        return data
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, ApiError):
+            self.set_status(error.status)
+            status_code, message = error.status, error.message
+        elif isinstance(error, web.HTTPError):
+            message = error.log_message or error.reason or "the request failed"
+        else:
+            message = "the gateway hit an unexpected error; it is logged. Try again."
+        reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                  409: "Conflict", 413: "Payload Too Large"}.get(status_code, "Error")  # fmt: skip
+        self.set_status(status_code, reason)
+        self.finish(json.dumps({"reason": reason, "message": message}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ApiError):
+            return  # an answer, not a failure
+        super().log_exception(typ, value, tb)

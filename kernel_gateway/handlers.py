@@ -1,0 +1,241 @@
+"""The gateway's REST API: the Jupyter gateway protocol, the pool, hosts and administration."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .base import GatewayHandler
+from .errors import ApiError
+from .metrics import render_metrics
+from .openapi import OPENAPI
+from .shapes import CPU, Shape
+from .tokens import same
+
+KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+MAX_ENV_KEYS = 256
+MAX_ENV_VALUE = 4096
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+SPEC_COUNTS = (1, 2, 4, 8)
+
+
+def read_env(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "env must be a JSON object of string keys and string values.")
+    if len(value) > MAX_ENV_KEYS:
+        raise ApiError(400, f"env has {len(value)} keys; at most {MAX_ENV_KEYS} are allowed.")
+    for key, text in value.items():
+        if not ENV_KEY.match(key):
+            raise ApiError(400, f"env key {key[:40]!r} is not a valid variable name.")
+        if not isinstance(text, str) or len(text) > MAX_ENV_VALUE or "\0" in text or "\n" in text:
+            raise ApiError(
+                400, f"env value of {key} must be a string of at most {MAX_ENV_VALUE} characters "
+                "with no NUL or newline.",
+            )  # fmt: skip
+    return dict(value)
+
+
+class KernelspecsHandler(GatewayHandler):
+    def specs(self) -> dict[str, Any]:
+        pool = self.state.pool
+        types = pool.types()
+        queue = self.state.kernels.queue
+        shapes = [CPU] + [
+            Shape(t, n) for t, v in sorted(types.items()) for n in SPEC_COUNTS if n <= v["most"]
+        ]
+        specs = {}
+        for shape in shapes:
+            entry = types.get(shape.gpu_type or "", {})
+            waiting = sum(
+                1 for k in queue if self.state.kernels._row(k).gpu_type == shape.gpu_type
+            ) if shape.gpu_count else 0  # fmt: skip
+            specs[shape.kernel_name] = {
+                "name": shape.kernel_name,
+                "spec": {
+                    "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": shape.display_name,
+                    "language": "python",
+                    "interrupt_mode": "signal",
+                    "env": {},
+                    "metadata": {
+                        "gpupool": {
+                            "gpu_type": shape.gpu_type,
+                            "gpu_count": shape.gpu_count,
+                            "memory_gb": round(entry.get("memory", 0) / 1024**3),
+                            "usd_per_hour": shape.usd_per_hour,
+                            "free": entry.get("free", 0),
+                            "queue": waiting,
+                        }
+                    },
+                },
+                "resources": {},
+            }
+        return specs
+
+    def get(self, name: str | None = None) -> None:
+        self.tenant()
+        specs = self.specs()
+        # jupyter_server's gateway client asks for one spec as ?user=NAME/specname.
+        user = self.get_query_argument("user", "")
+        if name is None and "/" in user:
+            name = user.split("/", 1)[1]
+        if name is None:
+            self.reply({"default": "python3", "kernelspecs": specs})
+        elif name in specs:
+            self.reply(specs[name])
+        else:
+            raise ApiError(
+                404, f"no kernelspec named {name[:80]!r}; the pool offers: {', '.join(specs)}."
+            )
+
+
+class KernelspecResourceHandler(GatewayHandler):
+    def get(self, name: str, path: str) -> None:
+        self.tenant()
+        raise ApiError(404, f"kernelspec {name[:80]} has no resource {path[:80]!r}.")
+
+
+class KernelsHandler(GatewayHandler):
+    def get(self) -> None:
+        self.reply(self.state.kernels.list_for(self.tenant()))
+
+    async def post(self) -> None:
+        tenant = self.tenant()
+        body = self.body()
+        name = body.get("name") or "python3"
+        if not isinstance(name, str):
+            raise ApiError(400, "name must be a kernelspec name such as python3-gpu-h100-x1.")
+        model = await self.state.kernels.create(tenant, name, read_env(body.get("env")))
+        self.set_header("Location", f"/api/kernels/{model['id']}")
+        self.reply(model, 201)
+
+
+class KernelHandler(GatewayHandler):
+    def get(self, kernel_id: str) -> None:
+        kernels = self.state.kernels
+        self.reply(kernels.model(kernels.get(self.tenant(), kernel_id)))
+
+    async def delete(self, kernel_id: str) -> None:
+        await self.state.kernels.delete(self.tenant(), kernel_id)
+        self.set_status(204)
+        self.finish()
+
+
+class KernelActionHandler(GatewayHandler):
+    async def post(self, kernel_id: str, action: str) -> None:
+        model = await self.state.kernels.action(self.tenant(), kernel_id, action)
+        if action == "interrupt":
+            self.set_status(204)
+            self.finish()
+        else:
+            self.reply(model)
+
+
+class GpusHandler(GatewayHandler):
+    def get(self) -> None:
+        self.tenant()
+        queue = [self.state.kernels._row(k) for k in self.state.kernels.queue]
+        self.reply([
+            {"gpu_type": t, "memory_gb": round(v["memory"] / 1024**3), "total": v["total"],
+             "free": v["free"], "usd_per_hour": Shape(t, 1).usd_per_hour,
+             "queue": sum(1 for k in queue if k.gpu_type == t)}
+            for t, v in sorted(self.state.pool.types().items())
+        ])  # fmt: skip
+
+
+class RegisterHostHandler(GatewayHandler):
+    def post(self) -> None:
+        token = self.given_token()
+        if not token or not self.state.join_token or not same(token, self.state.join_token):
+            raise ApiError(401, "registering a host needs the cluster join token.")
+        self.reply(self.state.register_host(self.body()))
+
+
+class HeartbeatHandler(GatewayHandler):
+    def post(self, host_id: str) -> None:
+        self.state.heartbeat(host_id, self.given_token(), self.body())
+        self.reply({})
+
+
+class HostsHandler(GatewayHandler):
+    def get(self) -> None:
+        self.require_admin()
+        self.reply(self.state.hosts())
+
+
+class TenantsHandler(GatewayHandler):
+    def get(self) -> None:
+        self.require_admin()
+        self.reply(self.state.tenants())
+
+    def post(self) -> None:
+        self.require_admin()
+        body = self.body()
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, 'send {"name": NAME} to create a tenant.')
+        tenant, token = self.state.create_tenant(
+            name, body.get("max_gpus"), body.get("max_kernels")
+        )
+        self.reply({"name": tenant.name, "token": token}, 201)
+
+
+class TenantHandler(GatewayHandler):
+    def delete(self, name: str) -> None:
+        self.require_admin()
+        self.state.revoke_tenant(name)
+        self.set_status(204)
+        self.finish()
+
+
+class TokensHandler(GatewayHandler):
+    def post(self) -> None:
+        self.require_admin()
+        tenant = self.body().get("tenant")
+        if not isinstance(tenant, str):
+            raise ApiError(400, 'send {"tenant": NAME} to make a new token for that tenant.')
+        self.reply({"tenant": tenant, "token": self.state.new_token_for(tenant)}, 201)
+
+
+class MetricsHandler(GatewayHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(render_metrics(self.state))
+
+
+class OpenApiHandler(GatewayHandler):
+    def get(self) -> None:
+        self.reply(OPENAPI)
+
+
+class NotFoundHandler(GatewayHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, f"no such endpoint: {self.request.path[:200]}; see /api/openapi.json.")
+
+
+def routes() -> list[tuple[str, Any]]:
+    from .proxy import ChannelsHandler
+
+    return [
+        (r"/api/kernelspecs/?", KernelspecsHandler),
+        (r"/api/kernelspecs/(?P<name>[^/]+)/?", KernelspecsHandler),
+        (r"/kernelspecs/(?P<name>[^/]+)/(?P<path>.+)", KernelspecResourceHandler),
+        (r"/api/kernels/?", KernelsHandler),
+        (rf"/api/kernels/{KERNEL_ID}/?", KernelHandler),
+        (rf"/api/kernels/{KERNEL_ID}/(?P<action>interrupt|restart)/?", KernelActionHandler),
+        (rf"/api/kernels/{KERNEL_ID}/channels", ChannelsHandler),
+        (r"/api/gpus/?", GpusHandler),
+        (r"/api/hosts/register", RegisterHostHandler),
+        (r"/api/hosts/(?P<host_id>[0-9a-f-]{36})/heartbeat", HeartbeatHandler),
+        (r"/api/hosts/?", HostsHandler),
+        (r"/api/admin/tenants/?", TenantsHandler),
+        (r"/api/admin/tenants/(?P<name>[^/]+)", TenantHandler),
+        (r"/api/admin/tokens/?", TokensHandler),
+        (r"/metrics", MetricsHandler),
+        (r"/api/openapi.json", OpenApiHandler),
+        (r".*", NotFoundHandler),
+    ]

@@ -1,0 +1,92 @@
+"""The GPU pool as the gateway sees it: hosts, their GPUs, who holds what, and placement."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .shapes import Shape
+
+
+@dataclass
+class HostView:
+    id: str
+    name: str
+    url: str
+    token: str
+    devices: dict[str, str] = field(default_factory=dict)  # GPU uuid -> type
+    memory: dict[str, int] = field(default_factory=dict)  # GPU type -> bytes per GPU
+    warm: dict[str, int] = field(default_factory=dict)  # GPU type -> GPUs held by warm kernels
+    last_seen: float = field(default_factory=time.time)
+    lost: bool = False
+    held: dict[str, list[str]] = field(default_factory=dict)  # kernel id -> GPU uuids
+    reserved: dict[str, Shape] = field(default_factory=dict)  # kernel id -> shape, while starting
+
+    def update(self, gpus: list[dict[str, Any]]) -> None:
+        self.devices = {g["uuid"]: g["gpu_type"] for g in gpus}
+        self.memory = {g["gpu_type"]: int(g.get("memory_total", 0)) for g in gpus}
+        self.warm = {}
+        for g in gpus:
+            if g.get("warm"):
+                self.warm[g["gpu_type"]] = self.warm.get(g["gpu_type"], 0) + 1
+
+    def total(self, gpu_type: str) -> int:
+        return sum(1 for t in self.devices.values() if t == gpu_type)
+
+    def free(self, gpu_type: str) -> int:
+        used = {u for gpus in self.held.values() for u in gpus}
+        free = sum(1 for u, t in self.devices.items() if t == gpu_type and u not in used)
+        waiting = sum(s.gpu_count for s in self.reserved.values() if s.gpu_type == gpu_type)
+        return free - waiting
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostView] = {}
+
+    def live(self) -> list[HostView]:
+        return [h for h in self.hosts.values() if not h.lost]
+
+    def types(self) -> dict[str, dict[str, int]]:
+        """Per GPU type: total, free, memory per GPU, and the most on any one host."""
+        summary: dict[str, dict[str, int]] = {}
+        for host in self.live():
+            for gpu_type in sorted(set(host.devices.values())):
+                entry = summary.setdefault(
+                    gpu_type, {"total": 0, "free": 0, "memory": 0, "most": 0}
+                )
+                entry["total"] += host.total(gpu_type)
+                entry["free"] += max(host.free(gpu_type), 0)
+                entry["memory"] = host.memory.get(gpu_type, 0)
+                entry["most"] = max(entry["most"], host.total(gpu_type))
+        return summary
+
+    def impossible(self, shape: Shape) -> str | None:
+        """Why no host in the pool could ever serve `shape`, or None if one could."""
+        if not shape.gpu_count:
+            return None if self.live() else "no GPU host is connected to this gateway yet."
+        types = self.types()
+        have = ", ".join(f"{t} x{v['total']}" for t, v in types.items()) or "no GPUs yet"
+        if shape.gpu_type not in types:
+            return f"the pool has no {shape.gpu_type} GPU; it has {have}."
+        most = types[shape.gpu_type]["most"]
+        if shape.gpu_count > most:
+            return (
+                f"{shape.gpu_count} x {shape.gpu_type} asked for, but no host has more than "
+                f"{most}; the pool has {have}."
+            )
+        return None
+
+    def place(self, shape: Shape) -> HostView | None:
+        """The host to start `shape` on now: best fit (fewest free GPUs that still fit, so big
+        requests are not starved by fragmentation), preferring one with a warm kernel."""
+        if not shape.gpu_count:
+            live = self.live()
+            return min(live, key=lambda h: len(h.held) + len(h.reserved)) if live else None
+        assert shape.gpu_type is not None
+        fits = [h for h in self.live() if h.free(shape.gpu_type) >= shape.gpu_count]
+        if not fits:
+            return None
+        gpu_type = shape.gpu_type
+        return min(fits, key=lambda h: (h.free(gpu_type), -h.warm.get(gpu_type, 0), h.name))

@@ -1,0 +1,135 @@
+"""The kernel websocket at the gateway: a frame-for-frame relay to the kernel's host.
+
+A client may connect while its kernel is still queued or starting: what it sends is held, in
+order, and delivered once the kernel runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import (
+    WebSocketClientConnection,
+    WebSocketClosedError,
+    WebSocketHandler,
+    websocket_connect,
+)
+
+from .base import tenant_of, token_of
+from .errors import ApiError
+from .state import GatewayState
+
+log = logging.getLogger(__name__)
+V1 = "v1.kernel.websocket.jupyter.org"
+MAX_PENDING = 1000  # messages held for a kernel that is not running yet
+
+
+class ChannelsHandler(WebSocketHandler):
+    upstream: WebSocketClientConnection | None = None
+    relay: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> GatewayState:
+        state: GatewayState = self.settings["gpupool"]
+        return state
+
+    async def get(self, kernel_id: str) -> None:
+        try:
+            tenant = tenant_of(self.state, token_of(self))
+            kernel = self.state.kernels.get(tenant, kernel_id)
+            if kernel.state == "dead":
+                raise ApiError(404, f"kernel {kernel_id} is dead: {kernel.reason}")
+        except ApiError as error:
+            self.set_status(error.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"reason": self._reason, "message": error.message}))
+            return
+        self.kernel_id = kernel_id
+        self.pending: list[str | bytes] = []
+        await super().get(kernel_id)
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return V1 if V1 in subprotocols else None
+
+    def open(self, kernel_id: str) -> None:
+        self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
+        live = self.state.kernels._live(kernel_id)
+        live.connections += 1
+        self.relay = asyncio.get_running_loop().create_task(self._relay())
+
+    async def _wait_running(self) -> Any:
+        kernels = self.state.kernels
+        while True:
+            live = kernels._live(self.kernel_id)
+            changed = live.changed
+            kernel = kernels._row(self.kernel_id)
+            if kernel.state in ("running", "dead", "deleted"):
+                return kernel
+            await changed.wait()
+
+    async def _relay(self) -> None:
+        kernel = await self._wait_running()
+        if kernel.state != "running":
+            self.close(1011, f"the kernel ended before it ran: {kernel.reason}"[:120])
+            return
+        host = self.state.pool.hosts.get(kernel.host_id or "")
+        if host is None:
+            self.close(1011, "the kernel's host is not connected to the gateway; try again soon")
+            return
+        url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel.host_kernel_id}/channels"
+        session = self.get_query_argument("session_id", "")
+        if session:
+            url += f"?session_id={session}"
+        limit = self.settings.get("websocket_max_message_size", 64 << 20)
+        try:
+            upstream = await websocket_connect(
+                HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
+                subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
+                max_message_size=limit,
+            )
+        except Exception as error:
+            log.warning("cannot reach kernel %s on %s: %s", self.kernel_id, host.name, error)
+            self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
+            return
+        upstream.stream.set_nodelay(True)
+        self.upstream = upstream
+        for message in self.pending:
+            await upstream.write_message(message, binary=isinstance(message, bytes))
+        self.pending.clear()
+        live = self.state.kernels._live(self.kernel_id)
+        while True:
+            received = await upstream.read_message()
+            if received is None:
+                break
+            live.touch()
+            try:
+                self.write_message(received, binary=isinstance(received, bytes))
+            except WebSocketClosedError:
+                break
+        if upstream.close_code == 1009:
+            self.close(1009, f"a kernel message was over {limit >> 20} MiB, the gateway's limit")
+        elif self.ws_connection is not None:
+            self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")
+
+    def on_message(self, message: str | bytes) -> None:
+        self.state.kernels._live(self.kernel_id).touch()
+        if self.upstream is not None:
+            self.upstream.write_message(message, binary=isinstance(message, bytes))
+        elif len(self.pending) < MAX_PENDING:
+            self.pending.append(message)
+        else:
+            self.close(1008, "too many messages sent before the kernel started")
+
+    def on_close(self) -> None:
+        if getattr(self, "kernel_id", None):
+            self.state.kernels._live(self.kernel_id).connections -= 1
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.relay is not None and not self.relay.done():
+            self.relay.cancel()
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # token auth, not cookies: a page on another origin cannot use it

@@ -1,0 +1,61 @@
+"""GPU shapes as clients name them: kernelspec names, prices and the kernel model's words."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# US dollars per GPU-hour; one place for every price the gateway shows or charges.
+USD_PER_GPU_HOUR: dict[str, float] = {
+    "H200": 4.50,
+    "H100": 3.95,
+    "A100": 2.40,
+    "L40S": 1.60,
+    "A10G": 1.10,
+    "L4": 0.80,
+    "V100": 1.20,
+    "T4": 0.50,
+}
+DEFAULT_USD_PER_GPU_HOUR = 2.00  # a type missing from the table (a MIG profile, say)
+CPU_KERNEL = "python3"
+SPEC_NAME = re.compile(r"^python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]*)-x(?P<count>\d{1,2})$")
+STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
+# What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md).
+EXECUTION_STATE = {"queued": "starting", "starting": "starting", "suspended": "idle",
+                   "resuming": "busy", "dead": "dead"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    gpu_type: str | None  # None for CPU
+    gpu_count: int
+
+    @property
+    def kernel_name(self) -> str:
+        if not self.gpu_count or self.gpu_type is None:
+            return CPU_KERNEL
+        return f"python3-gpu-{self.gpu_type.lower()}-x{self.gpu_count}"
+
+    @property
+    def usd_per_hour(self) -> float:
+        if not self.gpu_count or self.gpu_type is None:
+            return 0.0
+        return self.gpu_count * USD_PER_GPU_HOUR.get(self.gpu_type, DEFAULT_USD_PER_GPU_HOUR)
+
+    @property
+    def display_name(self) -> str:
+        if not self.gpu_count:
+            return "Python 3 · CPU"
+        return f"Python 3 · {self.gpu_type} ×{self.gpu_count} · ${self.usd_per_hour:.2f}/h"  # noqa: RUF001
+
+
+CPU = Shape(None, 0)
+
+
+def shape_of_name(name: str) -> Shape | None:
+    if name == CPU_KERNEL:
+        return CPU
+    match = SPEC_NAME.match(name)
+    if not match:
+        return None
+    return Shape(match["type"].upper(), int(match["count"]))

@@ -1,0 +1,213 @@
+"""The gateway's state in one place: database, pool, kernels, tenants and the host watch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import ApiError
+from .kernels import GatewayKernels
+from .pool import HostView, Pool
+from .store import Host, Kernel, Tenant, Token
+from .tokens import digest, new_token, same
+
+log = logging.getLogger(__name__)
+TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+
+
+class GatewayState:
+    def __init__(
+        self, db: sessionmaker[Session], admin_token: str, join_token: str, host_timeout: float
+    ) -> None:
+        self.db = db
+        self.admin_token = admin_token
+        self.join_token = join_token
+        self.host_timeout = host_timeout
+        self.pool = Pool()
+        self.kernels = GatewayKernels(db, self.pool)
+        self._watch: asyncio.Task[None] | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """After a restart: hosts and their running kernels, as they were."""
+        with self.db() as s:
+            for host in s.scalars(select(Host).where(Host.lost.is_(False))).all():
+                view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
+                view.update(host.gpus)
+                self.pool.hosts[host.id] = view
+            for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
+                if kernel.host_id in self.pool.hosts:
+                    self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)
+                    self.kernels._live(kernel.id).held_since = kernel.created
+            # A kernel that was queued or starting when the gateway stopped starts over.
+            for kernel in s.scalars(
+                select(Kernel).where(Kernel.state.in_(["queued", "starting"]))
+            ).all():
+                kernel.state = "queued"
+                self.kernels.queue.append(kernel.id)
+            s.commit()
+
+    # -- identity --------------------------------------------------------------------------
+
+    def is_admin(self, token: str) -> bool:
+        return bool(token) and same(token, self.admin_token)
+
+    def tenant_for(self, token: str) -> Tenant | None:
+        with self.db() as s:
+            row = s.scalars(select(Token).where(Token.digest == digest(token))).first()
+            if row is None or row.revoked:
+                return None
+            tenant = s.get(Tenant, row.tenant_id)
+        return None if tenant is None or tenant.revoked else tenant
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def create_tenant(
+        self, name: str, max_gpus: int | None = None, max_kernels: int | None = None
+    ) -> tuple[Tenant, str]:
+        if not isinstance(name, str) or not TENANT_NAME.match(name):
+            raise ApiError(
+                400, "a tenant name is 1 to 24 lower-case letters, digits or dashes, "
+                "starting with a letter.",
+            )  # fmt: skip
+        for label, value in (("max_gpus", max_gpus), ("max_kernels", max_kernels)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 10_000):  # fmt: skip
+                raise ApiError(400, f"{label} must be a whole number from 0 to 10000.")
+        with self.db() as s:
+            if s.scalars(select(Tenant).where(Tenant.name == name)).first():
+                raise ApiError(409, f"tenant {name} already exists; create a token for it instead.")
+            tenant = Tenant(name=name, max_gpus=max_gpus, max_kernels=max_kernels)
+            s.add(tenant)
+            s.flush()
+            token = self._add_token(s, tenant)
+            s.commit()
+        return tenant, token
+
+    def _add_token(self, s: Session, tenant: Tenant) -> str:
+        token = new_token()
+        s.add(Token(tenant_id=tenant.id, digest=digest(token), prefix=token[:6]))
+        return token
+
+    def new_token_for(self, name: str) -> str:
+        with self.db() as s:
+            tenant = s.scalars(select(Tenant).where(Tenant.name == name)).first()
+            if tenant is None or tenant.revoked:
+                raise ApiError(404, f"no tenant named {name!r}.")
+            token = self._add_token(s, tenant)
+            s.commit()
+        return token
+
+    def tenants(self) -> list[dict[str, Any]]:
+        with self.db() as s:
+            rows = s.scalars(select(Tenant)).all()
+            tokens = s.scalars(select(Token)).all()
+        return [
+            {
+                "name": t.name, "max_gpus": t.max_gpus, "max_kernels": t.max_kernels,
+                "revoked": t.revoked, "created": t.created,
+                "tokens": [{"prefix": k.prefix, "revoked": k.revoked} for k in tokens
+                           if k.tenant_id == t.id],
+            }
+            for t in rows
+        ]  # fmt: skip
+
+    def revoke_tenant(self, name: str) -> None:
+        with self.db() as s:
+            tenant = s.scalars(select(Tenant).where(Tenant.name == name)).first()
+            if tenant is None:
+                raise ApiError(404, f"no tenant named {name!r}.")
+            tenant.revoked = True
+            for token in s.scalars(select(Token).where(Token.tenant_id == tenant.id)).all():
+                token.revoked = True
+            s.commit()
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    def register_host(self, body: dict[str, Any]) -> dict[str, str]:
+        url, gpus = body.get("url"), body.get("gpus")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ApiError(400, "a host registers with its url, such as http://10.0.0.5:8890.")
+        if not isinstance(gpus, list):
+            raise ApiError(400, "a host registers with its list of gpus.")
+        name = str(body.get("name") or url)[:255]
+        token = new_token()
+        with self.db() as s:
+            # The same agent coming back (same URL) keeps its id, so its kernels re-attach.
+            host = s.scalars(select(Host).where(Host.url == url)).first()
+            if host is None:
+                host = Host(id=str(uuid.uuid4()), name=name, url=url, token=token, gpus=gpus)
+                s.add(host)
+            host.token, host.gpus, host.lost, host.last_seen = token, gpus, False, time.time()
+            s.commit()
+            host_id = host.id
+        view = HostView(host_id, name, url, token)
+        old = self.pool.hosts.get(host_id)
+        if old is not None:
+            view.held = old.held
+        view.update(gpus)
+        self.pool.hosts[host_id] = view
+        kernels = body.get("kernels") or []
+        self.kernels.reattach(view, kernels)
+        self.kernels.host_reported(view, kernels)
+        log.info("host %s registered with %d GPU(s)", name, len(gpus))
+        asyncio.get_running_loop().create_task(self.kernels.dispatch())
+        return {"host_id": host_id, "host_token": token}
+
+    def heartbeat(self, host_id: str, token: str, body: dict[str, Any]) -> None:
+        view = self.pool.hosts.get(host_id)
+        if view is None or view.lost or not same(token, view.token):
+            raise ApiError(404, "this gateway does not know that host; register again.")
+        view.last_seen = time.time()
+        gpus = body.get("gpus")
+        if isinstance(gpus, list):
+            view.update(gpus)
+        kernels = body.get("kernels")
+        if isinstance(kernels, list):
+            self.kernels.host_reported(view, kernels)
+        with self.db() as s:
+            host = s.get(Host, host_id)
+            if host is not None:
+                host.last_seen = view.last_seen
+                s.commit()
+        if self.kernels.queue:
+            asyncio.get_running_loop().create_task(self.kernels.dispatch())
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return [
+            {"id": h.id, "name": h.name, "url": h.url, "lost": h.lost, "last_seen": h.last_seen,
+             "gpus": {t: {"total": h.total(t), "free": h.free(t)} for t in set(h.devices.values())},
+             "kernels": len(h.held)}
+            for h in self.pool.hosts.values()
+        ]  # fmt: skip
+
+    def start_watch(self) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._watch_hosts())
+
+    async def _watch_hosts(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.host_timeout / 3))
+            now = time.time()
+            for view in list(self.pool.hosts.values()):
+                if not view.lost and now - view.last_seen > self.host_timeout:
+                    self.lose_host(view)
+
+    def lose_host(self, view: HostView) -> None:
+        log.warning(
+            "host %s missed heartbeats for %.0f s: marking it lost", view.name, self.host_timeout
+        )
+        view.lost = True
+        self.kernels.host_lost(view)
+        view.held.clear()
+        with self.db() as s:
+            host = s.get(Host, view.id)
+            if host is not None:
+                host.lost = True
+                s.commit()

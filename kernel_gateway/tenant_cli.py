@@ -1,0 +1,52 @@
+"""`gpupool tenant create|list|revoke|token`: tenants of the gateway whose state is here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ApiError
+from .state import GatewayState
+from .store import open_store
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gpupool tenant", description=__doc__)
+    parser.add_argument("--state-dir", default=".gpupool", help="the gateway's state folder")
+    sub = parser.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="create a tenant; prints its token once, last line")
+    create.add_argument("name")
+    create.add_argument("--max-gpus", type=int, default=None)
+    create.add_argument("--max-kernels", type=int, default=None)
+    sub.add_parser("list", help="list tenants and their token prefixes")
+    revoke = sub.add_parser("revoke", help="revoke a tenant and all its tokens")
+    revoke.add_argument("name")
+    token = sub.add_parser("token", help="make another token for a tenant; prints it once")
+    token.add_argument("name")
+    args = parser.parse_args(argv)
+
+    db_path = Path(args.state_dir) / "gateway.db"
+    if not db_path.exists():
+        sys.exit(f"gpupool tenant: no gateway state in {args.state_dir}/; run 'gpupool up' or "
+                 "'gpupool gateway' here first, or pass --state-dir.")  # fmt: skip
+    state = GatewayState(open_store(str(db_path)), admin_token="", join_token="", host_timeout=1)
+    try:
+        if args.action == "create":
+            tenant, secret = state.create_tenant(args.name, args.max_gpus, args.max_kernels)
+            print(f"created tenant {tenant.name}; its token is shown this once:")
+            print(secret)
+        elif args.action == "token":
+            print(f"new token for {args.name}; it is shown this once:")
+            print(state.new_token_for(args.name))
+        elif args.action == "revoke":
+            state.revoke_tenant(args.name)
+            print(f"revoked tenant {args.name} and all its tokens")
+        else:
+            for t in state.tenants():
+                tokens = ", ".join(k["prefix"] + "…" for k in t["tokens"] if not k["revoked"])
+                status = "revoked" if t["revoked"] else "active"
+                print(f"{t['name']}\t{status}\tmax_gpus={t['max_gpus']}\t"
+                      f"max_kernels={t['max_kernels']}\ttokens: {tokens or 'none'}")  # fmt: skip
+    except ApiError as error:
+        sys.exit(f"gpupool tenant: {error.message}")
