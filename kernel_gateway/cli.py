@@ -21,3 +21,7 @@ def main(argv: list[str] | None = None) -> None:
               "Run 'gpupool COMMAND --help' for the options of one command.")  # fmt: skip
         return
     commands[args[0]].load()(args[1:])
+
+
+if __name__ == "__main__":
+    main()

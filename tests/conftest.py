@@ -26,6 +26,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _decode(text: bytes) -> Any:
+    try:
+        return _decode(text)
+    except ValueError:
+        return text.decode(errors="replace")
+
+
 @dataclass
 class Reply:
     status: int
@@ -60,12 +67,10 @@ class HostAgent:
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 text = response.read()
-                return Reply(
-                    response.status, json.loads(text) if text else None, dict(response.headers)
-                )
+                return Reply(response.status, _decode(text), dict(response.headers))
         except urllib.error.HTTPError as error:
             text = error.read()
-            return Reply(error.code, json.loads(text) if text else None, dict(error.headers))
+            return Reply(error.code, _decode(text), dict(error.headers))
 
     def create(self, **body: Any) -> dict[str, Any]:
         reply = self.call("POST", "/api/kernels", body)
@@ -151,3 +156,94 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
     )
     yield agent
     agent.stop()
+
+
+@dataclass
+class Gateway:
+    """A running gateway (with `gpupool up --no-lab`, also its local host), seen as a tenant."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    token: str  # the demo tenant's, when started with `up`
+    state_dir: Path
+    log_path: Path
+
+    @property
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin-token").read_text().strip()
+
+    @property
+    def join_token(self) -> str:
+        return (self.state_dir / "join-token").read_text().strip()
+
+    call = HostAgent.call
+    create = HostAgent.create
+    wait_for = HostAgent.wait_for
+    log = HostAgent.log
+    stop = HostAgent.stop
+
+    def tenant(self, name: str, **caps: int) -> str:
+        """Create a tenant through the admin API; returns its token."""
+        reply = self.call(
+            "POST", "/api/admin/tenants", {"name": name, **caps}, token=self.admin_token
+        )
+        assert reply.status == 201, reply.body
+        return str(reply.body["token"])
+
+
+def _read_lines(
+    proc: subprocess.Popen[str], log_path: Path, keys: tuple[str, ...]
+) -> dict[str, str]:
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(found) < len(keys):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode}: {log_path.read_text()}")
+        for line in log_path.read_text().splitlines():
+            key, _, value = line.partition(": ")
+            if key in keys:
+                found[key] = value.strip()
+        time.sleep(0.05)
+    if len(found) < len(keys):
+        proc.kill()
+        raise AssertionError(f"did not print {keys}: {log_path.read_text()}")
+    return found
+
+
+def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -> Gateway:
+    """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant."""
+    state = tmp_path / "state"
+    log_path = tmp_path / f"up-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
+               "--port", str(free_port()), "--host-port", str(free_port()),
+               "--fake-gpus", fake_gpus, "--state-dir", str(state), *extra]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    log = open(log_path, "w")  # the process writes it until it ends
+    proc = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
+    lines = _read_lines(proc, log_path, ("gateway", "token"))
+    return Gateway(proc, lines["gateway"], lines["token"], state, log_path)
+
+
+def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: int = 0) -> Gateway:
+    """`gpupool gateway` alone (hosts join it separately); no tenant token until one is made."""
+    state = state or tmp_path / "state"
+    log_path = tmp_path / f"gateway-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "kernel_gateway.cli", "gateway",
+               "--port", str(port or free_port()), "--state-dir", str(state), *extra]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    log = open(log_path, "w")  # the process writes it until it ends
+    proc = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
+    lines = _read_lines(proc, log_path, ("gateway",))
+    return Gateway(proc, lines["gateway"], "", state, log_path)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One embedded stack (gateway + host with two fake H100s and an A10G) for a module."""
+    gateway = start_stack(tmp_path_factory.mktemp("stack"))
+    yield gateway
+    gateway.stop()

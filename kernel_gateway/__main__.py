@@ -1,0 +1,5 @@
+"""`python -m kernel_gateway` is `gpupool`."""
+
+from .cli import main
+
+main()
