@@ -23,7 +23,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/gpupool host --fake-gpus H100:2
+	$(BIN)/gpupool up
 
 bench: install
 	$(BIN)/python bench/host_start.py

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -227,6 +228,8 @@ class HostAgent(ServerApp):
         if link is not None:
             link.cancel()
         await super().cleanup_kernels()
+        # Sockets and connection files of kernels that are all gone now.
+        shutil.rmtree(self.spaces.runtime_dir, ignore_errors=True)
 
 
 class _NoGpus:
