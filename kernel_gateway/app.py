@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 from pathlib import Path
 
 from tornado import web
@@ -43,6 +44,8 @@ class GatewayApp(Application):
         "db": "GatewayApp.db_url",
         "host-timeout": "GatewayApp.host_timeout",
         "max-message-mb": "GatewayApp.max_message_mb",
+        "certfile": "GatewayApp.certfile",
+        "keyfile": "GatewayApp.keyfile",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -62,6 +65,10 @@ class GatewayApp(Application):
     host_timeout = Float(15.0, help="Seconds without a heartbeat before a host is lost.").tag(
         config=True
     )
+    certfile = Unicode(
+        "", help="TLS certificate (PEM); with --keyfile the gateway serves https."
+    ).tag(config=True)
+    keyfile = Unicode("", help="TLS private key (PEM) for --certfile.").tag(config=True)
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 
     @default("admin_token")
@@ -90,13 +97,17 @@ class GatewayApp(Application):
 
     async def serve(self) -> tuple[HTTPServer, str, GatewayState]:
         state = self.make_state()
-        server = HTTPServer(self.make_app(state), max_body_size=1 << 20)
+        tls = None
+        if self.certfile:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.certfile, self.keyfile or None)
+        server = HTTPServer(self.make_app(state), max_body_size=1 << 20, ssl_options=tls)
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(
             self.port, self.ip
         )
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        url = f"http://{self.ip}:{port}"
+        url = f"{'https' if tls else 'http'}://{self.ip}:{port}"
         state.start_watch()
         info = Path(self.state_dir) / "gateway.json"
         info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
