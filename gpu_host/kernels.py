@@ -19,6 +19,7 @@ from traitlets import Float, Int, Unicode
 from .allocator import AllocationError, GpuAllocator, Shape
 from .kernel_request import KernelRequest
 from .placement import KernelPlacement
+from .provisioner import kernel_env
 from .tenants import TenantSpaces
 from .warm_pool import WarmKey, WarmPool
 
@@ -101,8 +102,8 @@ class HostKernelManager(AsyncMappingKernelManager):
             placement.claimed = True
             placement.start = "warm"
             placement.started_at = time.time()
-            if request.env:
-                await self._set_env(kernel_id, request.env)
+            placement.space = space  # the same Unix user; the owner's own folder and label
+            await self._adopt(placement, request.env)
             self.log.info("kernel %s taken warm for %s", kernel_id, space.tenant)
         else:
             kernel_id = await self._start_pinned(request, claimed=True)
@@ -157,24 +158,25 @@ class HostKernelManager(AsyncMappingKernelManager):
             kernel.execution_state = "idle"  # type: ignore[attr-defined]
         return kernel_id
 
-    async def _set_env(self, kernel_id: str, env: dict[str, str]) -> None:
-        """Give a warm kernel the environment its client asked for, before the client sees it."""
-        env = {
-            k: v
-            for k, v in env.items()
-            if k not in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
-        }
-        code = f"import os as _os; _os.environ.update({json.dumps(env)}); del _os"
-        client = self.get_kernel(kernel_id).client()
+    async def _adopt(self, placement: KernelPlacement, requested: dict[str, str]) -> None:
+        """Make a warm kernel its new owner's before the owner sees it: the environment a cold
+        start would have had (tenant label, requested variables, GPU pinning) and its folder."""
+        env = kernel_env(placement, requested)
+        code = (
+            "import os as _os; _os.environ.clear(); "
+            f"_os.environ.update({json.dumps(env)}); _os.chdir({str(placement.space.workdir)!r}); "
+            "del _os"
+        )
+        client = self.get_kernel(placement.kernel_id).client()
         client.start_channels()
         try:
             reply = await client.execute(
                 code, silent=True, store_history=False, reply=True, timeout=10
             )
             if reply["content"]["status"] != "ok":
-                raise web.HTTPError(500, "could not set the kernel's environment")
+                raise web.HTTPError(500, "could not hand the warm kernel to its owner")
             # The reply comes before the idle status; the client must not see a busy kernel.
-            self.get_kernel(kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
+            self.get_kernel(placement.kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
         finally:
             client.stop_channels()
 

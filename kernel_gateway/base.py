@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tornado import web
+from tornado import httputil, web
 
 from .errors import ApiError
 from .state import GatewayState
@@ -74,12 +74,22 @@ class GatewayHandler(web.RequestHandler):
         if isinstance(error, ApiError):
             self.set_status(error.status)
             status_code, message = error.status, error.message
+        elif isinstance(error, web.HTTPError) and status_code == 405:
+            message = (
+                f"{self.request.method} is not allowed on {self.request.path[:200]}; "
+                "see /api/openapi.json."
+            )
         elif isinstance(error, web.HTTPError):
-            message = error.log_message or error.reason or "the request failed"
+            message = error.log_message or ""
+            if message and error.args:
+                message = message % error.args
+            message = message or error.reason or httputil.responses.get(status_code, "")
+            message = message or "the request failed"
         else:
             message = "the gateway hit an unexpected error; it is logged. Try again."
         reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                  409: "Conflict", 413: "Payload Too Large"}.get(status_code, "Error")  # fmt: skip
+                  409: "Conflict", 413: "Payload Too Large"}.get(status_code)  # fmt: skip
+        reason = reason or httputil.responses.get(status_code, "Error")
         self.set_status(status_code, reason)
         self.finish(json.dumps({"reason": reason, "message": message}))
 

@@ -11,7 +11,7 @@ from .base import GatewayHandler
 from .errors import ApiError
 from .metrics import render_metrics
 from .openapi import OPENAPI
-from .shapes import CPU, Shape
+from .shapes import CPU, Shape, shape_of_name
 from .tokens import same
 
 KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
@@ -39,14 +39,19 @@ def read_env(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def offered_shapes(types: dict[str, dict[str, int]]) -> list[Shape]:
+    """CPU, then each GPU type at every spec count that one host can give."""
+    return [CPU] + [
+        Shape(t, n) for t, v in sorted(types.items()) for n in SPEC_COUNTS if n <= v["most"]
+    ]
+
+
 class KernelspecsHandler(GatewayHandler):
     def specs(self) -> dict[str, Any]:
         pool = self.state.pool
         types = pool.types()
         queue = self.state.kernels.queue
-        shapes = [CPU] + [
-            Shape(t, n) for t, v in sorted(types.items()) for n in SPEC_COUNTS if n <= v["most"]
-        ]
+        shapes = offered_shapes(types)
         specs = {}
         for shape in shapes:
             entry = types.get(shape.gpu_type or "", {})
@@ -109,6 +114,9 @@ class KernelsHandler(GatewayHandler):
         name = body.get("name") or "python3"
         if not isinstance(name, str):
             raise ApiError(400, "name must be a kernelspec name such as python3-gpu-h100-x1.")
+        if shape_of_name(name) is None:
+            offered = ", ".join(s.kernel_name for s in offered_shapes(self.state.pool.types()))
+            raise ApiError(404, f"no kernelspec named {name[:80]!r}; the pool offers: {offered}.")
         model = await self.state.kernels.create(tenant, name, read_env(body.get("env")))
         self.set_header("Location", f"/api/kernels/{model['id']}")
         self.reply(model, 201)

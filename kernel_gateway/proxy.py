@@ -47,6 +47,12 @@ class ChannelsHandler(WebSocketHandler):
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"reason": self._reason, "message": error.message}))
             return
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self.set_status(400)
+            self.set_header("Content-Type", "application/json")
+            message = "this is the kernel's websocket; open it with a websocket client."
+            self.finish(json.dumps({"reason": "Bad Request", "message": message}))
+            return
         self.kernel_id = kernel_id
         self.pending: list[str | bytes] = []
         await super().get(kernel_id)
@@ -95,10 +101,12 @@ class ChannelsHandler(WebSocketHandler):
             self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
             return
         upstream.stream.set_nodelay(True)
-        self.upstream = upstream
+        # Held messages first, in order: what arrives during these awaits is appended to the
+        # list and sent by this same loop, before on_message may write to the kernel directly.
         for message in self.pending:
             await upstream.write_message(message, binary=isinstance(message, bytes))
         self.pending.clear()
+        self.upstream = upstream
         live = self.state.kernels._live(self.kernel_id)
         while True:
             received = await upstream.read_message()

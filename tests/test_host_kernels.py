@@ -65,12 +65,13 @@ def test_cpu_kernel_sees_no_gpu(host):
 
 def test_warm_pool_serves_then_refills(host):
     host.wait_for(lambda: host.warm_count() >= 3, what="a warm H100, A10G and CPU kernel")
-    model = host.create(gpu_type="A10G", env={"GREETING": "hello from the client"})
+    env = {"GREETING": "hello", "GPUPOOL_TENANT": "someone-else"}
+    model = host.create(gpu_type="A10G", tenant="zed", env=env)
     assert model["gpupool"]["start"] == "warm"
-    code = "import os; print(os.environ['GREETING'])"
-    assert (
-        asyncio.run(run_code(host.url, host.token, model["id"], code)) == "hello from the client\n"
-    )
+    code = "import os; print(os.environ['GREETING'], os.environ['GPUPOOL_TENANT'], os.getcwd())"
+    out = asyncio.run(run_code(host.url, host.token, model["id"], code)).split()
+    # A warm kernel becomes exactly what a cold start for its owner would have been.
+    assert out[:2] == ["hello", "zed"] and out[2].endswith("/homes/zed"), out
     # The only A10G is now held, so its shape cannot refill; the others stay ready.
     assert host.call("POST", "/api/kernels", {"gpu_type": "A10G"}).status == 409
     host.call("DELETE", f"/api/kernels/{model['id']}")
