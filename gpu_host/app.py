@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -109,7 +110,7 @@ class HostAgent(ServerApp):
 
     @default("host_token")
     def _default_host_token(self) -> str:
-        return os.environ.get("GPUPOOL_HOST_TOKEN") or secrets.token_urlsafe(32)
+        return os.environ.get("GPUPOOL_HOST_TOKEN") or secrets.token_hex(32)
 
     @default("join_token")
     def _default_join_token(self) -> str:
@@ -163,8 +164,11 @@ class HostAgent(ServerApp):
         """The agent is an API for the gateway: no JupyterLab or other server extension."""
         self.jpserver_extensions = {}
 
-    def _handle_sigint(self, sig: Any, frame: Any) -> None:
-        self._signal_stop(sig, frame)  # stop at once: no "are you sure?" prompt on a service
+    def init_signal(self) -> None:
+        super().init_signal()
+        # A service stops cleanly on SIGINT too, with or without a terminal: no prompt, and
+        # no skipping of kernel shutdown (jupyter_server only handles SIGINT on a tty).
+        signal.signal(signal.SIGINT, self._signal_stop)
 
     def init_configurables(self) -> None:
         # Kernels must never be slowed or dropped for printing fast.
@@ -188,6 +192,7 @@ class HostAgent(ServerApp):
         print(f"gpus: {line}; {describe(self.inventory.devices())}", flush=True)
         self.allocator = GpuAllocator(self.inventory.devices())
         runtime = Path(tempfile.gettempdir()) / f"gpupool-{os.getuid()}-{os.getpid()}"
+        _remove_stale_runtimes(runtime.parent, os.getuid())
         self.spaces = TenantSpaces(Path(self.state_dir), runtime, self.isolate)
         self.host_kernels = cast(HostKernelManager, self.kernel_manager)
         self.host_kernels.attach(self.allocator, self.spaces)
@@ -230,6 +235,14 @@ class HostAgent(ServerApp):
         await super().cleanup_kernels()
         # Sockets and connection files of kernels that are all gone now.
         shutil.rmtree(self.spaces.runtime_dir, ignore_errors=True)
+
+
+def _remove_stale_runtimes(parent: Path, uid: int) -> None:
+    """Remove the runtime folders of agents that died without cleaning up (SIGKILL)."""
+    for folder in parent.glob(f"gpupool-{uid}-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class _NoGpus:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ def read_shape(name: str, env: dict[str, str]) -> Shape:
             raise ApiError(400, "KERNEL_GPU_TYPE must name a GPU type such as H100.")
         shape = Shape(gpu_type.strip().upper(), shape.gpu_count or 1)
     if count_text is not None:
-        if not count_text.isdigit() or not 0 <= int(count_text) <= MAX_GPUS_PER_KERNEL:
+        if not re.fullmatch(r"[0-9]{1,2}", count_text) or int(count_text) > MAX_GPUS_PER_KERNEL:
             raise ApiError(
                 400, f"KERNEL_GPU_COUNT must be a whole number from 0 to {MAX_GPUS_PER_KERNEL}."
             )
@@ -78,6 +79,7 @@ class GatewayKernels:
         self.pool = pool
         self.live: dict[str, Live] = {}
         self.queue: list[str] = []
+        self.missed: set[str] = set()  # running kernels missing from their host's last report
         self.http = AsyncHTTPClient()
         self._dispatching = asyncio.Lock()
 
@@ -243,9 +245,12 @@ class GatewayKernels:
             reply = await self.host_call(host, "POST", "/api/kernels", body)
         except HTTPClientError as error:
             host.reserved.pop(kernel.id, None)
+            if self._row(kernel.id).state != "starting":
+                return  # shut down, or lost with its host, while the host answered
             if error.code == 409:  # our view of the host was stale: wait for the next GPU
                 self._set(kernel.id, state="queued", host_id=None)
                 self.queue.insert(0, kernel.id)
+                self._live(kernel.id).notify()  # create() answers "queued" now, not in 30 s
                 return
             self._end(kernel.id, f"host {host.name} refused to start it: {_message(error)}")
             return
@@ -254,6 +259,12 @@ class GatewayKernels:
             self._end(kernel.id, f"host {host.name} could not be reached: {error}")
             return
         host.reserved.pop(kernel.id, None)
+        if self._row(kernel.id).state != "starting":
+            # Shut down, or lost with its host, while the host started it: stop it there too,
+            # or it would hold its GPUs with no one to use or bill them.
+            log.info("kernel %s ended while starting; stopping it on %s", kernel.id, host.name)
+            asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
+            return
         host.held[kernel.id] = list(reply["gpupool"]["gpus"])
         live = self._live(kernel.id)
         live.held_since = time.time()
@@ -278,20 +289,36 @@ class GatewayKernels:
 
     # -- ending ----------------------------------------------------------------------------
 
-    def _end(self, kernel_id: str, reason: str, state: str = "dead") -> None:
+    def _end(
+        self, kernel_id: str, reason: str, state: str = "dead", ended: float | None = None
+    ) -> None:
         kernel = self._row(kernel_id)
-        if kernel.state in ("dead", "deleted"):
+        if kernel.state == "deleted" or (kernel.state == "dead" and state == "dead"):
+            return
+        if kernel.state == "dead":  # its owner shuts down a kernel that already died: keep why
+            self._set(kernel_id, state=state)
             return
         for host in self.pool.hosts.values():
             host.held.pop(kernel_id, None)
             host.reserved.pop(kernel_id, None)
         if kernel_id in self.queue:
             self.queue.remove(kernel_id)
-        self._set(kernel_id, state=state, reason=reason, ended=time.time())
+        self.missed.discard(kernel_id)
         live = self._live(kernel_id)
+        if ended is None or live.held_since is None:
+            ended = time.time()
+        else:  # billing ends when the kernel was last seen alive, never before it started
+            ended = max(ended, live.held_since)
+        self._set(kernel_id, state=state, reason=reason, ended=ended)
         live.execution_state = "dead"
         live.notify()
         asyncio.get_running_loop().create_task(self.dispatch())
+
+    async def _stop_on_host(self, host: HostView, host_kernel_id: str) -> None:
+        try:
+            await self.host_call(host, "DELETE", f"/api/kernels/{host_kernel_id}")
+        except Exception as error:  # already gone (404), or the host went away: nothing to stop
+            log.info("could not stop kernel %s on %s: %s", host_kernel_id, host.name, error)
 
     async def delete(self, tenant: Tenant, kernel_id: str) -> None:
         kernel = self.get(tenant, kernel_id)
@@ -335,10 +362,16 @@ class GatewayKernels:
             ).all()
         for kernel in ours:
             reported = by_host_id.get(kernel.host_kernel_id or "")
+            if reported is None and kernel.id not in self.missed:
+                # A report composed just before the host started this kernel can arrive after
+                # the host's answer to the start: only a second report in a row is proof.
+                self.missed.add(kernel.id)
+                continue
             if reported is None or reported.get("execution_state") == "dead":
                 why = reported.get("reason") if reported else "the host no longer runs it"
                 self._end(kernel.id, f"on host {host.name}: {why}")
                 continue
+            self.missed.discard(kernel.id)
             live = self._live(kernel.id)
             host.held.setdefault(kernel.id, list(kernel.gpus))
             if live.held_since is None:
@@ -358,7 +391,11 @@ class GatewayKernels:
             ).all()
         seen = iso(host.last_seen)
         for kernel in ours:
-            self._end(kernel.id, f"its host {host.name} stopped answering (last heard {seen})")
+            self._end(
+                kernel.id,
+                f"its host {host.name} stopped answering (last heard {seen})",
+                ended=host.last_seen,
+            )
 
     def reattach(self, host: HostView, kernels: list[dict[str, Any]]) -> None:
         """A host that comes back reports its kernels: those lost with it run again."""
@@ -372,6 +409,21 @@ class GatewayKernels:
                 self._set(kernel.id, state="running", reason="", ended=None)
                 host.held[kernel.id] = list(kernel.gpus)
                 self._live(kernel.id).notify()
+        # Kernels shut down (or ended for good) while the host was away still run there: stop
+        # them, or their GPUs stay taken with nobody to use or bill them.
+        with self.db() as s:
+            over = s.scalars(
+                select(Kernel).where(
+                    Kernel.host_id == host.id,
+                    Kernel.state.in_(["deleted", "dead"]),
+                    Kernel.host_kernel_id.in_(list(running)),
+                )
+            ).all()
+        for kernel in over:
+            log.info("stopping kernel %s on %s: it ended while the host was away", kernel.id,
+                     host.name)  # fmt: skip
+            stop = self._stop_on_host(host, str(kernel.host_kernel_id))
+            asyncio.get_running_loop().create_task(stop)
 
 
 def _message(error: HTTPClientError) -> str:

@@ -48,7 +48,9 @@ class GatewayState:
                     self.kernels._live(kernel.id).held_since = kernel.created
             # A kernel that was queued or starting when the gateway stopped starts over.
             for kernel in s.scalars(
-                select(Kernel).where(Kernel.state.in_(["queued", "starting"]))
+                select(Kernel)
+                .where(Kernel.state.in_(["queued", "starting"]))
+                .order_by(Kernel.created)  # first come, first served, on any database
             ).all():
                 kernel.state = "queued"
                 self.kernels.queue.append(kernel.id)
@@ -148,10 +150,11 @@ class GatewayState:
             host.token, host.gpus, host.lost, host.last_seen = token, gpus, False, time.time()
             s.commit()
             host_id = host.id
-        view = HostView(host_id, name, url, token)
-        old = self.pool.hosts.get(host_id)
-        if old is not None:
-            view.held = old.held
+        # The same view object is kept when a host comes back: starts in flight (`reserved`, and
+        # the `held` that `_start_on` fills in when the host answers) still refer to it.
+        view = self.pool.hosts.get(host_id) or HostView(host_id, name, url, token)
+        view.name, view.url, view.token = name, url, token
+        view.lost, view.last_seen = False, time.time()
         view.update(gpus)
         self.pool.hosts[host_id] = view
         kernels = body.get("kernels") or []

@@ -12,19 +12,26 @@ from .store import open_store
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gpupool tenant", description=__doc__)
-    parser.add_argument("--state-dir", default=".gpupool", help="the gateway's state folder")
+    # --state-dir may come before or after the action.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", default=argparse.SUPPRESS, help="the gateway's state folder")
+    parser = argparse.ArgumentParser(prog="gpupool tenant", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="action", required=True)
-    create = sub.add_parser("create", help="create a tenant; prints its token once, last line")
+    create = sub.add_parser(
+        "create", parents=[common], help="create a tenant; prints its token once, last line"
+    )
     create.add_argument("name")
     create.add_argument("--max-gpus", type=int, default=None)
     create.add_argument("--max-kernels", type=int, default=None)
-    sub.add_parser("list", help="list tenants and their token prefixes")
-    revoke = sub.add_parser("revoke", help="revoke a tenant and all its tokens")
+    sub.add_parser("list", parents=[common], help="list tenants and their token prefixes")
+    revoke = sub.add_parser("revoke", parents=[common], help="revoke a tenant and all its tokens")
     revoke.add_argument("name")
-    token = sub.add_parser("token", help="make another token for a tenant; prints it once")
+    token = sub.add_parser(
+        "token", parents=[common], help="make another token for a tenant; prints it once"
+    )
     token.add_argument("name")
     args = parser.parse_args(argv)
+    args.state_dir = getattr(args, "state_dir", ".gpupool")
 
     db_path = Path(args.state_dir) / "gateway.db"
     if not db_path.exists():

@@ -8,7 +8,8 @@ import secrets
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    # Hex, not base64: a token starting with "-" would read as an option on a command line.
+    return secrets.token_hex(32)
 
 
 def digest(token: str) -> str:

@@ -34,11 +34,13 @@ async def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -
     raise SystemExit(f"gpupool up: no {prefix!r} line within {timeout:.0f} s.")
 
 
-def _drain(proc: subprocess.Popen[str]) -> None:
-    """Keep reading a child's output so it never blocks on a full pipe."""
+def _drain(proc: subprocess.Popen[str], log_path: Path) -> None:
+    """Keep a child's output in its log file (so its errors can be read) and its pipe empty."""
     assert proc.stdout is not None
-    for _line in proc.stdout:
-        pass
+    with open(log_path, "a") as log:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -62,7 +64,7 @@ async def run(args: argparse.Namespace) -> None:
                                 text=True, env=env)  # fmt: skip
         children.append(host)
         await _read_line(host, "host", 60)
-        asyncio.get_running_loop().run_in_executor(None, _drain, host)
+        asyncio.get_running_loop().run_in_executor(None, _drain, host, state_dir / "host.log")
         deadline = time.monotonic() + 30
         while not state.pool.live() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -74,7 +76,7 @@ async def run(args: argparse.Namespace) -> None:
             lab_token = secrets.token_urlsafe(24)
             lab = subprocess.Popen(
                 [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={args.lab_port}",
-                 "--ip=127.0.0.1", f"--ServerApp.token={lab_token}", f"--gateway-url={url}",
+                 "--ip=127.0.0.1", f"--IdentityProvider.token={lab_token}", f"--gateway-url={url}",
                  f"--GatewayClient.auth_token={token}", "--GatewayClient.request_timeout=120",
                  f"--ServerApp.root_dir={Path.cwd()}", "--allow-root"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -82,7 +84,7 @@ async def run(args: argparse.Namespace) -> None:
             children.append(lab)
             lab_url = f"http://127.0.0.1:{args.lab_port}/lab?token={lab_token}"
             await _wait_http(f"http://127.0.0.1:{args.lab_port}/api/status?token={lab_token}", lab)
-            asyncio.get_running_loop().run_in_executor(None, _drain, lab)
+            asyncio.get_running_loop().run_in_executor(None, _drain, lab, state_dir / "lab.log")
             print(f"lab: {lab_url}", flush=True)
         print(f"gateway: {url}", flush=True)
         print(f"token: {token}", flush=True)

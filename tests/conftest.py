@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def _decode(text: bytes) -> Any:
     try:
-        return _decode(text)
+        return json.loads(text)
     except ValueError:
         return text.decode(errors="replace")
 

@@ -1,0 +1,316 @@
+"""Faults between the gateway and its hosts: a host that dies, a gateway that dies, a host that
+stops answering for a while and comes back. Real processes on loopback, fake GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+from conftest import Gateway, HostAgent, start_gateway, start_host
+from kernel_ws import run_code
+from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
+
+from kernel_gateway.kernels import GatewayKernels, iso
+from kernel_gateway.pool import HostView, Pool
+from kernel_gateway.store import Host, Tenant, open_store
+
+H100_X1 = "python3-gpu-h100-x1"
+HOST_TIMEOUT = 2.0
+
+
+@pytest.fixture
+def started() -> Iterator[list[Any]]:
+    """Everything a test starts (gateways, hosts), stopped at its end whatever happened."""
+    things: list[Any] = []
+    yield things
+    for thing in reversed(things):
+        if thing.proc.poll() is None:
+            os.kill(thing.proc.pid, signal.SIGCONT)  # a test may leave a host stopped
+        thing.stop()
+
+
+def gateway(tmp_path: Path, started: list[Any], **kwargs: Any) -> Gateway:
+    gw = start_gateway(
+        tmp_path, "--host-timeout", str(HOST_TIMEOUT), state=tmp_path / "gw", **kwargs
+    )
+    started.append(gw)
+    return gw
+
+
+def join(tmp_path: Path, started: list[Any], gw: Gateway, gpus: str = "H100:2") -> HostAgent:
+    folder = tmp_path / f"host-{len(started)}"
+    folder.mkdir()
+    agent = start_host(
+        folder, "--fake-gpus", gpus, "--no-isolate", "--gateway", gw.url,
+        f"--join-token={gw.join_token}", "--heartbeat-seconds", "0.5",
+    )  # fmt: skip
+    started.append(agent)
+    gw.wait_for(lambda: any(h["url"] == agent.url and not h["lost"] for h in hosts(gw)),
+                15, "the host to register")  # fmt: skip
+    return agent
+
+
+def hosts(gw: Gateway) -> list[dict[str, Any]]:
+    reply = gw.call("GET", "/api/hosts", token=gw.admin_token)
+    assert reply.status == 200, reply.body
+    return list(reply.body)
+
+
+def kernel(gw: Gateway, kernel_id: str) -> dict[str, Any]:
+    reply = gw.call("GET", f"/api/kernels/{kernel_id}")
+    assert reply.status == 200, reply.body
+    return dict(reply.body)
+
+
+def state_of(gw: Gateway, kernel_id: str) -> str:
+    return str(kernel(gw, kernel_id)["gpupool"]["state"])
+
+
+def running_kernel(gw: Gateway) -> str:
+    gw.token = gw.tenant("a")
+    model = gw.create(name=H100_X1)
+    assert model["gpupool"]["state"] == "running", model
+    assert asyncio.run(run_code(gw.url, gw.token, model["id"], "x = 41")) == ""
+    return str(model["id"])
+
+
+def alive_on(agent: HostAgent) -> set[str]:
+    """The host's own ids of the kernels it runs for clients (warm ones are not listed)."""
+    return {k["id"] for k in agent.call("GET", "/api/kernels").body
+            if k["execution_state"] != "dead"}  # fmt: skip
+
+
+def listed(gw: Gateway) -> set[str]:
+    return {k["id"] for k in gw.call("GET", "/api/kernels").body}
+
+
+def test_a_killed_host_is_lost_with_its_kernels(tmp_path: Path, started: list[Any]) -> None:
+    gw = gateway(tmp_path, started)
+    agent = join(tmp_path, started, gw)
+    asked = time.time()
+    kernel_id = running_kernel(gw)
+    [view] = hosts(gw)
+    assert view["gpus"]["H100"] == {"total": 2, "free": 1}
+
+    # The agent's kernels are its children (in their own sessions): kill them with it.
+    children = psutil.Process(agent.proc.pid).children(recursive=True)
+    assert children, "the host should run kernel processes"
+    agent.proc.kill()
+    agent.proc.wait(10)
+    for child in children:  # each kernel leads its own session: kill what it started too
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    killed = time.monotonic()
+
+    gw.wait_for(lambda: state_of(gw, kernel_id) == "dead", HOST_TIMEOUT + 4, "the kernel to die")
+    assert time.monotonic() - killed < HOST_TIMEOUT + 2.5
+    model = kernel(gw, kernel_id)
+    assert model["execution_state"] == "dead"
+    assert view["name"] in model["gpupool"]["reason"], model
+    assert "stopped answering" in model["gpupool"]["reason"], model
+    # jupyter_server drops a kernel missing from the list: a dead one leaves it.
+    assert kernel_id not in listed(gw)
+    # Its GPUs left the pool; the admin sees the host lost.
+    assert gw.call("GET", "/api/gpus").body == []
+    [view] = hosts(gw)
+    assert view["lost"] is True
+    # A new request for a GPU the pool no longer has is refused with words, not queued forever.
+    reply = gw.call("POST", "/api/kernels", {"name": H100_X1})
+    assert reply.status == 400, reply.body
+    assert "no H100" in reply.body["message"]
+    # Billing ended at the last heartbeat, not when the gateway noticed.
+    billed = model["gpupool"]["billed_seconds"]
+    assert 0 <= billed <= max(view["last_seen"] - asked, 0) + 0.05, model
+    # Its owner can still shut the dead kernel down; then it is gone for good.
+    assert gw.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+    assert gw.call("GET", f"/api/kernels/{kernel_id}").status == 404
+
+
+def test_a_gateway_restart_keeps_kernels_and_their_variables(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    gw = gateway(tmp_path, started)
+    join(tmp_path, started, gw)
+    kernel_id = running_kernel(gw)
+    other = gw.create(name=H100_X1)["id"]
+    waiting = [gw.create(name=H100_X1)["id"] for _ in range(2)]
+    assert [state_of(gw, k) for k in waiting] == ["queued", "queued"]
+    token, port = gw.token, urlsplit(gw.url).port
+    assert port
+
+    gw.proc.kill()
+    gw.proc.wait(10)
+    again = gateway(tmp_path, started, port=port)
+    again.token = token
+    assert again.url == gw.url
+
+    # The host keeps heartbeating to the same address; the new process knows it from SQLite.
+    again.wait_for(lambda: hosts(again) and not hosts(again)[0]["lost"], 10, "the host")
+    model = kernel(again, kernel_id)
+    assert model["gpupool"]["state"] == "running", model
+    assert kernel_id in listed(again)
+    assert asyncio.run(run_code(again.url, token, kernel_id, "print(x + 1)")) == "42\n"
+    # Heartbeats after the restart do not take the kernel for dead, and its GPU stays held.
+    time.sleep(1.2)
+    assert state_of(again, kernel_id) == "running"
+    assert hosts(again)[0]["gpus"]["H100"] == {"total": 2, "free": 0}
+    # The queue survived too, in order, and moves when a GPU frees.
+    positions = [kernel(again, k)["gpupool"].get("queue_position") for k in waiting]
+    assert positions == [1, 2]
+    assert again.call("DELETE", f"/api/kernels/{other}").status == 204
+    again.wait_for(lambda: state_of(again, waiting[0]) == "running", 5, "the queue to move")
+    assert kernel(again, waiting[1])["gpupool"]["queue_position"] == 1
+
+
+def test_a_host_that_comes_back_gets_its_kernels_back(tmp_path: Path, started: list[Any]) -> None:
+    gw = gateway(tmp_path, started)
+    agent = join(tmp_path, started, gw)
+    kernel_id = running_kernel(gw)
+    before = alive_on(agent)
+    dropped = gw.create(name=H100_X1)  # shut down by its owner while the host is away
+    [dropped_on_host] = alive_on(agent) - before
+
+    # Heartbeats stop (the agent is frozen) for longer than the host timeout; kernels live on.
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        gw.wait_for(
+            lambda: state_of(gw, kernel_id) == "dead", HOST_TIMEOUT + 4, "the kernel to be lost"
+        )
+        assert "stopped answering" in kernel(gw, kernel_id)["gpupool"]["reason"]
+        assert kernel_id not in listed(gw)
+        assert hosts(gw)[0]["lost"] is True
+        assert gw.call("GET", "/api/gpus").body == []
+        assert gw.call("DELETE", f"/api/kernels/{dropped['id']}").status == 204
+        assert gw.call("GET", f"/api/kernels/{dropped['id']}").status == 404
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+
+    # The agent hears 404 on its next heartbeat, registers again, and reports the kernel.
+    gw.wait_for(lambda: state_of(gw, kernel_id) == "running", 10, "the kernel to come back")
+    model = kernel(gw, kernel_id)
+    assert model["gpupool"]["reason"] == ""
+    assert model["execution_state"] in ("idle", "busy")
+    assert kernel_id in listed(gw)
+    [view] = hosts(gw)
+    assert view["lost"] is False
+    assert view["gpus"]["H100"] == {"total": 2, "free": 1}
+    assert asyncio.run(run_code(gw.url, gw.token, kernel_id, "print(x + 1)")) == "42\n"
+    # The kernel shut down while the host was away does not come back, and the host is told to
+    # stop it, so its GPU serves the next request.
+    assert gw.call("GET", f"/api/kernels/{dropped['id']}").status == 404
+    agent.wait_for(lambda: dropped_on_host not in alive_on(agent), 10, "the host to stop it")
+    assert gw.create(name=H100_X1)["gpupool"]["state"] == "running"
+
+
+# -- races inside the gateway, driven directly with a host that answers when told to ------------
+
+
+class SlowHost:
+    """Stands in for a host's kernel API: starts wait for `release`; every call is recorded."""
+
+    def __init__(self, fail_first: int | None = None) -> None:
+        self.release = asyncio.Event()
+        self.calls: list[tuple[str, str]] = []
+        self.fail_first = fail_first
+        self.started = 0
+
+    async def __call__(
+        self, host: HostView, method: str, path: str, body: Any = None
+    ) -> dict[str, Any]:
+        self.calls.append((method, path))
+        if method != "POST":
+            return {}
+        if self.fail_first is not None:
+            code, self.fail_first = self.fail_first, None
+            response = HTTPResponse(HTTPRequest(host.url), code, buffer=io.BytesIO(
+                json.dumps({"message": "those GPUs are taken"}).encode()))  # fmt: skip
+            raise HTTPClientError(code, response=response)
+        await self.release.wait()
+        self.started += 1
+        return {"id": f"on-host-{self.started}", "execution_state": "idle",
+                "gpupool": {"gpus": [f"GPU-{self.started}"]}}  # fmt: skip
+
+
+def one_gpu_gateway(tmp_path: Path, fake: SlowHost) -> tuple[GatewayKernels, HostView, Tenant]:
+    db = open_store(str(tmp_path / "gateway.db"))
+    pool = Pool()
+    host = HostView("0f0f0f0f-0000-0000-0000-000000000001", "box", "http://127.0.0.1:9", "t")
+    host.update([{"uuid": "GPU-1", "gpu_type": "H100", "memory_total": 80 << 30}])
+    pool.hosts[host.id] = host
+    with db() as s:
+        s.add(Host(id=host.id, name=host.name, url=host.url, token=host.token, gpus=[]))
+        tenant = Tenant(name="a")
+        s.add(tenant)
+        s.commit()
+    kernels = GatewayKernels(db, pool)
+    kernels.host_call = fake  # type: ignore[method-assign]
+    return kernels, host, tenant
+
+
+def test_a_kernel_shut_down_while_its_host_starts_it_stays_down(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fake = SlowHost()
+        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        creating = asyncio.create_task(kernels.create(tenant, H100_X1, {}))
+        await asyncio.sleep(0.05)
+        [kernel_id] = kernels.live
+        assert kernels._row(kernel_id).state == "starting"
+        await kernels.delete(tenant, kernel_id)
+        fake.release.set()  # the host's answer comes after the owner gave up on it
+        await asyncio.wait_for(creating, 5)
+        await asyncio.sleep(0.05)
+        assert kernels._row(kernel_id).state == "deleted"
+        assert host.held == {} and host.free("H100") == 1
+        assert ("DELETE", "/api/kernels/on-host-1") in fake.calls  # not left running there
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_host_answer_requeues_without_holding_the_client(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fake = SlowHost(fail_first=409)
+        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        model = await asyncio.wait_for(kernels.create(tenant, H100_X1, {}), 5)
+        assert model["gpupool"]["state"] == "queued", model
+        assert model["gpupool"]["queue_position"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_heartbeat_sent_before_a_start_does_not_kill_the_new_kernel(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fake = SlowHost()
+        fake.release.set()
+        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        model = await kernels.create(tenant, H100_X1, {})
+        assert model["gpupool"]["state"] == "running"
+        # A heartbeat composed just before the host started the kernel arrives after its reply.
+        kernels.host_reported(host, [])
+        assert kernels._row(model["id"]).state == "running"
+        report = {"id": "on-host-1", "execution_state": "busy", "last_activity": iso(time.time())}
+        kernels.host_reported(host, [report])
+        kernels.host_reported(host, [])
+        assert kernels._row(model["id"]).state == "running"
+        # Missing from two reports in a row, it is gone.
+        kernels.host_reported(host, [])
+        row = kernels._row(model["id"])
+        assert row.state == "dead" and "no longer runs it" in row.reason
+        assert host.held == {}
+
+    asyncio.run(scenario())
