@@ -206,6 +206,7 @@ class HostAgent(ServerApp):
         self.status = HostStatus(self.inventory, self.allocator, self.host_kernels, url)
         self.web_app.settings["gpupool_status"] = self.status
         self.web_app.settings["websocket_ping_interval"] = 30
+        self.web_app.settings["websocket_ping_timeout"] = 30
 
     def start_app(self) -> None:
         super().start_app()

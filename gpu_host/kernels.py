@@ -8,8 +8,9 @@ import json
 import signal
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
+from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_server._tz import isoformat, utcnow
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -67,6 +68,8 @@ class HostKernelManager(AsyncMappingKernelManager):
         self.spaces = spaces
         self.placements: dict[str, KernelPlacement] = {}
         self.ended: dict[str, dict[str, Any]] = {}
+        # One shell-channel client per kernel for the agent's own requests (readiness, hand-over).
+        self.shells: dict[str, AsyncKernelClient] = {}
         self.warm = WarmPool(allocator, self._start_warm, self._stop, self.warm_per_shape)
         self._watch: asyncio.Task[None] | None = None
 
@@ -147,7 +150,14 @@ class HostKernelManager(AsyncMappingKernelManager):
             await self.start_kernel(
                 kernel_id=kernel_id, kernel_name=KERNEL_NAME, env=request.env, gpupool=placement
             )
+            # jupyter_server only waits for the process; a kernel is ready when it answers.
+            client = cast(AsyncKernelClient, self.get_kernel(kernel_id).client())
+            client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+            self.shells[kernel_id] = client
+            await client.kernel_info(reply=True, timeout=120)
         except BaseException:
+            if kernel_id in self:
+                await self._async_shutdown_kernel(kernel_id, now=True)
             self.allocator.release(kernel_id)
             self.placements.pop(kernel_id, None)
             raise
@@ -167,18 +177,13 @@ class HostKernelManager(AsyncMappingKernelManager):
             f"_os.environ.update({json.dumps(env)}); _os.chdir({str(placement.space.workdir)!r}); "
             "del _os"
         )
-        client = self.get_kernel(placement.kernel_id).client()
-        client.start_channels()
-        try:
-            reply = await client.execute(
-                code, silent=True, store_history=False, reply=True, timeout=10
-            )
-            if reply["content"]["status"] != "ok":
-                raise web.HTTPError(500, "could not hand the warm kernel to its owner")
-            # The reply comes before the idle status; the client must not see a busy kernel.
-            self.get_kernel(placement.kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
-        finally:
-            client.stop_channels()
+        # The shell client opened at start is already connected: no handshake on this path.
+        client = self.shells[placement.kernel_id]
+        reply = await client.execute(code, silent=True, store_history=False, reply=True, timeout=10)
+        if reply["content"]["status"] != "ok":
+            raise web.HTTPError(500, "could not hand the warm kernel to its owner")
+        # The reply comes before the idle status; the client must not see a busy kernel.
+        self.get_kernel(placement.kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
 
     # -- visibility: warm kernels are nobody's until taken --------------------------------
 
@@ -218,6 +223,9 @@ class HostKernelManager(AsyncMappingKernelManager):
             await self._async_shutdown_kernel(kernel_id, now=True)
 
     def _forget(self, kernel_id: str) -> None:
+        shell = self.shells.pop(kernel_id, None)
+        if shell is not None:
+            shell.stop_channels()
         self.allocator.release(kernel_id)
         self.placements.pop(kernel_id, None)
         self.warm.refill_soon()
