@@ -13,6 +13,7 @@ from jupyter_server.services.kernels import handlers as stock
 from jupyter_server.utils import url_escape, url_path_join
 from tornado import web
 
+from . import checkpoints
 from .allocator import AllocationError
 from .kernel_request import RequestError, parse_kernel_request
 from .kernels import HostKernelManager
@@ -74,6 +75,34 @@ class KernelActionHandler(HostHandlerMixin, stock.KernelActionHandler):
         await super().post(kernel_id, action)  # type: ignore[misc]
 
 
+class CheckpointHandler(HostHandlerMixin, APIHandler):
+    auth_resource = "kernels"
+
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        """Save the kernel's user namespace to a file in its tenant's folder, from inside the
+        kernel: {path, bytes, saved, not_saved, seconds}."""
+        self.host_kernels.require_visible(kernel_id, alive=True)
+        checkpoints.parse_body(self.request.body)
+        self.finish(json.dumps(await checkpoints.checkpoint(self.host_kernels, kernel_id)))
+
+
+class RestoreHandler(HostHandlerMixin, APIHandler):
+    auth_resource = "kernels"
+
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        """Load a checkpoint from the kernel's tenant folder into its user namespace, from inside
+        the kernel: body {path}; answers {restored, failed, seconds}."""
+        km = self.host_kernels
+        km.require_visible(kernel_id, alive=True)
+        body = checkpoints.parse_body(self.request.body, ("path",))
+        path = checkpoints.restore_path(km, kernel_id, body.get("path"))
+        self.finish(json.dumps(await checkpoints.restore(km, kernel_id, path)))
+
+
 class GpusHandler(APIHandler):
     auth_resource = "kernels"
 
@@ -98,6 +127,8 @@ default_handlers = [
     (r"/api/kernels", KernelsHandler),
     (rf"/api/kernels/{KERNEL_ID}", KernelHandler),
     (rf"/api/kernels/{KERNEL_ID}/{ACTION}", KernelActionHandler),
+    (rf"/api/kernels/{KERNEL_ID}/checkpoint", CheckpointHandler),
+    (rf"/api/kernels/{KERNEL_ID}/restore", RestoreHandler),
     (rf"/api/kernels/{KERNEL_ID}/channels", HostKernelWebsocketHandler),
     (r"/api/gpus", GpusHandler),
     (r"/api/host", HostHandler),

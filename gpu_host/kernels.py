@@ -61,6 +61,9 @@ class HostKernelManager(AsyncMappingKernelManager):
     poll_seconds = Float(0.5, help="How often kernel processes are checked for death.").tag(
         config=True
     )
+    checkpoint_timeout = Float(
+        600.0, help="Longest wait, in seconds, for a kernel to save or restore its namespace."
+    ).tag(config=True)
 
     def attach(self, allocator: GpuAllocator, spaces: TenantSpaces) -> None:
         """Give the manager this machine's GPUs and tenant spaces; called once at start."""
