@@ -136,9 +136,13 @@ def test_activity_connections_and_state(host):
 
     async def busy_then_check():
         sock = await KernelSocket.open(host.url, host.token, kernel_id)
-        await sock.send("shell", "execute_request", {"code": "import time; time.sleep(1.5)"})
-        await asyncio.sleep(0.7)
-        during = host.call("GET", f"/api/kernels/{kernel_id}").body
+        await sock.send("shell", "execute_request", {"code": "import time; time.sleep(4)"})
+        during = {}
+        for _ in range(60):  # the cell runs 4 s; look for busy within its first 3
+            await asyncio.sleep(0.05)
+            during = host.call("GET", f"/api/kernels/{kernel_id}").body
+            if during["execution_state"] == "busy":
+                break
         await sock.recv()
         sock.close()
         return during
