@@ -138,7 +138,8 @@ def checkpoint(shell: Any, path: str) -> Answer:
                         continue
                 pickle.dump(record, out, protocol=5)
                 saved.append(name)
-            pickle.dump(("", "end", len(saved)), out)
+            # The end record carries what was lost, so a restore can tell the user.
+            pickle.dump(("", "end", not_saved), out)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -197,6 +198,7 @@ def restore(shell: Any, path: str) -> Answer:
                     + json.dumps(restored)
                 ) from None
             if kind == "end":
+                lost = payload if isinstance(payload, dict) else {}
                 break
             try:
                 if kind == "module":
@@ -208,4 +210,21 @@ def restore(shell: Any, path: str) -> Answer:
                 continue
             shell.user_ns[name] = value
             restored.append(name)
+    _warn_in_next_cell(shell, {**lost, **failed})
     return Answer(restored=restored, failed=failed, kernel_seconds=time.perf_counter() - start)
+
+
+def _warn_in_next_cell(shell: Any, lost: dict[str, str]) -> None:
+    """Print, once, in the output of the user's next cell, which variables did not come back:
+    output of any other request would not be shown by a notebook front end."""
+    if not lost:
+        return
+    names = "; ".join(f"{name} ({why})" for name, why in sorted(lost.items()))
+    message = f"gpupool: the kernel was resumed, but these variables were lost: {names}\n"
+
+    def warn(*_: Any) -> None:
+        shell.events.unregister("pre_run_cell", warn)
+        sys.stderr.write(message)
+        sys.stderr.flush()
+
+    shell.events.register("pre_run_cell", warn)

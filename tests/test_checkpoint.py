@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_ws import run_code
+from kernel_ws import KernelSocket, run_code
 
 MISSING = "00000000-0000-4000-8000-000000000000"
 
@@ -417,3 +417,29 @@ def test_the_agent_never_unpickles():
     for source in package.glob("*.py"):
         if source.name != "namespace.py":
             assert not re.search(r"\bpickle|import namespace", source.read_text()), source.name
+
+
+def test_the_next_cell_after_a_restore_names_what_was_lost(host, saved):
+    _, answer, _, _ = saved
+    kernel_id = host.create(tenant="alice")["id"]
+    restore(host, kernel_id, answer["path"])
+
+    async def stderr_of(code: str) -> str:
+        sock = await KernelSocket.open(host.url, host.token, kernel_id)
+        msg_id = await sock.send("shell", "execute_request", {"code": code, "silent": False})
+        text, idle = [], False
+        while not idle:
+            msg = await sock.recv()
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+                text.append(msg["content"]["text"])
+            idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+        sock.close()
+        return "".join(text)
+
+    first = asyncio.run(stderr_of("1"))
+    assert "the kernel was resumed, but these variables were lost" in first
+    assert "gen (cannot pickle 'generator' object)" in first
+    assert asyncio.run(stderr_of("2")) == "", "the warning is shown once"
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
