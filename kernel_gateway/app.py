@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import ssl
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Float, Int, Unicode, default
+from traitlets import Enum, Float, Int, Unicode, default
 from traitlets.config import Application
 
 from . import __version__
@@ -44,6 +45,8 @@ class GatewayApp(Application):
         "db": "GatewayApp.db_url",
         "host-timeout": "GatewayApp.host_timeout",
         "max-message-mb": "GatewayApp.max_message_mb",
+        "idle-timeout": "GatewayApp.idle_timeout",
+        "idle-action": "GatewayApp.idle_action",
         "certfile": "GatewayApp.certfile",
         "keyfile": "GatewayApp.keyfile",
     }
@@ -69,6 +72,22 @@ class GatewayApp(Application):
         "", help="TLS certificate (PEM); with --keyfile the gateway serves https."
     ).tag(config=True)
     keyfile = Unicode("", help="TLS private key (PEM) for --certfile.").tag(config=True)
+    idle_timeout = Float(
+        600.0,
+        help="Seconds a kernel may sit idle before its idle action (KERNEL_IDLE_TIMEOUT "
+        "overrides it per kernel, within the tenant's bounds).",
+    ).tag(config=True)
+    idle_action = Enum(
+        ["suspend", "cull"], "suspend",
+        help="What an idle kernel does: suspend (save variables, give the GPU back, resume on "
+        "the next cell) or cull (shut down).",
+    ).tag(config=True)  # fmt: skip
+    idle_min = Float(1.0, help="Shortest KERNEL_IDLE_TIMEOUT a tenant may ask for.").tag(
+        config=True
+    )
+    idle_max = Float(7 * 24 * 3600.0, help="Longest KERNEL_IDLE_TIMEOUT a tenant may ask for.").tag(
+        config=True
+    )
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 
     @default("admin_token")
@@ -85,7 +104,11 @@ class GatewayApp(Application):
 
     def make_state(self) -> GatewayState:
         db = open_store(self.db_url or str(Path(self.state_dir) / "gateway.db"))
-        return GatewayState(db, self.admin_token, self.join_token, self.host_timeout)
+        state = GatewayState(db, self.admin_token, self.join_token, self.host_timeout)
+        kernels = state.kernels
+        kernels.idle_default, kernels.idle_action = self.idle_timeout, self.idle_action
+        kernels.idle_min, kernels.idle_max = self.idle_min, self.idle_max
+        return state
 
     def make_app(self, state: GatewayState) -> web.Application:
         return web.Application(
@@ -96,6 +119,10 @@ class GatewayApp(Application):
         )
 
     async def serve(self) -> tuple[HTTPServer, str, GatewayState]:
+        logging.basicConfig(
+            level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s"
+        )
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)
         state = self.make_state()
         tls = None
         if self.certfile:

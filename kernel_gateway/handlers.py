@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .base import GatewayHandler
 from .errors import ApiError
+from .ledger import read_time, to_csv
 from .metrics import render_metrics
 from .openapi import OPENAPI
 from .shapes import CPU, Shape, shape_of_name
@@ -187,12 +188,17 @@ class TenantsHandler(GatewayHandler):
         if not isinstance(name, str):
             raise ApiError(400, 'send {"name": NAME} to create a tenant.')
         tenant, token = self.state.create_tenant(
-            name, body.get("max_gpus"), body.get("max_kernels")
-        )
+            name, body.get("max_gpus"), body.get("max_kernels"),
+            body.get("idle_min"), body.get("idle_max"), body.get("budget_usd"),
+        )  # fmt: skip
         self.reply({"name": tenant.name, "token": token}, 201)
 
 
 class TenantHandler(GatewayHandler):
+    def patch(self, name: str) -> None:
+        self.require_admin()
+        self.reply(self.state.update_tenant(name, self.body()))
+
     def delete(self, name: str) -> None:
         self.require_admin()
         self.state.revoke_tenant(name)
@@ -207,6 +213,46 @@ class TokensHandler(GatewayHandler):
         if not isinstance(tenant, str):
             raise ApiError(400, 'send {"tenant": NAME} to make a new token for that tenant.')
         self.reply({"tenant": tenant, "token": self.state.new_token_for(tenant)}, 201)
+
+
+class UsageHandler(GatewayHandler):
+    """The calling tenant's ledger: intervals overlapping [since, until], each counted within
+    it, totals per GPU type, and the month's budget; JSON, or CSV with `?format=csv`."""
+
+    PARAMS = ("since", "until", "kernel", "format", "token")
+
+    def get(self) -> None:
+        tenant = self.tenant()
+        unknown = sorted(set(self.request.query_arguments) - set(self.PARAMS))
+        if unknown:
+            raise ApiError(
+                400, f"unknown parameter {unknown[0][:40]!r}; /api/usage takes since, until "
+                "(ISO 8601 times), kernel (an id) and format (json or csv).",
+            )  # fmt: skip
+        since = read_time("since", self.get_query_argument("since", None))
+        until = read_time("until", self.get_query_argument("until", None))
+        if since is not None and until is not None and since > until:
+            raise ApiError(400, "since is after until; swap them.")
+        kernel_id = self.get_query_argument("kernel", None)
+        if kernel_id is not None:
+            # Another tenant's kernel answers exactly as one that never existed.
+            if not re.fullmatch(KERNEL_ID, kernel_id) or not self.state.kernels.ever_owned(
+                tenant, kernel_id
+            ):
+                raise ApiError(404, f"Kernel does not exist: {kernel_id[:40]}")
+        form = self.get_query_argument("format", "json")
+        if form not in ("json", "csv"):
+            raise ApiError(400, f"format={form[:20]!r}: use json (the default) or csv.")
+        ledger = self.state.kernels.ledger
+        report = ledger.report(tenant.id, since, until, kernel_id)
+        if form == "csv":
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            self.set_header("Content-Disposition", 'attachment; filename="gpupool-usage.csv"')
+            self.finish(to_csv(report))
+            return
+        report["tenant"] = tenant.name
+        report["budget"] = self.state.kernels.budgets.summary(tenant)
+        self.reply(report)
 
 
 class MetricsHandler(GatewayHandler):
@@ -237,6 +283,7 @@ def routes() -> list[tuple[str, Any]]:
         (rf"/api/kernels/{KERNEL_ID}/(?P<action>interrupt|restart)/?", KernelActionHandler),
         (rf"/api/kernels/{KERNEL_ID}/channels", ChannelsHandler),
         (r"/api/gpus/?", GpusHandler),
+        (r"/api/usage/?", UsageHandler),
         (r"/api/hosts/register", RegisterHostHandler),
         (r"/api/hosts/(?P<host_id>[0-9a-f-]{36})/heartbeat", HeartbeatHandler),
         (r"/api/hosts/?", HostsHandler),

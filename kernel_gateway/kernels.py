@@ -16,7 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from .budgets import Budgets
 from .errors import ApiError
+from .ledger import BUDGET, CULLED, DIED, HOST_LOST, SHUT_DOWN, SUSPENDED, Ledger, iso
 from .metrics import START_SECONDS
 from .pool import HostView, Pool
 from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
@@ -29,10 +31,6 @@ HOST_ENV_PREFIXES = ("KERNEL_",)
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 @dataclass
 class Live:
     """What the gateway knows of a kernel beyond its row: activity and who waits for it."""
@@ -40,7 +38,7 @@ class Live:
     execution_state: str = "starting"
     last_activity: float = field(default_factory=time.time)
     connections: int = 0
-    held_since: float | None = None
+    suspended: bool = False  # read on every client message, so kept here rather than in the row
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
@@ -80,8 +78,17 @@ class GatewayKernels:
         self.live: dict[str, Live] = {}
         self.queue: list[str] = []
         self.missed: set[str] = set()  # running kernels missing from their host's last report
-        self.http = AsyncHTTPClient()
+        # Its own client: tornado's shared one runs 10 requests at a time, so a burst of starts
+        # would queue (and time out) behind each other, and deletes behind them.
+        self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
         self._dispatching = asyncio.Lock()
+        self.ledger = Ledger(db)
+        self.budgets = Budgets(self.ledger)
+        # Idle handling; the app sets these from its options.
+        self.idle_default = 600.0
+        self.idle_min = 1.0
+        self.idle_max = 7 * 24 * 3600.0
+        self.idle_action = "suspend"
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -98,19 +105,26 @@ class GatewayKernels:
             raise ApiError(404, f"Kernel does not exist: {kernel_id}")
         return kernel
 
+    def ever_owned(self, tenant: Tenant, kernel_id: str) -> bool:
+        """Whether the kernel is (or was, shut down included) the tenant's: its usage stays."""
+        with self.db() as s:
+            kernel = s.get(Kernel, kernel_id)
+        return kernel is not None and kernel.tenant_id == tenant.id
+
     def model(self, kernel: Kernel) -> dict[str, Any]:
         live = self._live(kernel.id)
-        held = 0.0
-        if live.held_since is not None:
-            held = (kernel.ended or time.time()) - live.held_since
-        shape = Shape(kernel.gpu_type, kernel.gpu_count)
+        billed, cost = self.ledger.billed(kernel.id)
+        resuming = bool(kernel.checkpoint) and kernel.state in ("queued", "starting")
+        state = "resuming" if resuming else kernel.state
         gpupool: dict[str, Any] = {
-            "state": kernel.state,
+            "state": state,
             "gpu_type": kernel.gpu_type,
             "gpu_count": kernel.gpu_count,
-            "billed_seconds": round(held, 3),
-            "cost_usd": round(held * shape.usd_per_hour / 3600, 6),
+            "billed_seconds": round(billed, 3),
+            "cost_usd": round(cost, 6),
             "reason": kernel.reason,
+            "idle_timeout": kernel.idle_timeout,
+            "idle_deadline": self._deadline(kernel, live),
         }
         if kernel.state == "queued":
             gpupool["queue_position"] = (
@@ -119,7 +133,7 @@ class GatewayKernels:
         if kernel.state == "running":
             execution_state = live.execution_state
         else:
-            execution_state = EXECUTION_STATE.get(kernel.state, "unknown")
+            execution_state = EXECUTION_STATE.get(state, "unknown")
         return {
             "id": kernel.id,
             "name": kernel.name,
@@ -128,6 +142,15 @@ class GatewayKernels:
             "connections": live.connections,
             "gpupool": gpupool,
         }
+
+    @staticmethod
+    def _deadline(kernel: Kernel, live: Live) -> str | None:
+        """When the kernel will be suspended if nothing happens; a busy kernel is never idle,
+        so its deadline is a full timeout from now."""
+        if kernel.state != "running":
+            return None
+        start = time.time() if live.execution_state == "busy" else live.last_activity
+        return iso(start + kernel.idle_timeout)
 
     def list_for(self, tenant: Tenant) -> list[dict[str, Any]]:
         with self.db() as s:
@@ -154,7 +177,13 @@ class GatewayKernels:
         if why:
             raise ApiError(400, why)
         self._check_caps(tenant, shape)
+        if shape.gpu_count:
+            over = self.budgets.refusal(tenant)
+            if over:
+                raise ApiError(402, over)
+        idle_timeout = self.idle_timeout_for(tenant, env.get("KERNEL_IDLE_TIMEOUT"))
         kernel = Kernel(
+            idle_timeout=idle_timeout,
             id=str(uuid.uuid4()), tenant_id=tenant.id, name=shape.kernel_name,
             gpu_type=shape.gpu_type, gpu_count=shape.gpu_count, state="queued",
             env={k: v for k, v in env.items() if k not in GATEWAY_ENV},
@@ -206,12 +235,22 @@ class GatewayKernels:
         """Start queued kernels, first come first served within each GPU type."""
         async with self._dispatching:
             blocked: set[str | None] = set()
+            refusals: dict[int, str | None] = {}
             for kernel_id in list(self.queue):
                 kernel = self._row(kernel_id)
                 shape = Shape(kernel.gpu_type, kernel.gpu_count)
                 if shape.gpu_type in blocked:
                     continue
-                host = self.pool.place(shape)
+                if shape.gpu_count and self._over_budget(kernel.tenant_id, refusals):
+                    why = refusals[kernel.tenant_id]
+                    if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
+                        self.queue.remove(kernel_id)
+                        self._set(kernel_id, state="suspended", reason=f"not resumed: {why}")
+                        self._live(kernel_id).notify()
+                    else:
+                        self._end(kernel_id, f"not started: {why}")
+                    continue
+                host = self.pool.place(shape, prefer=kernel.checkpoint.get("host_id"))
                 if host is None:
                     blocked.add(shape.gpu_type)
                     continue
@@ -221,6 +260,13 @@ class GatewayKernels:
                 asyncio.get_running_loop().create_task(self._start_on(host, kernel))
             for kernel_id in self.queue:
                 self._live(kernel_id).notify()  # queue positions moved
+
+    def _over_budget(self, tenant_id: int, refusals: dict[int, str | None]) -> bool:
+        if tenant_id not in refusals:
+            with self.db() as s:
+                tenant = s.get(Tenant, tenant_id)
+            refusals[tenant_id] = self.budgets.refusal(tenant) if tenant is not None else None
+        return refusals[tenant_id] is not None
 
     def _set(self, kernel_id: str, **values: Any) -> Kernel:
         with self.db() as s:
@@ -266,13 +312,34 @@ class GatewayKernels:
             asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
             return
         host.held[kernel.id] = list(reply["gpupool"]["gpus"])
+        held = time.time()  # its GPUs are held from here, restore included
+        if kernel.checkpoint:
+            await self._restore_on(host, kernel, str(reply["id"]))
+        if not self._mark_running(kernel.id, host, str(reply["id"]), held):
+            log.info("kernel %s ended while restoring; stopping it on %s", kernel.id, host.name)
+            asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
+            return
         live = self._live(kernel.id)
-        live.held_since = time.time()
         live.execution_state = reply.get("execution_state", "idle")
         live.touch()
-        self._set(kernel.id, state="running", host_kernel_id=reply["id"], gpus=host.held[kernel.id])
         START_SECONDS.observe(time.time() - kernel.created)
         live.notify()
+
+    def _mark_running(
+        self, kernel_id: str, host: HostView, host_kernel_id: str, held: float
+    ) -> bool:
+        """Running, and its ledger interval open, in one transaction; False (and nothing
+        written) if it was shut down or lost meanwhile."""
+        with self.db() as s:
+            kernel = s.get(Kernel, kernel_id)
+            if kernel is None or kernel.state != "starting":
+                return False
+            kernel.state, kernel.host_kernel_id = "running", host_kernel_id
+            kernel.gpus, kernel.checkpoint = host.held.get(kernel_id, []), {}
+            kernel.last_seen_alive = time.time()
+            self.ledger.open(s, kernel, host.id, held)
+            s.commit()
+        return True
 
     async def host_call(
         self, host: HostView, method: str, path: str, body: Any = None
@@ -282,6 +349,7 @@ class GatewayKernels:
             method=method,
             headers={"Authorization": f"token {host.token}", "Content-Type": "application/json"},
             body=json.dumps(body) if body is not None else (b"{}" if method == "POST" else None),
+            connect_timeout=10,
             request_timeout=120,
         )
         response = await self.http.fetch(request)
@@ -290,8 +358,15 @@ class GatewayKernels:
     # -- ending ----------------------------------------------------------------------------
 
     def _end(
-        self, kernel_id: str, reason: str, state: str = "dead", ended: float | None = None
+        self,
+        kernel_id: str,
+        reason: str,
+        state: str = "dead",
+        ended: float | None = None,
+        closing: str = DIED,
     ) -> None:
+        """The kernel is over: its GPUs go back and its interval closes at `ended` (the last
+        time it was seen alive, when known), for the ledger reason `closing`."""
         kernel = self._row(kernel_id)
         if kernel.state == "deleted" or (kernel.state == "dead" and state == "dead"):
             return
@@ -305,11 +380,16 @@ class GatewayKernels:
             self.queue.remove(kernel_id)
         self.missed.discard(kernel_id)
         live = self._live(kernel_id)
-        if ended is None or live.held_since is None:
-            ended = time.time()
-        else:  # billing ends when the kernel was last seen alive, never before it started
-            ended = max(ended, live.held_since)
-        self._set(kernel_id, state=state, reason=reason, ended=ended)
+        ended = time.time() if ended is None else min(ended, time.time())
+        with self.db() as s:
+            row = s.get(Kernel, kernel_id)
+            assert row is not None
+            closed = self.ledger.close(s, kernel_id, ended, closing)
+            # billing ends when the kernel was last seen alive, never before it started
+            row.state, row.reason = state, reason
+            row.ended = closed.ended if closed is not None else ended
+            s.commit()
+        self.ledger.counted(closed)
         live.execution_state = "dead"
         live.notify()
         asyncio.get_running_loop().create_task(self.dispatch())
@@ -335,7 +415,7 @@ class GatewayKernels:
                 log.warning(
                     "host %s unreachable while deleting %s: %s", host.name, kernel_id, error
                 )
-        self._end(kernel_id, "shut down by its owner", state="deleted")
+        self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
 
     async def action(self, tenant: Tenant, kernel_id: str, action: str) -> dict[str, Any]:
         kernel = self.get(tenant, kernel_id)
@@ -351,11 +431,138 @@ class GatewayKernels:
                 ) from None
         return self.model(self._row(kernel_id))
 
+    # -- idle: suspend and resume ---------------------------------------------------------
+
+    def idle_timeout_for(self, tenant: Tenant, given: str | None) -> float:
+        low = tenant.idle_min if tenant.idle_min is not None else self.idle_min
+        high = tenant.idle_max if tenant.idle_max is not None else self.idle_max
+        if given is None:
+            return min(max(self.idle_default, low), high)
+        try:
+            value = float(given)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # NaN fails too
+            raise ApiError(
+                400, f"KERNEL_IDLE_TIMEOUT is {given[:20]!r}; tenant {tenant.name} may use "
+                f"{low:g} to {high:g} seconds.",
+            )  # fmt: skip
+        return value
+
+    async def suspend(self, kernel_id: str, why: str, closing: str = SUSPENDED) -> None:
+        """Save the namespace, give the GPUs back, stop billing; the id and websocket stay."""
+        kernel = self._row(kernel_id)
+        host = self.pool.hosts.get(kernel.host_id or "")
+        if kernel.state != "running" or host is None or not kernel.host_kernel_id:
+            return
+        try:
+            saved = await self.host_call(
+                host, "POST", f"/api/kernels/{kernel.host_kernel_id}/checkpoint"
+            )
+        except Exception as error:
+            log.warning("could not checkpoint kernel %s (%s); culling it instead", kernel_id, error)
+            await self.cull(kernel_id, f"{why}; its variables could not be saved ({error})")
+            return
+        if self._row(kernel_id).state != "running":
+            return  # shut down meanwhile
+        not_saved = saved.get("not_saved", {})
+        lost = f"; not saved: {', '.join(sorted(not_saved))}" if not_saved else ""
+        # Suspended first, then the host kernel stops: its websocket relay sees why it ended.
+        self._live(kernel_id).suspended = True
+        self._set(
+            kernel_id, state="suspended", host_kernel_id=None, gpus=[],
+            reason=f"{why}; its GPU was given back and {len(saved.get('saved', []))} variables "
+                   f"saved{lost}. The next cell resumes it.",
+            checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved},
+        )  # fmt: skip
+        self._close_hold(kernel_id, time.time(), closing)
+        await self._stop_on_host(host, kernel.host_kernel_id)
+        self._release(kernel_id)
+        live = self._live(kernel_id)
+        live.execution_state = "idle"
+        live.notify()
+
+    async def cull(self, kernel_id: str, why: str) -> None:
+        kernel = self._row(kernel_id)
+        host = self.pool.hosts.get(kernel.host_id or "")
+        if host is not None and kernel.host_kernel_id:
+            await self._stop_on_host(host, kernel.host_kernel_id)
+        self._end(kernel_id, why, closing=CULLED)
+
+    def resume(self, kernel_id: str) -> None:
+        """Queue a suspended kernel for a GPU of the same shape; it restores, then runs."""
+        if self._row(kernel_id).state != "suspended":
+            return
+        self._set(kernel_id, state="queued", reason="")
+        self._live(kernel_id).suspended = False
+        self.queue.append(kernel_id)
+        self._live(kernel_id).notify()
+        asyncio.get_running_loop().create_task(self.dispatch())
+
+    async def _restore_on(self, host: HostView, kernel: Kernel, host_kernel_id: str) -> None:
+        """Put a suspended kernel's variables into its new kernel; what fails is named to the
+        user in the next cell's output by the kernel itself."""
+        if kernel.checkpoint.get("host_id") != host.id:
+            log.warning("kernel %s resumed on another host; its checkpoint stays behind", kernel.id)
+            return
+        try:
+            await self.host_call(
+                host, "POST", f"/api/kernels/{host_kernel_id}/restore",
+                {"path": kernel.checkpoint["path"]},
+            )  # fmt: skip
+        except Exception as error:
+            log.warning("restoring kernel %s failed: %s", kernel.id, error)
+
+    def _close_hold(self, kernel_id: str, when: float, closing: str) -> None:
+        """Billing of a suspended kernel ends now, with the reason `closing`."""
+        with self.db() as s:
+            closed = self.ledger.close(s, kernel_id, when, closing)
+            s.commit()
+        self.ledger.counted(closed)
+
+    def _release(self, kernel_id: str) -> None:
+        """A suspended kernel's host kernel is gone: its GPUs are free for others."""
+        for host in self.pool.hosts.values():
+            host.held.pop(kernel_id, None)
+            host.reserved.pop(kernel_id, None)
+        asyncio.get_running_loop().create_task(self.dispatch())
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    async def enforce_budgets(self) -> float:
+        """Stop the billing of tenants at their limit; the seconds until the next check."""
+        due, wait = self.budgets.due()
+        for tenant in due:
+            await self.suspend_for_budget(tenant)
+        return wait
+
+    async def suspend_for_budget(self, tenant: Tenant) -> list[str]:
+        """Suspend the tenant's GPU kernels now that its budget is reached (their variables
+        are kept, as for an idle suspend); the ids it suspended."""
+        why = self.budgets.refusal(tenant)
+        if why is None:
+            return []
+        with self.db() as s:
+            rows = s.scalars(
+                select(Kernel).where(
+                    Kernel.tenant_id == tenant.id, Kernel.state == "running", Kernel.gpu_count > 0
+                )
+            ).all()
+        for kernel in rows:
+            log.warning("suspending kernel %s: %s", kernel.id, why)
+            await self.suspend(kernel.id, f"suspended to end its GPU billing: {why}", BUDGET)
+        return [kernel.id for kernel in rows]
+
     # -- hosts -----------------------------------------------------------------------------
 
-    def host_reported(self, host: HostView, kernels: list[dict[str, Any]]) -> None:
-        """Take in a host's view of its kernels: activity, and deaths."""
+    def host_reported(
+        self, host: HostView, kernels: list[dict[str, Any]], at: float | None = None
+    ) -> None:
+        """Take in a host's view of its kernels (as of `at`): activity, and deaths. Those it
+        reports alive are recorded as seen alive, so a death nobody saw bills up to here."""
+        at = time.time() if at is None else at
         by_host_id = {k["id"]: k for k in kernels}
+        alive: list[Kernel] = []
         with self.db() as s:
             ours = s.scalars(
                 select(Kernel).where(Kernel.host_id == host.id, Kernel.state == "running")
@@ -367,20 +574,31 @@ class GatewayKernels:
                 # the host's answer to the start: only a second report in a row is proof.
                 self.missed.add(kernel.id)
                 continue
-            if reported is None or reported.get("execution_state") == "dead":
-                why = reported.get("reason") if reported else "the host no longer runs it"
-                self._end(kernel.id, f"on host {host.name}: {why}")
+            seen = kernel.last_seen_alive or at
+            if reported is None:  # gone without a word: bill until it was last seen alive
+                self._end(kernel.id, f"on host {host.name}: the host no longer runs it",
+                          ended=seen)  # fmt: skip
+                continue
+            stamp = _stamp(reported.get("last_activity"))
+            if reported.get("execution_state") == "dead":
+                # The host's time of death, within what this gateway saw (its clock may differ).
+                died = min(max(stamp or at, seen), at)
+                self._end(kernel.id, f"on host {host.name}: {reported.get('reason')}", ended=died)
                 continue
             self.missed.discard(kernel.id)
+            alive.append(kernel)
             live = self._live(kernel.id)
             host.held.setdefault(kernel.id, list(kernel.gpus))
-            if live.held_since is None:
-                live.held_since = kernel.created
             live.execution_state = reported["execution_state"]
-            stamp = datetime.strptime(reported["last_activity"], "%Y-%m-%dT%H:%M:%S.%fZ")
-            live.last_activity = max(
-                live.last_activity, stamp.replace(tzinfo=timezone.utc).timestamp()
-            )
+            live.last_activity = max(live.last_activity, stamp or 0.0)
+        if alive:
+            with self.db() as s:
+                self.ledger.seen_alive(s, [k.id for k in alive], at)
+                opened = self.ledger.ensure_open(s, alive, host.id, at)
+                s.commit()
+            if opened:
+                log.warning("opened ledger intervals for %d running kernel(s) that had none",
+                            len(opened))  # fmt: skip
 
     def host_lost(self, host: HostView) -> None:
         with self.db() as s:
@@ -391,10 +609,13 @@ class GatewayKernels:
             ).all()
         seen = iso(host.last_seen)
         for kernel in ours:
+            # Billing ends at the last heartbeat that reported it alive (before a gateway
+            # restart, if the host never came back after it).
             self._end(
                 kernel.id,
                 f"its host {host.name} stopped answering (last heard {seen})",
-                ended=host.last_seen,
+                ended=kernel.last_seen_alive or host.last_seen,
+                closing=HOST_LOST,
             )
 
     def reattach(self, host: HostView, kernels: list[dict[str, Any]]) -> None:
@@ -406,7 +627,14 @@ class GatewayKernels:
             ).all()
         for kernel in lost:
             if kernel.host_kernel_id in running and "stopped answering" in kernel.reason:
-                self._set(kernel.id, state="running", reason="", ended=None)
+                # A new interval: the time the host was away was never seen, so never billed.
+                now = time.time()
+                with self.db() as s:
+                    row = s.get(Kernel, kernel.id)
+                    assert row is not None
+                    row.state, row.reason, row.ended, row.last_seen_alive = "running", "", None, now
+                    self.ledger.open(s, row, host.id, now)
+                    s.commit()
                 host.held[kernel.id] = list(kernel.gpus)
                 self._live(kernel.id).notify()
         # Kernels shut down (or ended for good) while the host was away still run there: stop
@@ -424,6 +652,15 @@ class GatewayKernels:
                      host.name)  # fmt: skip
             stop = self._stop_on_host(host, str(kernel.host_kernel_id))
             asyncio.get_running_loop().create_task(stop)
+
+
+def _stamp(text: Any) -> float | None:
+    """A time in the kernel model's format as a Unix time; None if it is not one."""
+    try:
+        stamp = datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _message(error: HTTPClientError) -> str:

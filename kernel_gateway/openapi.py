@@ -58,6 +58,13 @@ OPENAPI: dict[str, Any] = {
             "get": _op("Kernel websocket (legacy JSON or v1)", "tenant_token", "101")
         },
         "/api/gpus": {"get": _op("The pool per GPU type", "tenant_token")},
+        "/api/usage": {
+            "get": _op(
+                "The caller's ledger: intervals, totals per GPU type, the month's budget; "
+                "?since=&until= (ISO 8601), ?kernel=ID, ?format=csv",
+                "tenant_token",
+            )
+        },
         "/api/hosts": {"get": _op("GPU hosts", "admin_token")},
         "/api/hosts/register": {"post": _op("A host joins", "join_token", body=True)},
         "/api/hosts/{host_id}/heartbeat": {"post": _op("Host heartbeat", "host_token", body=True)},
@@ -65,7 +72,14 @@ OPENAPI: dict[str, Any] = {
             "get": _op("Tenants", "admin_token"),
             "post": _op("Create a tenant; its token is shown once", "admin_token", "201", True),
         },
-        "/api/admin/tenants/{name}": {"delete": _op("Revoke a tenant", "admin_token", "204")},
+        "/api/admin/tenants/{name}": {
+            "patch": _op(
+                "Change a tenant's budget_usd, max_gpus or max_kernels (null removes it)",
+                "admin_token",
+                body=True,
+            ),
+            "delete": _op("Revoke a tenant", "admin_token", "204"),
+        },
         "/api/admin/tokens": {"post": _op("A new token for a tenant", "admin_token", "201", True)},
         "/metrics": {"get": _op("Prometheus metrics", "anyone")},
         "/api/openapi.json": {"get": _op("This description", "anyone")},

@@ -78,9 +78,16 @@ class Pool:
             )
         return None
 
-    def place(self, shape: Shape) -> HostView | None:
+    def place(self, shape: Shape, prefer: str | None = None) -> HostView | None:
         """The host to start `shape` on now: best fit (fewest free GPUs that still fit, so big
-        requests are not starved by fragmentation), preferring one with a warm kernel."""
+        requests are not starved by fragmentation), preferring one with a warm kernel, and
+        `prefer` (where a suspended kernel's checkpoint is) above all when it fits."""
+        preferred = self.hosts.get(prefer or "")
+        if preferred is not None and not preferred.lost:
+            if not shape.gpu_count or (
+                shape.gpu_type is not None and preferred.free(shape.gpu_type) >= shape.gpu_count
+            ):
+                return preferred
         if not shape.gpu_count:
             live = self.live()
             return min(live, key=lambda h: len(h.held) + len(h.reserved)) if live else None

@@ -77,14 +77,21 @@ class ChannelsHandler(WebSocketHandler):
             await changed.wait()
 
     async def _relay(self) -> None:
+        # Connect to the kernel whenever it runs; a suspended kernel loses its host kernel but
+        # keeps this websocket, and the next message resumes it.
+        while await self._relay_once():
+            pass
+
+    async def _relay_once(self) -> bool:
+        """Relay until the host side ends; True when the kernel was suspended meanwhile."""
         kernel = await self._wait_running()
         if kernel.state != "running":
-            self.close(1011, f"the kernel ended before it ran: {kernel.reason}"[:120])
-            return
+            self.close(1011, f"the kernel ended: {kernel.reason}"[:120])
+            return False
         host = self.state.pool.hosts.get(kernel.host_id or "")
         if host is None:
             self.close(1011, "the kernel's host is not connected to the gateway; try again soon")
-            return
+            return False
         url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel.host_kernel_id}/channels"
         session = self.get_query_argument("session_id", "")
         if session:
@@ -99,7 +106,7 @@ class ChannelsHandler(WebSocketHandler):
         except Exception as error:
             log.warning("cannot reach kernel %s on %s: %s", self.kernel_id, host.name, error)
             self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
-            return
+            return False
         upstream.stream.set_nodelay(True)
         # Held messages first, in order: what arrives during these awaits is appended to the
         # list and sent by this same loop, before on_message may write to the kernel directly.
@@ -117,19 +124,34 @@ class ChannelsHandler(WebSocketHandler):
                 self.write_message(received, binary=isinstance(received, bytes))
             except WebSocketClosedError:
                 break
+        self.upstream = None
         if upstream.close_code == 1009:
             self.close(1009, f"a kernel message was over {limit >> 20} MiB, the gateway's limit")
-        elif self.ws_connection is not None:
-            self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")
+            return False
+        if self.ws_connection is None:
+            return False
+        if self.state.kernels._row(self.kernel_id).state in ("suspended", "queued", "starting"):
+            return True
+        self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")
+        return False
 
     def on_message(self, message: str | bytes) -> None:
-        self.state.kernels._live(self.kernel_id).touch()
-        if self.upstream is not None:
+        kernels = self.state.kernels
+        live = kernels._live(self.kernel_id)
+        live.touch()
+        if live.suspended:
+            # Its host kernel is gone: hold this message, resume, and deliver it then.
+            if self.upstream is not None:
+                self.upstream.close()
+                self.upstream = None
+            kernels.resume(self.kernel_id)
+        elif self.upstream is not None:
             self.upstream.write_message(message, binary=isinstance(message, bytes))
-        elif len(self.pending) < MAX_PENDING:
-            self.pending.append(message)
-        else:
+            return
+        if len(self.pending) >= MAX_PENDING:
             self.close(1008, "too many messages sent before the kernel started")
+            return
+        self.pending.append(message)
 
     def on_close(self) -> None:
         if getattr(self, "kernel_id", None):

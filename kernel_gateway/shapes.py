@@ -17,6 +17,12 @@ USD_PER_GPU_HOUR: dict[str, float] = {
     "T4": 0.50,
 }
 DEFAULT_USD_PER_GPU_HOUR = 2.00  # a type missing from the table (a MIG profile, say)
+
+
+def usd_per_gpu_hour(gpu_type: str) -> float:
+    return USD_PER_GPU_HOUR.get(gpu_type, DEFAULT_USD_PER_GPU_HOUR)
+
+
 CPU_KERNEL = "python3"
 SPEC_NAME = re.compile(r"^python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]*)-x(?P<count>\d{1,2})$")
 STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
@@ -40,7 +46,7 @@ class Shape:
     def usd_per_hour(self) -> float:
         if not self.gpu_count or self.gpu_type is None:
             return 0.0
-        return self.gpu_count * USD_PER_GPU_HOUR.get(self.gpu_type, DEFAULT_USD_PER_GPU_HOUR)
+        return self.gpu_count * usd_per_gpu_hour(self.gpu_type)
 
     @property
     def display_name(self) -> str:

@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from .budgets import read_budget
 from .errors import ApiError
+from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
 from .store import Host, Kernel, Tenant, Token
@@ -20,6 +22,9 @@ from .tokens import digest, new_token, same
 
 log = logging.getLogger(__name__)
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+# After a restart, a host not yet heard from may be in its retry backoff (gpu_host's
+# --gateway-max-backoff, 30 s by default, +-20%): it is lost only after this much more.
+RESTART_GRACE_SECONDS = 40.0
 
 
 class GatewayState:
@@ -33,6 +38,7 @@ class GatewayState:
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self._watch: asyncio.Task[None] | None = None
+        self._budget_watch: asyncio.Task[None] | None = None
         self._load()
 
     def _load(self) -> None:
@@ -42,10 +48,10 @@ class GatewayState:
                 view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
                 view.update(host.gpus)
                 self.pool.hosts[host.id] = view
+            self.unheard = set(self.pool.hosts)  # hosts not heard from since this restart
             for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
                 if kernel.host_id in self.pool.hosts:
                     self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)
-                    self.kernels._live(kernel.id).held_since = kernel.created
             # A kernel that was queued or starting when the gateway stopped starts over.
             for kernel in s.scalars(
                 select(Kernel)
@@ -54,7 +60,13 @@ class GatewayState:
             ).all():
                 kernel.state = "queued"
                 self.kernels.queue.append(kernel.id)
+            # Intervals of running kernels go on: their GPUs stayed held while we were away.
+            repaired = self.kernels.ledger.repair(s)
             s.commit()
+        for row in repaired:
+            log.warning("closed the ledger interval %s left open for a kernel that had ended",
+                        row.key)  # fmt: skip
+            self.kernels.ledger.counted(row)
 
     # -- identity --------------------------------------------------------------------------
 
@@ -72,7 +84,13 @@ class GatewayState:
     # -- tenants ---------------------------------------------------------------------------
 
     def create_tenant(
-        self, name: str, max_gpus: int | None = None, max_kernels: int | None = None
+        self,
+        name: str,
+        max_gpus: int | None = None,
+        max_kernels: int | None = None,
+        idle_min: float | None = None,
+        idle_max: float | None = None,
+        budget_usd: Any = None,
     ) -> tuple[Tenant, str]:
         if not isinstance(name, str) or not TENANT_NAME.match(name):
             raise ApiError(
@@ -83,10 +101,20 @@ class GatewayState:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 0 <= value <= 10_000):  # fmt: skip
                 raise ApiError(400, f"{label} must be a whole number from 0 to 10000.")
+        for label, bound in (("idle_min", idle_min), ("idle_max", idle_max)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
+                                      or not 1 <= bound <= 30 * 24 * 3600):  # fmt: skip
+                raise ApiError(400, f"{label} must be a number of seconds from 1 to 2592000.")
+        if idle_min is not None and idle_max is not None and idle_min > idle_max:
+            raise ApiError(400, f"idle_min ({idle_min:g}) is above idle_max ({idle_max:g}).")
+        budget = read_budget(budget_usd)
         with self.db() as s:
             if s.scalars(select(Tenant).where(Tenant.name == name)).first():
                 raise ApiError(409, f"tenant {name} already exists; create a token for it instead.")
-            tenant = Tenant(name=name, max_gpus=max_gpus, max_kernels=max_kernels)
+            tenant = Tenant(
+                name=name, max_gpus=max_gpus, max_kernels=max_kernels,
+                idle_min=idle_min, idle_max=idle_max, budget_usd=budget,
+            )  # fmt: skip
             s.add(tenant)
             s.flush()
             token = self._add_token(s, tenant)
@@ -115,11 +143,44 @@ class GatewayState:
             {
                 "name": t.name, "max_gpus": t.max_gpus, "max_kernels": t.max_kernels,
                 "revoked": t.revoked, "created": t.created,
+                **self.kernels.budgets.summary(t),
                 "tokens": [{"prefix": k.prefix, "revoked": k.revoked} for k in tokens
                            if k.tenant_id == t.id],
             }
             for t in rows
         ]  # fmt: skip
+
+    def update_tenant(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Change a tenant's budget or caps; a key sent as null removes that limit."""
+        allowed = ("budget_usd", "max_gpus", "max_kernels")
+        unknown = sorted(set(body) - set(allowed))
+        if unknown or not body:
+            raise ApiError(
+                400, f"send any of {', '.join(allowed)} to change a tenant"
+                + (f"; {', '.join(k[:40] for k in unknown[:5])} cannot be changed." if unknown
+                   else "."),
+            )  # fmt: skip
+        for label in ("max_gpus", "max_kernels"):
+            value = body.get(label)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 10_000):  # fmt: skip
+                raise ApiError(400, f"{label} must be a whole number from 0 to 10000, or null.")
+        budget = read_budget(body.get("budget_usd"))
+        with self.db() as s:
+            tenant = s.scalars(select(Tenant).where(Tenant.name == name)).first()
+            if tenant is None:
+                raise ApiError(404, f"no tenant named {name[:40]!r}.")
+            if "budget_usd" in body:
+                tenant.budget_usd = budget
+            for label in ("max_gpus", "max_kernels"):
+                if label in body:
+                    setattr(tenant, label, body[label])
+            s.commit()
+        try:  # a raised budget lets queued kernels start (in the gateway, not `gpupool tenant`)
+            asyncio.get_running_loop().create_task(self.kernels.dispatch())
+        except RuntimeError:
+            pass
+        return next(t for t in self.tenants() if t["name"] == name)
 
     def revoke_tenant(self, name: str) -> None:
         with self.db() as s:
@@ -157,6 +218,7 @@ class GatewayState:
         view.lost, view.last_seen = False, time.time()
         view.update(gpus)
         self.pool.hosts[host_id] = view
+        self.unheard.discard(host_id)
         kernels = body.get("kernels") or []
         self.kernels.reattach(view, kernels)
         self.kernels.host_reported(view, kernels)
@@ -169,12 +231,13 @@ class GatewayState:
         if view is None or view.lost or not same(token, view.token):
             raise ApiError(404, "this gateway does not know that host; register again.")
         view.last_seen = time.time()
+        self.unheard.discard(host_id)
         gpus = body.get("gpus")
         if isinstance(gpus, list):
             view.update(gpus)
         kernels = body.get("kernels")
         if isinstance(kernels, list):
-            self.kernels.host_reported(view, kernels)
+            self.kernels.host_reported(view, kernels, at=view.last_seen)
         with self.db() as s:
             host = s.get(Host, host_id)
             if host is not None:
@@ -192,14 +255,28 @@ class GatewayState:
         ]  # fmt: skip
 
     def start_watch(self) -> None:
-        self._watch = asyncio.get_running_loop().create_task(self._watch_hosts())
+        loop = asyncio.get_running_loop()
+        self._watch = loop.create_task(self._watch_hosts())
+        self._idle = loop.create_task(IdleWatcher(self.kernels).run())
+        self._budget_watch = loop.create_task(self._watch_budgets())
+
+    async def _watch_budgets(self) -> None:
+        """Stop the GPU billing of tenants that reach their budget while their kernels run."""
+        while True:
+            try:
+                wait = await self.kernels.enforce_budgets()
+            except Exception:
+                log.exception("checking budgets failed; trying again in a second")
+                wait = 1.0
+            await asyncio.sleep(wait)
 
     async def _watch_hosts(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.host_timeout / 3))
             now = time.time()
             for view in list(self.pool.hosts.values()):
-                if not view.lost and now - view.last_seen > self.host_timeout:
+                grace = RESTART_GRACE_SECONDS if view.id in self.unheard else 0.0
+                if not view.lost and now - view.last_seen > self.host_timeout + grace:
                     self.lose_host(view)
 
     def lose_host(self, view: HostView) -> None:

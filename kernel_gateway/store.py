@@ -1,5 +1,5 @@
-"""What the gateway must not forget: tenants, tokens, hosts and kernels, in SQLite (or any
-SQLAlchemy URL, PostgreSQL included)."""
+"""What the gateway must not forget: tenants, tokens, hosts, kernels and the ledger, in SQLite
+(or any SQLAlchemy URL, PostgreSQL included)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    event,
+    inspect,
+    text,
+)  # fmt: skip
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -21,6 +32,10 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(24), unique=True)
     max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_kernels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    idle_min: Mapped[float | None] = mapped_column(Float, nullable=True)  # bounds set by the admin
+    idle_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # US dollars per calendar month (UTC); None: no budget.
+    budget_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     created: Mapped[float] = mapped_column(Float, default=time.time)
     revoked: Mapped[bool] = mapped_column(default=False)
 
@@ -60,8 +75,57 @@ class Kernel(Base):
     host_kernel_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     gpus: Mapped[list[str]] = mapped_column(JSON, default=list)
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    idle_timeout: Mapped[float] = mapped_column(Float, default=600.0)
+    # Set while suspended (and until resumed): {"host_id", "path", "saved", "not_saved"}.
+    checkpoint: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created: Mapped[float] = mapped_column(Float, default=time.time)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The last time the gateway knew the kernel alive (its start, then each heartbeat that
+    # reported it): where its ledger interval closes if it dies while nobody watches.
+    last_seen_alive: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class LedgerInterval(Base):
+    """One GPU hold: opened when a kernel's GPUs become held, closed once when they are released.
+    Rows are never deleted, and only `ended` and `end_reason` are ever written after the insert,
+    once, by an update guarded on `ended IS NULL` (see ledger.py)."""
+
+    __tablename__ = "ledger"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # "{kernel_id}:{n}", n from 1
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kernel_id: Mapped[str] = mapped_column(ForeignKey("kernels.id"), index=True)
+    host_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    usd_per_gpu_second: Mapped[float] = mapped_column(Float)  # the price when it opened
+    started: Mapped[float] = mapped_column(Float, index=True)
+    ended: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    end_reason: Mapped[str] = mapped_column(String(32), default="")
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """A database made by an older gpupool lacks the columns added since: add those that are
+    nullable or have a plain default, so an upgrade keeps its tenants and kernels (create_all
+    makes new tables, never new columns)."""
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(engine.dialect)
+                default = getattr(column.default, "arg", None)
+                if isinstance(default, (int, float)) and not isinstance(default, bool):
+                    kind += f" DEFAULT {default!r}"
+                elif not column.nullable:
+                    continue
+                connection.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                )
 
 
 def open_store(url_or_path: str) -> sessionmaker[Session]:
@@ -80,4 +144,5 @@ def open_store(url_or_path: str) -> sessionmaker[Session]:
             cursor.close()
 
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)

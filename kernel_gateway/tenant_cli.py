@@ -1,4 +1,4 @@
-"""`gpupool tenant create|list|revoke|token`: tenants of the gateway whose state is here."""
+"""`gpupool tenant create|list|budget|revoke|token`: tenants of the gateway whose state is here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import ApiError
+from .ledger import usd
 from .state import GatewayState
 from .store import open_store
 
@@ -23,6 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("name")
     create.add_argument("--max-gpus", type=int, default=None)
     create.add_argument("--max-kernels", type=int, default=None)
+    create.add_argument(
+        "--budget-usd", type=float, default=None, help="US dollars of GPU time per calendar month"
+    )
+    budget = sub.add_parser(
+        "budget", parents=[common], help="set a tenant's monthly GPU budget in USD, or 'none'"
+    )
+    budget.add_argument("name")
+    budget.add_argument("usd", help="dollars per calendar month (UTC), or 'none' for no budget")
     sub.add_parser("list", parents=[common], help="list tenants and their token prefixes")
     revoke = sub.add_parser("revoke", parents=[common], help="revoke a tenant and all its tokens")
     revoke.add_argument("name")
@@ -40,12 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     state = GatewayState(open_store(str(db_path)), admin_token="", join_token="", host_timeout=1)
     try:
         if args.action == "create":
-            tenant, secret = state.create_tenant(args.name, args.max_gpus, args.max_kernels)
+            tenant, secret = state.create_tenant(
+                args.name, args.max_gpus, args.max_kernels, budget_usd=args.budget_usd
+            )
             print(f"created tenant {tenant.name}; its token is shown this once:")
             print(secret)
         elif args.action == "token":
             print(f"new token for {args.name}; it is shown this once:")
             print(state.new_token_for(args.name))
+        elif args.action == "budget":
+            dollars = _dollars(args.usd)
+            entry = state.update_tenant(args.name, {"budget_usd": dollars})
+            limit = "no budget" if dollars is None else f"a budget of {usd(dollars)} a month"
+            print(f"tenant {args.name} has {limit}; spent {usd(entry['spent_this_month_usd'])} "
+                  f"in {entry['month']}")  # fmt: skip
         elif args.action == "revoke":
             state.revoke_tenant(args.name)
             print(f"revoked tenant {args.name} and all its tokens")
@@ -53,7 +70,19 @@ def main(argv: list[str] | None = None) -> None:
             for t in state.tenants():
                 tokens = ", ".join(k["prefix"] + "…" for k in t["tokens"] if not k["revoked"])
                 status = "revoked" if t["revoked"] else "active"
+                monthly = "none" if t["budget_usd"] is None else f"${t['budget_usd']:,.2f}"
                 print(f"{t['name']}\t{status}\tmax_gpus={t['max_gpus']}\t"
-                      f"max_kernels={t['max_kernels']}\ttokens: {tokens or 'none'}")  # fmt: skip
+                      f"max_kernels={t['max_kernels']}\tbudget={monthly}\t"
+                      f"spent={usd(t['spent_this_month_usd'])}\t"
+                      f"tokens: {tokens or 'none'}")  # fmt: skip
     except ApiError as error:
         sys.exit(f"gpupool tenant: {error.message}")
+
+
+def _dollars(text: str) -> float | None:
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ApiError(400, f"{text[:40]!r} is not a number of US dollars, or 'none'.") from None

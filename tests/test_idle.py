@@ -1,0 +1,117 @@
+"""Idle kernels give their GPU back by themselves (suspend), and come back on the next cell."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+from kernel_ws import KernelSocket
+
+IDLE = {"KERNEL_IDLE_TIMEOUT": "3"}
+
+
+def stamp(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def free_h100(stack) -> int:
+    return next(g["free"] for g in stack.call("GET", "/api/gpus").body if g["gpu_type"] == "H100")
+
+
+async def run(sock: KernelSocket, code: str) -> tuple[str, str]:
+    msg_id = await sock.send("shell", "execute_request", {"code": code, "silent": False})
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    idle = False
+    while not idle:
+        msg = await sock.recv(120)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out[msg["content"]["name"]].append(msg["content"]["text"])
+        idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+    return "".join(out["stdout"]), "".join(out["stderr"])
+
+
+def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
+    free_before = free_h100(stack)
+    model = stack.create(name="python3-gpu-h100-x1", env=IDLE)
+    kernel_id = model["id"]
+    assert model["gpupool"]["idle_timeout"] == 3.0
+
+    async def scenario() -> tuple[dict, str, str, dict]:
+        sock = await KernelSocket.open(stack.url, stack.token, kernel_id)
+        await run(sock, "x = 41\ngen = (i for i in range(3))")
+        deadline = stamp(
+            stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["idle_deadline"]
+        )
+        suspended = {}
+        for _ in range(100):  # 10 s at most
+            await asyncio.sleep(0.1)
+            suspended = stack.call("GET", f"/api/kernels/{kernel_id}").body
+            if suspended["gpupool"]["state"] == "suspended":
+                break
+        seen_at = time.time()
+        assert suspended["gpupool"]["state"] == "suspended", suspended
+        assert seen_at - deadline < 1.5, "suspended within a second of the deadline"
+        stack.wait_for(lambda: free_h100(stack) == free_before, 3, "the GPU to go back to the pool")
+        # The same websocket, still open: the next cell resumes the kernel and runs.
+        out, err = await run(sock, "print(x + 1)")
+        sock.close()
+        return suspended, out, err, stack.call("GET", f"/api/kernels/{kernel_id}").body
+
+    suspended, out, err, after = asyncio.run(scenario())
+    assert suspended["execution_state"] == "idle" and suspended["gpupool"]["idle_deadline"] is None
+    assert "not saved: gen" in suspended["gpupool"]["reason"]
+    assert out == "42\n"
+    assert "these variables were lost: gen (cannot pickle 'generator' object)" in err
+    assert after["id"] == kernel_id and after["gpupool"]["state"] == "running"
+    stack.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_a_busy_kernel_is_never_suspended_mid_cell(stack):
+    kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
+
+    async def long_cell() -> list[str]:
+        sock = await KernelSocket.open(stack.url, stack.token, kernel_id)
+        states = []
+        task = asyncio.ensure_future(run(sock, "import time; time.sleep(6); print('done')"))
+        while not task.done():
+            await asyncio.sleep(0.5)
+            states.append(stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"])
+        out, _ = await task
+        sock.close()
+        assert out == "done\n"
+        return states
+
+    states = asyncio.run(long_cell())
+    assert set(states) == {"running"}, states
+    stack.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_idle_timeout_bounds(stack):
+    reply = stack.call(
+        "POST", "/api/kernels", {"name": "python3", "env": {"KERNEL_IDLE_TIMEOUT": "0.5"}}
+    )
+    assert reply.status == 400 and "may use 1 to 604800 seconds" in reply.body["message"]
+    reply = stack.call(
+        "POST", "/api/kernels", {"name": "python3", "env": {"KERNEL_IDLE_TIMEOUT": "soon"}}
+    )
+    assert reply.status == 400 and "KERNEL_IDLE_TIMEOUT is 'soon'" in reply.body["message"]
+    token = stack.tenant("bounded", idle_min=60, idle_max=120)
+    too_long = stack.call(
+        "POST",
+        "/api/kernels",
+        {"name": "python3", "env": {"KERNEL_IDLE_TIMEOUT": "600"}},
+        token=token,
+    )
+    assert (
+        too_long.status == 400
+        and "tenant bounded may use 60 to 120 seconds" in too_long.body["message"]
+    )
+    ok = stack.call("POST", "/api/kernels", {"name": "python3"}, token=token)
+    assert ok.status == 201 and ok.body["gpupool"]["idle_timeout"] == 120.0  # the default, capped
+    stack.call("DELETE", f"/api/kernels/{ok.body['id']}", token=token)
+    inverted = {"name": "inverted", "idle_min": 50, "idle_max": 10}
+    bad = stack.call("POST", "/api/admin/tenants", inverted, token=stack.admin_token)
+    assert bad.status == 400 and "above idle_max" in bad.body["message"]
