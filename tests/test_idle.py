@@ -39,12 +39,15 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
     kernel_id = model["id"]
     assert model["gpupool"]["idle_timeout"] == 3.0
 
+    deadline_seen: list[float] = []
+
     async def scenario() -> tuple[dict, str, str, dict]:
         sock = await KernelSocket.open(stack.url, stack.token, kernel_id)
         await run(sock, "x = 41\ngen = (i for i in range(3))")
         deadline = stamp(
             stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["idle_deadline"]
         )
+        deadline_seen.append(deadline)
         suspended = {}
         for _ in range(100):  # 10 s at most
             await asyncio.sleep(0.1)
@@ -55,6 +58,7 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
         assert suspended["gpupool"]["state"] == "suspended", suspended
         assert seen_at - deadline < 1.5, "suspended within a second of the deadline"
         stack.wait_for(lambda: free_h100(stack) == free_before, 3, "the GPU to go back to the pool")
+        await asyncio.sleep(1.0)  # suspended for a while: none of it may be billed
         # The same websocket, still open: the next cell resumes the kernel and runs.
         out, err = await run(sock, "print(x + 1)")
         sock.close()
@@ -62,6 +66,14 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
 
     suspended, out, err, after = asyncio.run(scenario())
     assert suspended["execution_state"] == "idle" and suspended["gpupool"]["idle_deadline"] is None
+    first, second = stack.call("GET", f"/api/usage?kernel={kernel_id}").body["intervals"]
+    assert first["end_reason"] == "suspended" and second["end"] is None
+    # Billing ended within a second of the idle deadline, and nothing while suspended.
+    assert 0 <= stamp(first["end"]) - deadline_seen[0] < 1.0, (first, deadline_seen)
+    assert stamp(second["start"]) - stamp(first["end"]) >= 0.9  # the test waited suspended
+    billed = first["seconds"] + second["seconds"]
+    held = stamp(first["end"]) - stamp(first["start"]) + time.time() - stamp(second["start"])
+    assert abs(billed - held) < 0.5
     assert "not saved: gen" in suspended["gpupool"]["reason"]
     assert out == "42\n"
     assert "these variables were lost: gen (cannot pickle 'generator' object)" in err
@@ -75,7 +87,7 @@ def test_a_busy_kernel_is_never_suspended_mid_cell(stack):
     async def long_cell() -> list[str]:
         sock = await KernelSocket.open(stack.url, stack.token, kernel_id)
         states = []
-        task = asyncio.ensure_future(run(sock, "import time; time.sleep(6); print('done')"))
+        task = asyncio.ensure_future(run(sock, "import time; time.sleep(10); print('done')"))
         while not task.done():
             await asyncio.sleep(0.5)
             states.append(stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"])
