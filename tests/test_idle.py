@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import datetime, timezone
 
+from conftest import start_gateway, start_host
 from kernel_ws import KernelSocket
 
 IDLE = {"KERNEL_IDLE_TIMEOUT": "3"}
@@ -127,3 +128,24 @@ def test_idle_timeout_bounds(stack):
     inverted = {"name": "inverted", "idle_min": 50, "idle_max": 10}
     bad = stack.call("POST", "/api/admin/tenants", inverted, token=stack.admin_token)
     assert bad.status == 400 and "above idle_max" in bad.body["message"]
+
+
+def test_idle_action_cull_shuts_the_kernel_down(tmp_path):
+    gateway = start_gateway(tmp_path, "--idle-action", "cull", "--idle-timeout", "2")
+    host = start_host(tmp_path, "--fake-gpus", "H100:1", "--no-isolate", "--gateway", gateway.url,
+                      f"--join-token={gateway.join_token}", "--heartbeat-seconds", "0.5")  # fmt: skip
+    try:
+        gateway.token = gateway.tenant("culled")
+        gateway.wait_for(lambda: gateway.call("GET", "/api/gpus").body, 20, "the host to join")
+        kernel_id = gateway.create(name="python3-gpu-h100-x1")["id"]
+        model = gateway.wait_for(
+            lambda: (m := gateway.call("GET", f"/api/kernels/{kernel_id}").body)["gpupool"]["state"]
+            == "dead" and m, 10, "the idle kernel to be culled",
+        )  # fmt: skip
+        assert "culled after being idle for 2 s" in model["gpupool"]["reason"]
+        [interval] = gateway.call("GET", f"/api/usage?kernel={kernel_id}").body["intervals"]
+        assert interval["end"] is not None
+        assert kernel_id not in {k["id"] for k in gateway.call("GET", "/api/kernels").body}
+    finally:
+        host.stop()
+        gateway.stop()
