@@ -132,8 +132,9 @@ def test_idle_timeout_bounds(stack):
 
 def test_idle_action_cull_shuts_the_kernel_down(tmp_path):
     gateway = start_gateway(tmp_path, "--idle-action", "cull", "--idle-timeout", "2")
+    join = f"--join-token={gateway.join_token}"
     host = start_host(tmp_path, "--fake-gpus", "H100:1", "--no-isolate", "--gateway", gateway.url,
-                      f"--join-token={gateway.join_token}", "--heartbeat-seconds", "0.5")  # fmt: skip
+                      join, "--heartbeat-seconds", "0.5")  # fmt: skip
     try:
         gateway.token = gateway.tenant("culled")
         gateway.wait_for(lambda: gateway.call("GET", "/api/gpus").body, 20, "the host to join")
