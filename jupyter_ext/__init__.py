@@ -1,3 +1,34 @@
-"""gpupool's notebook side: the %%gpu IPython extension and the Jupyter server extension."""
+"""gpupool's notebook side: the %%gpu IPython extension and the Jupyter server extension.
+
+`%load_ext jupyter_ext` registers `%%gpu` (run a cell on a companion GPU kernel from the gpupool
+gateway) and `%gpu status|release|usage|pull`. The gateway's URL and token come from
+GPUPOOL_URL and GPUPOOL_TOKEN, or from `c.GpuMagics.gateway_url` / `c.GpuMagics.token`."""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
 
 __version__ = "0.1.0"
+
+_magics: Any = None
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    global _magics
+    from .magics import GpuMagics
+
+    _magics = GpuMagics(ipython)
+    ipython.register_magics(_magics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """`%unload_ext jupyter_ext`: the GPU kernel is shut down and the magics removed."""
+    global _magics
+    magics, _magics = _magics, None
+    if magics is None:
+        return
+    magics.shutdown()
+    atexit.unregister(magics.shutdown)
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("gpu", None)

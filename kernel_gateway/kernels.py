@@ -455,6 +455,7 @@ class GatewayKernels:
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state != "running" or host is None or not kernel.host_kernel_id:
             return
+        began = time.time()
         try:
             saved = await self.host_call(
                 host, "POST", f"/api/kernels/{kernel.host_kernel_id}/checkpoint"
@@ -465,6 +466,10 @@ class GatewayKernels:
             return
         if self._row(kernel_id).state != "running":
             return  # shut down meanwhile
+        if closing == SUSPENDED and self._live(kernel_id).last_activity > began:
+            # A client spoke during the checkpoint: not idle after all, and the checkpoint would
+            # miss what that message did. It stays running; the watch looks again later.
+            return
         not_saved = saved.get("not_saved", {})
         lost = f"; not saved: {', '.join(sorted(not_saved))}" if not_saved else ""
         # Suspended first, then the host kernel stops: its websocket relay sees why it ended.

@@ -1,0 +1,365 @@
+"""The GPU kernel's side of `%%gpu`, and the wire format both sides share.
+
+The notebook's kernel sends this file's source to its companion GPU kernel in one silent execute
+(see `install_code`); there it runs as the module `_gpupool_agent`, with nothing but the standard
+library, IPython and cloudpickle, and registers the comm target `gpupool.cell`. The notebook side
+imports the same helpers (`dump`, `split`, `join`, `load`), so the framing is defined once.
+
+Messages on the comm (all `comm_msg`, all answered on IOPub with the request as parent):
+
+- agent -> notebook on open: `{"op": "hello", "python", "cloudpickle", "pid"}`.
+- `{"op": "versions", "modules": [...]}` -> `{"op": "versions", "versions": {module: version}}`.
+- `{"op": "part", "id"}` with buffers: pieces of the next run's payload, in order.
+- `{"op": "run", "id", "code", "count", "names", "layout", "pull", "max_bytes"}` with the last
+  pieces -> `{"op": "started"}`, then the cell's own IOPub output, then `{"op": "part"}`s and
+  `{"op": "done", "names", "layout", "failed", "kept", "load_errors", "error"}`.
+
+A payload is a list of items (one per variable), each a list of blobs (a protocol-5 pickle and
+its out-of-band buffers); blobs are cut into pieces of at most `PIECE_BYTES` and pieces grouped
+into messages of at most `MESSAGE_BYTES`, because the GPU host's websocket (tornado's default)
+refuses messages over 10 MiB. `layout[i][j]` is the number of pieces of blob j of item i.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import platform
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+TARGET = "gpupool.cell"
+PROTOCOL = 5
+PIECE_BYTES = 4 << 20
+MESSAGE_BYTES = 8 << 20
+
+Buffer = Any  # bytes, bytearray, memoryview or a zmq frame: anything with the buffer protocol
+
+
+# --- the wire format, used on both sides -----------------------------------------------------
+
+
+def dump(value: Any, pickler_class: Any) -> list[Buffer]:
+    """`value` as blobs: its protocol-5 pickle, then its out-of-band buffers (no copies)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    pickler_class(stream, protocol=PROTOCOL, buffer_callback=buffers.append).dump(value)
+    return [stream.getbuffer(), *(b.raw() for b in buffers)]
+
+
+def nbytes(blobs: Sequence[Buffer]) -> int:
+    return sum(memoryview(b).nbytes for b in blobs)
+
+
+def split(items: Sequence[Sequence[Buffer]]) -> tuple[list[list[int]], list[list[memoryview]]]:
+    """Cut the items' blobs into pieces and the pieces into messages: the layout (pieces per blob,
+    per item) and each message's buffers, in sending order; the last list goes with the header."""
+    layout: list[list[int]] = []
+    messages: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    size = 0
+    for blobs in items:
+        counts = []
+        for blob in blobs:
+            view = memoryview(blob).cast("B")
+            count = 0
+            for start in range(0, max(len(view), 1), PIECE_BYTES):
+                piece = view[start : start + PIECE_BYTES]
+                if current and size + len(piece) > MESSAGE_BYTES:
+                    messages.append(current)
+                    current, size = [], 0
+                current.append(piece)
+                size += len(piece)
+                count += 1
+            counts.append(count)
+        layout.append(counts)
+    messages.append(current)
+    return layout, messages
+
+
+def join(layout: Sequence[Sequence[int]], pieces: Sequence[Buffer]) -> list[list[bytearray]]:
+    """The items back from their pieces; blobs are writable, so arrays loaded from them are too."""
+    items: list[list[bytearray]] = []
+    index = 0
+    for counts in layout:
+        blobs = []
+        for count in counts:
+            views = [memoryview(p).cast("B") for p in pieces[index : index + count]]
+            index += count
+            blob = bytearray(sum(len(v) for v in views))
+            at = 0
+            for view in views:
+                blob[at : at + len(view)] = view
+                at += len(view)
+            blobs.append(blob)
+        items.append(blobs)
+    if index != len(pieces):
+        raise ValueError(f"the payload has {len(pieces)} pieces; its layout names {index}")
+    return items
+
+
+def load(blobs: Sequence[Buffer]) -> Any:
+    return pickle.loads(blobs[0], buffers=blobs[1:])
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+
+def versions(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What decides whether a pickle made on one side loads on the other."""
+    try:
+        import cloudpickle
+
+        cloudpickle_version: str | None = cloudpickle.__version__
+    except ImportError:
+        cloudpickle_version = None
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle_version,
+        "pid": os.getpid(),
+    }
+    info.update(overrides or {})
+    return info
+
+
+def package_versions(modules: Sequence[str]) -> dict[str, str | None]:
+    """Each top-level package's version here ("" when installed without one), None if missing."""
+    import importlib.util
+
+    found: dict[str, str | None] = {}
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                if importlib.util.find_spec(name) is None:
+                    found[name] = None
+                    continue
+            except (ImportError, ValueError):
+                found[name] = None
+                continue
+        found[name] = _version_of(name, module)
+    return found
+
+
+def _version_of(name: str, module: Any) -> str:
+    version = getattr(module, "__version__", None) if module is not None else None
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib import metadata
+
+        distributions = metadata.packages_distributions().get(name, [name])
+        return metadata.version(distributions[0])
+    except Exception:
+        return ""
+
+
+# --- GPU tensors and arrays come back as CPU copies --------------------------------------------
+
+
+def to_cpu(obj: Any) -> Any:
+    """A CPU copy of a torch/cupy/jax object that lives on a GPU, else None. Looks only at
+    libraries the kernel has imported already."""
+    modules = sys.modules
+    torch = modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return None
+        copy = obj.detach().cpu()
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
+        if obj.requires_grad and obj.is_leaf:
+            copy.requires_grad_(True)
+        return copy
+    cupy = modules.get("cupy")
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        return obj.get()
+    jax: Any = modules.get("jax")
+    jax_array = getattr(jax, "Array", None) if jax is not None else None
+    if jax_array is not None and isinstance(obj, jax_array):
+        devices = obj.devices() if hasattr(obj, "devices") else set()
+        if any(getattr(d, "platform", "cpu") != "cpu" for d in devices):
+            import numpy
+
+            return numpy.asarray(jax.device_get(obj))
+    return None
+
+
+def cpu_pickler_class() -> Any:
+    """cloudpickle's pickler, writing GPU tensors and arrays (anywhere in a value) as CPU ones."""
+    import cloudpickle
+
+    class CpuPickler(cloudpickle.Pickler):
+        moved = 0
+
+        def reducer_override(self, obj: Any) -> Any:
+            copy = to_cpu(obj)
+            if copy is not None:
+                self.moved += 1
+                return copy.__reduce_ex__(PROTOCOL)
+            return super().reducer_override(obj)
+
+    return CpuPickler
+
+
+# --- the agent in the GPU kernel --------------------------------------------------------------
+
+
+class CellAgent:
+    """One comm from one notebook kernel: receives variables and a cell, runs the cell in the
+    kernel's own shell (so its output streams on IOPub as it happens), sends variables back."""
+
+    def __init__(self, shell: Any, comm: Any, overrides: dict[str, Any]) -> None:
+        self.shell = shell
+        self.comm = comm
+        self.overrides = overrides
+        self.pieces: dict[str, list[Buffer]] = {}
+        self.pickler = cpu_pickler_class()
+
+    def hello(self) -> None:
+        self.comm.send({"op": "hello", **versions(self.overrides)})
+
+    def on_msg(self, msg: dict[str, Any]) -> None:
+        data = msg["content"]["data"]
+        buffers = list(msg.get("buffers") or [])
+        op = data.get("op")
+        if op == "part":
+            self.pieces.setdefault(data["id"], []).extend(buffers)
+        elif op == "versions":
+            self.comm.send({"op": "versions", "versions": package_versions(data["modules"])})
+        elif op == "run":
+            pieces = self.pieces.pop(data["id"], []) + buffers
+            self.pieces.clear()  # pieces of a run the notebook gave up sending
+            self.comm.send({"op": "started", "id": data["id"]})
+            try:
+                reply, items = self.run(data, pieces)
+            except BaseException as problem:  # an interrupt between steps still gets an answer
+                error, _ = self.error(problem)
+                reply, items = {"op": "done", "id": data["id"], "error": error}, []
+            self.send(reply, items)
+
+    def send(self, reply: dict[str, Any], items: list[list[Buffer]]) -> None:
+        layout, messages = split(items)
+        for buffers in messages[:-1]:
+            self.comm.send({"op": "part", "id": reply["id"]}, buffers=buffers)
+        self.comm.send({**reply, "layout": layout}, buffers=messages[-1])
+
+    def run(self, data: dict[str, Any], pieces: list[Buffer]) -> tuple[dict[str, Any], Any]:
+        ns = self.shell.user_ns
+        reply: dict[str, Any] = {"op": "done", "id": data["id"], "names": [], "error": None}
+        load_errors = {}
+        for name, blobs in zip(data["names"], join(data["layout"], pieces)):  # noqa: B905
+            try:
+                ns[name] = load(blobs)
+            except Exception as problem:
+                load_errors[name] = describe(problem)
+        if load_errors:
+            reply["load_errors"] = load_errors
+            return reply, []
+        error, error_blobs = self.execute(data["code"], data.get("count"))
+        reply["error"] = error
+        items: list[list[Buffer]] = []
+        if error is not None and error["type"] == "KeyboardInterrupt":
+            if error_blobs is not None:  # the user wants the kernel back now: nothing pulled
+                error["item"] = 0
+                items.append(error_blobs)
+            return reply, items
+        failed, kept = {}, {}
+        for name in data["pull"]:
+            if name not in ns:
+                continue
+            try:
+                blobs = dump(ns[name], self.pickler)
+            except Exception as problem:
+                failed[name] = describe(problem)
+                continue
+            size = nbytes(blobs)
+            if size > data["max_bytes"]:
+                kept[name] = size
+                continue
+            reply["names"].append(name)
+            items.append(blobs)
+        reply["failed"], reply["kept"] = failed, kept
+        if error is not None and error_blobs is not None:
+            error["item"] = len(items)
+            items.append(error_blobs)
+        return reply, items
+
+    def execute(
+        self, code: str, count: int | None
+    ) -> tuple[dict[str, Any] | None, list[Buffer] | None]:
+        """Run the cell as the notebook's cell number `count`, so a traceback reads
+        "Cell In[count], line N"; the traceback is captured, not published here."""
+        shell = self.shell
+        captured: list[list[str]] = []
+        saved_count = shell.execution_count
+        shell._showtraceback = lambda etype, evalue, stb: captured.append(stb)
+        if count:
+            shell.execution_count = count
+        exc: BaseException | None
+        try:
+            result = shell.run_cell(code, store_history=False, silent=False)
+            exc = result.error_before_exec or result.error_in_exec
+        except KeyboardInterrupt as interrupt:  # between IPython's own handlers
+            exc = interrupt
+            captured.append(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        finally:
+            del shell._showtraceback
+            shell.execution_count = saved_count
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+        if exc is None:
+            return None, None
+        error, blobs = self.error(exc)
+        if captured:
+            error["traceback"] = captured[-1]
+        return error, blobs
+
+    def error(self, exc: BaseException) -> tuple[dict[str, Any], list[Buffer] | None]:
+        """The exception in words (always) and pickled (when it pickles)."""
+        error: dict[str, Any] = {
+            "type": type(exc).__name__,
+            "module": type(exc).__module__,
+            "message": str(exc),
+            "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+        }
+        try:
+            blobs: list[Buffer] | None = dump(exc, self.pickler)
+        except Exception:
+            blobs = None
+        return error, blobs
+
+
+def install(shell: Any, overrides: dict[str, Any]) -> None:
+    """Register the comm target; each notebook-side comm gets its own `CellAgent`."""
+
+    def open_comm(comm: Any, msg: dict[str, Any]) -> None:
+        agent = CellAgent(shell, comm, overrides)
+        comm.on_msg(agent.on_msg)
+        agent.hello()
+
+    shell.kernel.comm_manager.register_target(TARGET, open_comm)
+
+
+def install_code(overrides: dict[str, Any] | None = None) -> str:
+    """The silent execute that installs this file in a kernel as the module `_gpupool_agent`."""
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    return (
+        "def _gpupool_install():\n"
+        "    import sys, types\n"
+        "    module = types.ModuleType('_gpupool_agent')\n"
+        "    sys.modules['_gpupool_agent'] = module\n"
+        f"    exec(compile({source!r}, '<gpupool agent>', 'exec'), module.__dict__)\n"
+        f"    module.install(get_ipython(), {overrides or {}!r})\n"
+        "_gpupool_install()\n"
+        "del _gpupool_install\n"
+    )

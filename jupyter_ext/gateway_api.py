@@ -1,0 +1,95 @@
+"""The gateway's REST API as `%%gpu` uses it: the Jupyter gateway protocol plus `/api/usage`."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from .errors import GatewayError, GpuMagicError
+
+URL_ENV = "GPUPOOL_URL"
+TOKEN_ENV = "GPUPOOL_TOKEN"
+
+
+def kernel_name(gpu_type: str, gpu_count: int) -> str:
+    """The kernelspec of a GPU shape, as the gateway names it."""
+    return f"python3-gpu-{gpu_type.lower()}-x{gpu_count}"
+
+
+class GatewayApi:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    @classmethod
+    def from_env(cls, url: str = "", token: str = "") -> GatewayApi:
+        """Configured values first, then GPUPOOL_URL and GPUPOOL_TOKEN."""
+        url = url or os.environ.get(URL_ENV, "")
+        token = token or os.environ.get(TOKEN_ENV, "")
+        missing = [name for name, value in ((URL_ENV, url), (TOKEN_ENV, token)) if not value]
+        if missing:
+            raise GpuMagicError(
+                f"%%gpu needs the gateway's URL and a token: {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set. Set {URL_ENV} and {TOKEN_ENV} "
+                "in this kernel's environment (`gpupool up` prints both as `gateway:` and "
+                "`token:`), or c.GpuMagics.gateway_url and c.GpuMagics.token in IPython's config."
+            )
+        return cls(url, token)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as error:
+            raise GatewayError(error.code, _message(error.read(), error.reason)) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise GatewayError(0, f"cannot reach the gateway at {self.url}: {reason}") from None
+        return json.loads(text) if text else None
+
+    def start_kernel(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+        return dict(self.call("POST", "/api/kernels", {"name": name, "env": env or {}}))
+
+    def kernel(self, kernel_id: str) -> dict[str, Any] | None:
+        """The kernel's model, or None once it is gone."""
+        try:
+            return dict(self.call("GET", f"/api/kernels/{kernel_id}"))
+        except GatewayError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def shutdown(self, kernel_id: str, timeout: float = 30) -> None:
+        try:
+            self.call("DELETE", f"/api/kernels/{kernel_id}", timeout=timeout)
+        except GatewayError as error:
+            if error.status != 404:
+                raise
+
+    def interrupt(self, kernel_id: str) -> None:
+        self.call("POST", f"/api/kernels/{kernel_id}/interrupt")
+
+    def usage(self, kernel_id: str | None = None) -> dict[str, Any]:
+        query = "?" + urllib.parse.urlencode({"kernel": kernel_id}) if kernel_id else ""
+        return dict(self.call("GET", "/api/usage" + query))
+
+
+def _message(body: bytes, fallback: str) -> str:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:300] or fallback
+    if isinstance(parsed, dict):
+        return str(parsed.get("message") or parsed.get("reason") or fallback)
+    return fallback

@@ -1,0 +1,426 @@
+"""`%%gpu` end to end: real local ipykernels (run by nbclient, or driven directly where timing and
+interrupts matter) loading `jupyter_ext`, against the embedded stack's gateway and GPU host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from conftest import REPO, Gateway
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+from jupyter_ext import agent
+from jupyter_ext.namespace import cell_names, parse_size
+
+EXAMPLE = REPO / "examples" / "gpu-cell-magic.ipynb"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A one-pixel PNG, for the image a GPU cell displays.
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
+    "rkJggg=="
+)
+
+
+def local_env(stack: Gateway) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    return {**env, "GPUPOOL_URL": stack.url, "GPUPOOL_TOKEN": stack.token}
+
+
+def execute(nb: nbformat.NotebookNode, stack: Gateway, tmp_path: Path) -> nbformat.NotebookNode:
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=60,
+        startup_timeout=60,
+        allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute(env=local_env(stack))
+    return nb
+
+
+def text_of(cell: Any) -> str:
+    parts = []
+    for out in cell.outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts.append(str(out.data.get("text/plain", "")))
+        elif out.output_type == "error":
+            parts.append(ANSI.sub("", "\n".join(out.traceback)))
+    return "".join(parts)
+
+
+def error_of(cell: Any) -> Any:
+    errors = [o for o in cell.outputs if o.output_type == "error"]
+    return errors[0] if errors else None
+
+
+def no_kernels_left(stack: Gateway) -> None:
+    """The local kernel's exit shut its companion down."""
+    stack.wait_for(lambda: stack.call("GET", "/api/kernels").body == [], 15, "no kernels left")
+
+
+# --- without the stack ------------------------------------------------------------------------
+
+
+def test_cell_names_reads_and_writes() -> None:
+    names = cell_names(
+        "import numpy as np, os.path\nfrom m import a as b\nx = a0 + 1\ny += 2\n"
+        "def f(z):\n    global g\n    g = q\n    return z + w\n"
+        "class C(Base):\n    k = kk\nfor i in range(3): pass\nl = [t * s for t in T]\n"
+    )
+    assert names.writes == {"np", "os", "b", "x", "y", "f", "g", "C", "i", "l"}
+    assert {"a0", "y", "q", "w", "Base", "kk", "range", "T", "s"} <= names.reads
+    assert not {"z", "t", "k"} & names.reads
+    assert cell_names("x = (").writes == set()
+
+
+def test_payload_pieces_fit_the_hosts_websocket_limit() -> None:
+    import numpy as np
+
+    big = np.arange(3_000_000, dtype=np.float64)  # 24 MB: several pieces and messages
+    items = [agent.dump(big, pickle.Pickler), agent.dump({"k": b"x" * 10}, pickle.Pickler)]
+    layout, messages = agent.split(items)
+    assert len(messages) >= 3
+    assert all(sum(m.nbytes for m in msg) <= agent.MESSAGE_BYTES for msg in messages)
+    back = agent.join(layout, [p for msg in messages for p in msg])
+    loaded = agent.load(back[0])
+    assert (loaded == big).all() and loaded.flags.writeable
+    assert agent.load(back[1]) == {"k": b"x" * 10}
+    assert parse_size("256MB") == 256_000_000 and parse_size("1.5k") == 1500
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_gpu_tensors_are_pickled_as_cpu_copies() -> None:
+    torch = pytest.importorskip("torch")
+
+    class FakeCuda(torch.Tensor):
+        """Reports a CUDA device, as a tensor on a GPU does; `.cpu()` gives a plain tensor."""
+
+        @property
+        def device(self) -> Any:
+            return torch.device("cuda", 0)
+
+        def cpu(self) -> Any:
+            return self.as_subclass(torch.Tensor).clone()
+
+    on_gpu = torch.arange(4.0).as_subclass(FakeCuda)
+    blobs = agent.dump({"w": on_gpu, "n": 3}, agent.cpu_pickler_class())
+    back = agent.load(blobs)
+    assert type(back["w"]) is torch.Tensor and back["w"].device.type == "cpu"
+    assert back["w"].tolist() == [0.0, 1.0, 2.0, 3.0] and back["n"] == 3
+
+
+# --- notebooks against the stack --------------------------------------------------------------
+
+
+def test_example_notebook(stack: Gateway, tmp_path: Path) -> None:
+    nb = execute(nbformat.read(EXAMPLE, as_version=4), stack, tmp_path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [error_of(c) for c in code if error_of(c)], [text_of(c) for c in code]
+    train = text_of(code[2])
+    assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", train)  # noqa: RUF001
+    assert "running on GPU-" in train and "step 150: mse" in train
+    assert "w[:4] = [0. 1. 2. 3.]" in text_of(code[3])
+    assert "'steps': 200" in text_of(code[3])
+    assert text_of(code[5]).startswith("array([")
+    assert "caught here: LinAlgError Singular matrix" in text_of(code[6])
+    assert "· H100 ×1 · running" in text_of(code[7])  # noqa: RUF001
+    assert "shut down the H100 ×1 GPU kernel" in text_of(code[8])  # noqa: RUF001
+    no_kernels_left(stack)
+
+
+MAGIC_CELLS = [
+    # 0: local definitions
+    "%load_ext jupyter_ext\nimport os\nimport numpy as np\n\n"
+    "class MyError(Exception):\n    pass\n\n"
+    "class Point:\n    def __init__(self, x):\n        self.x = x\n\n"
+    "    def norm(self):\n        return abs(self.x)\n\n"
+    "def double(v):\n    return 2 * v\n\n"
+    "arr = np.arange(6.0)\nsettings = {'scale': 3, 'tags': ['a', 'b']}\np = Point(-4)\n"
+    "big = np.zeros(200_000)",
+    # 1: variables in and out
+    "%%gpu\nimport os\nscaled = arr * settings['scale']\nq = Point(double(p.x))\n"
+    "def triple(v):\n    return 3 * v\n\nclass Remote:\n    kind = 'made on the GPU'\n\n"
+    "weights = {'w': np.ones(3)}\nremote_pid = os.getpid()\nweights_id = id(weights)\n"
+    "print('norm on the GPU:', q.norm())",
+    # 2: back here
+    "print(type(scaled).__name__, scaled.tolist(), scaled.flags.writeable)\n"
+    "print(type(q) is Point, q.x, q.norm(), triple(5), Remote.kind)\n"
+    "print(os.getpid() != remote_pid)",
+    # 3: the same kernel; `weights` came back unchanged, so it is not sent again
+    "%%gpu\nimport os\nsame_process = os.getpid() == remote_pid\n"
+    "same_object = id(weights) == weights_id",
+    # 4
+    "print(same_process, same_object)",
+    # 5: a user-defined exception, raised on line 3 of the cell
+    "%%gpu\nx = 1\nraise MyError('boom', 7)",
+    # 6: caught here by its own type
+    "try:\n    get_ipython().run_cell_magic('gpu', '', 'raise MyError(\"again\")')\n"
+    "except MyError as error:\n    print('caught', type(error) is MyError, error.args)\nprint(x)",
+    # 7: an exception that does not pickle comes back as a RemoteError
+    "%%gpu\nimport threading\nraise ValueError(threading.Lock())",
+    # 8: the size limit
+    "%%gpu --max-bytes 100KB\ntotal = big.sum() + arr.sum()",
+    # 9: a GPU tensor comes back as a CPU copy
+    "%%gpu\nimport torch\n\nclass FakeCuda(torch.Tensor):\n    @property\n"
+    "    def device(self):\n        return torch.device('cuda', 0)\n\n"
+    "    def cpu(self):\n        return self.as_subclass(torch.Tensor).clone()\n\n"
+    "t = torch.arange(3.0).as_subclass(FakeCuda)\nnested = {'t': t}\n"
+    "print('there:', type(t).__name__, t.device)",
+    # 10
+    "print('here:', type(t).__name__, t.device, type(nested['t']).__name__, t.tolist())",
+    # 11: an image display is forwarded
+    f"%%gpu --no-pull\nimport base64\nfrom IPython.display import Image, display\n"
+    f"display(Image(data=base64.b64decode('{PNG}')))\nunpulled = 1",
+    # 12
+    "print('unpulled' in dir())",
+    # 13: --pull names what comes back
+    "%%gpu --pull a2\na1 = 1\na2 = 2",
+    # 14
+    "print('a1' in dir(), a2)",
+    # 15: a version mismatch, explained before anything is sent
+    "os.environ['GPUPOOL_TEST_AGENT_VERSIONS'] = '{\"python\": \"3.9.18\"}'",
+    "%%gpu --fresh\nprint('never runs')",
+    "del os.environ['GPUPOOL_TEST_AGENT_VERSIONS']",
+    # 18: a fresh companion works again
+    "%%gpu --fresh\nprint('fresh kernel', arr.sum())",
+    "%gpu status",
+    "%gpu usage",
+    # 21: too large to bring back: it stays there, named, until pulled
+    "%%gpu --max-bytes 10KB\nhuge = np.zeros(10_000)",
+    "print('huge' in dir())\n%gpu pull huge\nprint(huge.shape)",
+    # 23: an object whose package the GPU kernel lacks is refused before sending
+    "import localonly\nthing = localonly.Thing()",
+    "%%gpu\nprint(thing)",
+    "%gpu release",
+    "%gpu status",
+]
+
+
+def test_variables_errors_limits_and_versions(stack: Gateway, tmp_path: Path) -> None:
+    # A module only this side has: the notebook's folder is on the local kernel's path alone.
+    (tmp_path / "localonly.py").write_text("class Thing:\n    pass\n")
+    nb = new_notebook(cells=[new_code_cell(c) for c in MAGIC_CELLS])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    cells = execute(nb, stack, tmp_path).cells
+    text = [text_of(c) for c in cells]
+    expected = (5, 7, 8, 16, 24)
+    unexpected = {i: text[i] for i, c in enumerate(cells) if error_of(c) and i not in expected}
+    assert not unexpected, unexpected
+
+    assert "norm on the GPU: 8" in text[1]
+    assert "ndarray [0.0, 3.0, 6.0, 9.0, 12.0, 15.0] True" in text[2]
+    assert "True -8 8 15 made on the GPU" in text[2] and "True" in text[2].splitlines()[-1]
+    assert text[4].strip() == "True True"
+
+    error = error_of(cells[5])
+    assert error.ename == "MyError" and error.evalue == "('boom', 7)"
+    assert re.search(r"Cell In\[6\], line 3", text[5]) and "----> 3 raise MyError" in text[5]
+    assert "caught True ('again',)" in text[6] and text[6].strip().endswith("1")
+
+    remote = error_of(cells[7])
+    assert remote.ename == "RemoteError" and "ValueError" in remote.evalue
+    assert "Cell In[8], line 3" in text[7]
+
+    limit = error_of(cells[8])
+    assert limit.ename == "GpuTransferError"
+    assert "over --max-bytes 100.0 KB" in limit.evalue and "big (1.6 MB)" in limit.evalue
+
+    assert "there: FakeCuda cuda:0" in text[9]
+    assert "here: Tensor cpu Tensor [0.0, 1.0, 2.0]" in text[10]
+
+    images = [o for o in cells[11].outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1 and images[0].data["image/png"].replace("\n", "") == PNG
+    assert text[12].strip() == "False"
+    assert text[14].strip() == "False 2"
+
+    mismatch = error_of(cells[16])
+    assert mismatch.ename == "GpuVersionMismatch"
+    assert "Python 3.9.18" in mismatch.evalue and "nothing was sent" in mismatch.evalue
+    assert "never runs" not in text[16]
+
+    assert "fresh kernel 15.0" in text[18]
+    assert "· H100 ×1 · running" in text[19]  # noqa: RUF001
+    assert "cloudpickle" in text[19] and "suspends if idle until" in text[19]
+    assert "tenant demo:" in text[20] and "this notebook's GPU kernel:" in text[20]
+
+    assert "huge stays on the GPU kernel: 80.1 KB is over --max-bytes 10.0 KB" in text[21]
+    assert "fetch it with `%gpu pull huge`" in text[21]
+    assert text[22].split() == ["False", "pulled", "huge", "(10000,)"]
+    missing = error_of(cells[24])
+    assert missing.ename == "GpuTransferError"
+    assert "localonly is not installed in the GPU kernel" in missing.evalue
+    assert "this cell sends thing, which needs it" in missing.evalue
+    assert "Nothing was sent" in missing.evalue
+
+    assert "shut down the H100 ×1 GPU kernel" in text[25]  # noqa: RUF001
+    assert "no GPU kernel yet" in text[26]
+    no_kernels_left(stack)
+
+
+# --- timing, interrupts and the queue, observed on IOPub directly ------------------------------
+
+
+class LocalKernel:
+    """A local ipykernel with the gateway in its environment; cells run one at a time and
+    their IOPub messages are kept with the time each arrived."""
+
+    def __init__(self, km: AsyncKernelManager, kc: Any) -> None:
+        self.km, self.kc = km, kc
+
+    @classmethod
+    async def start(cls, stack: Gateway, cwd: Path) -> LocalKernel:
+        km = AsyncKernelManager(kernel_name="python3")
+        await km.start_kernel(env=local_env(stack), cwd=str(cwd))
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        return cls(km, kc)
+
+    async def run(
+        self, code: str, interrupt_after: float | None = None, during: Any = None
+    ) -> list[tuple[float, dict[str, Any]]]:
+        msg_id = self.kc.execute(code)
+        began = time.monotonic()
+        seen: list[tuple[float, dict[str, Any]]] = []
+        pending = []
+        if interrupt_after is not None:
+            pending.append(asyncio.ensure_future(self._interrupt(interrupt_after)))
+        if during is not None:
+            pending.append(asyncio.ensure_future(during()))
+        while True:
+            msg = await self.kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            seen.append((time.monotonic() - began, msg))
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        for task in pending:
+            await task
+        return seen
+
+    async def _interrupt(self, after: float) -> None:
+        await asyncio.sleep(after)
+        await self.km.interrupt_kernel()
+
+    async def stop(self) -> None:
+        self.kc.stop_channels()
+        await self.km.shutdown_kernel()
+
+
+def stdout(seen: list[tuple[float, dict[str, Any]]]) -> str:
+    return "".join(m["content"]["text"] for _, m in seen if m["msg_type"] == "stream")
+
+
+def errors(seen: list[tuple[float, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [m["content"] for _, m in seen if m["msg_type"] == "error"]
+
+
+def test_streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
+    asyncio.run(streaming_interrupt_and_queue(stack, tmp_path))
+
+
+async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
+    kernel = await LocalKernel.start(stack, tmp_path)
+    try:
+        # Without the gateway's address, one message names both variables.
+        seen = await kernel.run(
+            "%load_ext jupyter_ext\nimport os\nsaved = dict(os.environ)\n"
+            "del os.environ['GPUPOOL_URL'], os.environ['GPUPOOL_TOKEN']"
+        )
+        seen = await kernel.run("%%gpu\nprint(1)")
+        (error,) = errors(seen)
+        assert error["ename"] == "GpuMagicError"
+        assert "GPUPOOL_URL and GPUPOOL_TOKEN are not set" in error["evalue"]
+        await kernel.run("os.environ.update(saved)")
+
+        # Both H100s taken: the cell waits in the queue, and says so, until one is free.
+        holders = [stack.create(name="python3-gpu-h100-x1")["id"] for _ in range(2)]
+
+        async def free_one() -> None:
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(stack.call, "DELETE", f"/api/kernels/{holders[0]}")
+
+        seen = await kernel.run("%%gpu\nprint('got a GPU')", during=free_one)
+        shown = [m["content"]["data"]["text/plain"] for _, m in seen
+                 if m["msg_type"] in ("display_data", "update_display_data")]  # fmt: skip
+        assert "queued for H100, position 1" in shown, shown
+        assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", shown[-1])  # noqa: RUF001
+        assert "got a GPU" in stdout(seen)
+        stack.call("DELETE", f"/api/kernels/{holders[1]}")
+
+        # Output arrives while the cell runs, not when it ends.
+        seen = await kernel.run(
+            "%%gpu\nimport time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')"
+        )
+        first = next(t for t, m in seen if "first" in m["content"].get("text", ""))
+        end = seen[-1][0]
+        assert end - first >= 1.5, seen
+        assert stdout(seen).index("first") < stdout(seen).index("second")
+
+        # Interrupting the local kernel interrupts the cell on the GPU kernel.
+        seen = await kernel.run(
+            "%%gpu\nimport time\nfor i in range(200):\n    time.sleep(0.05)", interrupt_after=1.5
+        )
+        (error,) = errors(seen)
+        assert error["ename"] == "KeyboardInterrupt", error
+        assert seen[-1][0] < 6, seen[-1][0]
+        assert "line 4" in ANSI.sub("", "\n".join(error["traceback"]))
+        seen = await kernel.run("%%gpu\nprint('still there, i =', i)")
+        assert re.search(r"still there, i = \d+", stdout(seen)), seen
+        assert int(stdout(seen).split("= ")[1]) < 199
+
+        # --timeout interrupts the cell there too, and says why.
+        seen = await kernel.run("%%gpu --timeout 1\nimport time\ntime.sleep(10)")
+        (error,) = errors(seen)
+        assert error["ename"] == "GpuTimeout" and "--timeout 1 s" in error["evalue"], error
+        assert seen[-1][0] < 5, seen[-1][0]
+
+        # A companion suspended while idle resumes on the next cell, in a new process: the
+        # agent is installed again and the cell runs once, with the saved variables.
+        await kernel.run("%config GpuMagics.idle_timeout = 2")
+        await kernel.run("%%gpu --fresh\nimport os\nkept = 41\nfirst_pid = os.getpid()")
+        kernel_id = stack.call("GET", "/api/kernels").body[0]["id"]
+        stack.wait_for(
+            lambda: (
+                stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"]
+                == "suspended"
+            ),
+            20,
+            "the companion to be suspended",
+        )
+        seen = await kernel.run("%%gpu\nimport os\nprint(kept + 1, os.getpid() != first_pid)")
+        assert stdout(seen) == "42 True\n", seen
+    finally:
+        await kernel.stop()
+    no_kernels_left(stack)
+
+
+def test_missing_cloudpickle_is_explained() -> None:
+    """The message when the GPU kernel has no cloudpickle at all (its agent reports None)."""
+    from jupyter_ext.companion import Companion, Shape
+    from jupyter_ext.errors import GpuVersionMismatch
+    from jupyter_ext.gateway_api import GatewayApi
+
+    companion = Companion(GatewayApi("http://127.0.0.1:9", "t"), Shape("H100", 1))
+    companion.remote = {**agent.versions(), "cloudpickle": None}
+    with pytest.raises(GpuVersionMismatch, match="cloudpickle is not installed in the GPU kernel"):
+        companion.check_versions()
+    companion.remote = agent.versions()
+    companion.check_versions()
