@@ -37,6 +37,7 @@ class Live:
 
     execution_state: str = "starting"
     last_activity: float = field(default_factory=time.time)
+    last_client_message: float = 0.0  # only what a client sent, not the kernel's own output
     connections: int = 0
     suspended: bool = False  # read on every client message, so kept here rather than in the row
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -466,7 +467,7 @@ class GatewayKernels:
             return
         if self._row(kernel_id).state != "running":
             return  # shut down meanwhile
-        if closing == SUSPENDED and self._live(kernel_id).last_activity > began:
+        if closing == SUSPENDED and self._live(kernel_id).last_client_message > began:
             # A client spoke during the checkpoint: not idle after all, and the checkpoint would
             # miss what that message did. It stays running; the watch looks again later.
             return

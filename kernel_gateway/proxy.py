@@ -139,6 +139,7 @@ class ChannelsHandler(WebSocketHandler):
         kernels = self.state.kernels
         live = kernels._live(self.kernel_id)
         live.touch()
+        live.last_client_message = live.last_activity
         if live.suspended:
             # Its host kernel is gone: hold this message, resume, and deliver it then.
             if self.upstream is not None:
