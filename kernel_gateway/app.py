@@ -49,6 +49,7 @@ class GatewayApp(Application):
         "idle-action": "GatewayApp.idle_action",
         "certfile": "GatewayApp.certfile",
         "keyfile": "GatewayApp.keyfile",
+        "public-url": "GatewayApp.public_url",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -88,6 +89,10 @@ class GatewayApp(Application):
     idle_max = Float(7 * 24 * 3600.0, help="Longest KERNEL_IDLE_TIMEOUT a tenant may ask for.").tag(
         config=True
     )
+    public_url = Unicode(
+        "", help="The URL kernels reach this gateway at, given them as GPUPOOL_URL so that "
+        "%%gpu works inside pool kernels; default: the URL it listens on.",
+    ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 
     @default("admin_token")
@@ -135,6 +140,7 @@ class GatewayApp(Application):
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         url = f"{'https' if tls else 'http'}://{self.ip}:{port}"
+        state.kernels.public_url = self.public_url.rstrip("/") or url
         state.start_watch()
         info = Path(self.state_dir) / "gateway.json"
         info.write_text(json.dumps({"url": url, "pid": os.getpid()}))

@@ -22,12 +22,12 @@ from .ledger import BUDGET, CULLED, DIED, HOST_LOST, SHUT_DOWN, SUSPENDED, Ledge
 from .metrics import START_SECONDS
 from .pool import HostView, Pool
 from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
-from .store import Kernel, Tenant
+from .store import Kernel, Tenant, Token
+from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
 MAX_GPUS_PER_KERNEL = 8
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
-HOST_ENV_PREFIXES = ("KERNEL_",)
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -90,6 +90,7 @@ class GatewayKernels:
         self.idle_min = 1.0
         self.idle_max = 7 * 24 * 3600.0
         self.idle_action = "suspend"
+        self.public_url = ""  # given to kernels as GPUPOOL_URL; the app sets it
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -207,6 +208,23 @@ class GatewayKernels:
             raise ApiError(500, f"the kernel could not start: {kernel.reason}")
         return self.model(kernel)
 
+    def _gateway_env(self, kernel: Kernel) -> dict[str, str]:
+        """GPUPOOL_URL and a token of the kernel's own, so that `%%gpu` works inside it: the
+        token acts for the kernel's tenant and is revoked when this kernel process ends."""
+        if not self.public_url:
+            return {}
+        token = new_token()
+        with self.db() as s:
+            self._revoke_kernel_tokens(s, kernel.id)
+            s.add(Token(tenant_id=kernel.tenant_id, digest=digest(token), prefix=token[:6],
+                        kernel_id=kernel.id))  # fmt: skip
+            s.commit()
+        return {"GPUPOOL_URL": self.public_url, "GPUPOOL_TOKEN": token}
+
+    def _revoke_kernel_tokens(self, s: Session, kernel_id: str) -> None:
+        for token in s.scalars(select(Token).where(Token.kernel_id == kernel_id)).all():
+            token.revoked = True
+
     def _row(self, kernel_id: str) -> Kernel:
         with self.db() as s:
             kernel = s.get(Kernel, kernel_id)
@@ -284,7 +302,7 @@ class GatewayKernels:
         assert tenant is not None
         body = {
             "name": "python3", "gpu_count": kernel.gpu_count, "tenant": tenant.name,
-            "env": {k: v for k, v in kernel.env.items()},
+            "env": {**kernel.env, **self._gateway_env(kernel)},
         }  # fmt: skip
         if kernel.gpu_count:
             body["gpu_type"] = kernel.gpu_type
@@ -389,6 +407,7 @@ class GatewayKernels:
             # billing ends when the kernel was last seen alive, never before it started
             row.state, row.reason = state, reason
             row.ended = closed.ended if closed is not None else ended
+            self._revoke_kernel_tokens(s, kernel_id)
             s.commit()
         self.ledger.counted(closed)
         live.execution_state = "dead"
@@ -482,6 +501,9 @@ class GatewayKernels:
             checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved},
         )  # fmt: skip
         self._close_hold(kernel_id, time.time(), closing)
+        with self.db() as s:
+            self._revoke_kernel_tokens(s, kernel_id)
+            s.commit()
         await self._stop_on_host(host, kernel.host_kernel_id)
         self._release(kernel_id)
         live = self._live(kernel_id)

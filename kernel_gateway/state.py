@@ -145,7 +145,7 @@ class GatewayState:
                 "revoked": t.revoked, "created": t.created,
                 **self.kernels.budgets.summary(t),
                 "tokens": [{"prefix": k.prefix, "revoked": k.revoked} for k in tokens
-                           if k.tenant_id == t.id],
+                           if k.tenant_id == t.id and k.kernel_id is None],
             }
             for t in rows
         ]  # fmt: skip

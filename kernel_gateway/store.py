@@ -46,6 +46,9 @@ class Token(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the token
     prefix: Mapped[str] = mapped_column(String(8))  # shown in listings, to tell tokens apart
+    # Set for the token a kernel gets in GPUPOOL_TOKEN: it is revoked when that kernel process
+    # ends (shut down, died, suspended), so a token does not outlive the kernel that held it.
+    kernel_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     created: Mapped[float] = mapped_column(Float, default=time.time)
     revoked: Mapped[bool] = mapped_column(default=False)
 

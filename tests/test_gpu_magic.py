@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ import nbformat
 import pytest
 from conftest import REPO, Gateway
 from jupyter_client.manager import AsyncKernelManager
+from kernel_ws import KernelSocket
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -446,6 +448,42 @@ async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
     finally:
         await kernel.stop()
     no_kernels_left(stack)
+
+
+def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
+    """A kernel the gateway starts gets GPUPOOL_URL and a token of its own, so `%%gpu` needs no
+    setup there; the token ends with the kernel, and no model shows it."""
+    model = stack.create(name="python3")
+    assert "GPUPOOL_TOKEN" not in json.dumps(model)
+
+    async def scenario() -> tuple[str, str, str]:
+        sock = await KernelSocket.open(stack.url, stack.token, model["id"])
+        try:
+            where, _ = await sock.execute(
+                "import os\nprint(os.environ['GPUPOOL_URL'])\n"
+                "print(os.environ['GPUPOOL_TOKEN'])\nprint(os.environ['CUDA_VISIBLE_DEVICES'])"
+            )
+            await sock.execute("%load_ext jupyter_ext")
+            ran, reply = await sock.execute(
+                "%%gpu\nimport os\ngpus = os.environ['CUDA_VISIBLE_DEVICES']", timeout=120
+            )
+            assert reply["status"] == "ok", ran
+            back, _ = await sock.execute("print(gpus)\n%gpu release")
+            return where, ran, back
+        finally:
+            sock.close()
+
+    where, ran, back = asyncio.run(asyncio.wait_for(scenario(), 180))
+    url, token, cpu_gpus = where.split("\n")[:3]
+    assert url == stack.url and cpu_gpus == ""
+    assert back.startswith("GPU-"), (ran, back)
+    assert stack.call("GET", "/api/kernels", token=token).status == 200
+    assert stack.call("GET", "/api/admin/tenants", token=token).status == 401  # not an admin
+    assert stack.call("DELETE", f"/api/kernels/{model['id']}").status == 204
+    assert stack.call("GET", "/api/kernels", token=token).status == 401
+    tenants = stack.call("GET", "/api/admin/tenants", token=stack.admin_token).body
+    listed = [t["prefix"] for tenant in tenants for t in tenant["tokens"]]
+    assert token[:6] not in listed  # a kernel's token is not the admin's to manage
 
 
 def test_missing_cloudpickle_is_explained() -> None:
