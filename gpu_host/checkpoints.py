@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from tornado import web
 
 from .kernels import HostKernelManager
+from .tenants import TenantError, check_tenant_name
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PATH_CHARS = 4096
@@ -84,8 +86,28 @@ async def checkpoint(km: HostKernelManager, kernel_id: str) -> dict[str, Any]:
 
 
 async def restore(km: HostKernelManager, kernel_id: str, path: Path) -> dict[str, Any]:
-    """Load a checkpoint file into the kernel's user namespace, from inside the kernel."""
+    """Load a checkpoint file into the kernel's user namespace, from inside the kernel. The
+    file stays: the caller deletes it (`discard`) once no kernel will need it."""
     return await _in_kernel(km, kernel_id, "restore", path)
+
+
+CHECKPOINT_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.pkl")
+
+
+def discard(km: HostKernelManager, tenant: str, name: str) -> bool:
+    """Delete the checkpoint file `name` of `tenant` (a suspended kernel that was shut down);
+    whether there was one. Only a file name of the form this agent writes is accepted."""
+    if not CHECKPOINT_FILE.fullmatch(name):
+        raise web.HTTPError(400, f"{name[:80]!r} is not a checkpoint file name (<kernel id>.pkl).")
+    try:
+        tenant = check_tenant_name(tenant)
+    except TenantError as error:
+        raise web.HTTPError(400, str(error)) from None
+    path = km.spaces.state_dir / "homes" / tenant / FOLDER / name
+    if not path.is_file():
+        return False
+    path.unlink()
+    return True
 
 
 async def _in_kernel(

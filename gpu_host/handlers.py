@@ -103,6 +103,20 @@ class RestoreHandler(HostHandlerMixin, APIHandler):
         self.finish(json.dumps(await checkpoints.restore(km, kernel_id, path)))
 
 
+class CheckpointFileHandler(HostHandlerMixin, APIHandler):
+    auth_resource = "kernels"
+
+    @web.authenticated
+    @authorized
+    async def delete(self, tenant: str, name: str) -> None:
+        """Delete a checkpoint no kernel will resume from (its kernel was shut down while
+        suspended): 204, or 404 when there is no such file."""
+        if not checkpoints.discard(self.host_kernels, tenant, name):
+            raise web.HTTPError(404, f"tenant {tenant} has no checkpoint {name}.")
+        self.set_status(204)
+        self.finish()
+
+
 class GpusHandler(APIHandler):
     auth_resource = "kernels"
 
@@ -130,6 +144,7 @@ default_handlers = [
     (rf"/api/kernels/{KERNEL_ID}/checkpoint", CheckpointHandler),
     (rf"/api/kernels/{KERNEL_ID}/restore", RestoreHandler),
     (rf"/api/kernels/{KERNEL_ID}/channels", HostKernelWebsocketHandler),
+    (r"/api/checkpoints/([^/]{1,64})/([^/]{1,64})", CheckpointFileHandler),
     (r"/api/gpus", GpusHandler),
     (r"/api/host", HostHandler),
 ]

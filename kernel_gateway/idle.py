@@ -42,16 +42,18 @@ class IdleWatcher:
             if live.execution_state == "busy" or now < due or kernel.id in self._acting:
                 continue
             self._acting.add(kernel.id)
-            asyncio.get_running_loop().create_task(self._act(kernel))
+            asyncio.get_running_loop().create_task(self._act(kernel, now))
 
-    async def _act(self, kernel: Kernel) -> None:
+    async def _act(self, kernel: Kernel, noticed: float) -> None:
         try:
             if await self._still_idle(kernel):
                 why = f"idle for {kernel.idle_timeout:g} s"
                 if self.kernels.idle_action == "cull":
                     await self.kernels.cull(kernel.id, f"culled after being {why}")
                 else:
-                    await self.kernels.suspend(kernel.id, f"suspended after being {why}")
+                    await self.kernels.suspend(
+                        kernel.id, f"suspended after being {why}", since=noticed
+                    )
         finally:
             self._acting.discard(kernel.id)
 

@@ -436,6 +436,19 @@ class GatewayKernels:
                     "host %s unreachable while deleting %s: %s", host.name, kernel_id, error
                 )
         self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
+        if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
+            await self._discard_checkpoint(tenant.name, kernel)
+
+    async def _discard_checkpoint(self, tenant_name: str, kernel: Kernel) -> None:
+        """Delete a checkpoint that no kernel will resume from."""
+        host = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
+        name = str(kernel.checkpoint.get("path", "")).rpartition("/")[2]
+        if host is None or not name:
+            return
+        try:
+            await self.host_call(host, "DELETE", f"/api/checkpoints/{tenant_name}/{name}")
+        except Exception as error:  # 404: already gone; else the host is away, and it stays
+            log.info("could not delete checkpoint %s on %s: %s", name, host.name, error)
 
     async def action(self, tenant: Tenant, kernel_id: str, action: str) -> dict[str, Any]:
         kernel = self.get(tenant, kernel_id)
@@ -469,13 +482,19 @@ class GatewayKernels:
             )  # fmt: skip
         return value
 
-    async def suspend(self, kernel_id: str, why: str, closing: str = SUSPENDED) -> None:
-        """Save the namespace, give the GPUs back, stop billing; the id and websocket stay."""
+    async def suspend(
+        self, kernel_id: str, why: str, closing: str = SUSPENDED, since: float | None = None
+    ) -> None:
+        """Save the namespace, give the GPUs back, stop billing; the id and websocket stay.
+
+        Billing ends at `since` (when the idle watch found the kernel idle past its deadline),
+        else when the suspend begins: the seconds the checkpoint takes are the pool's, not the
+        tenant's. If a client speaks meanwhile, nothing is closed and the kernel stays."""
         kernel = self._row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state != "running" or host is None or not kernel.host_kernel_id:
             return
-        began = time.time()
+        began = time.time() if since is None else min(since, time.time())
         try:
             saved = await self.host_call(
                 host, "POST", f"/api/kernels/{kernel.host_kernel_id}/checkpoint"
@@ -500,7 +519,7 @@ class GatewayKernels:
                    f"saved{lost}. The next cell resumes it.",
             checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved},
         )  # fmt: skip
-        self._close_hold(kernel_id, time.time(), closing)
+        self._close_hold(kernel_id, began, closing)
         with self.db() as s:
             self._revoke_kernel_tokens(s, kernel_id)
             s.commit()
@@ -529,17 +548,24 @@ class GatewayKernels:
 
     async def _restore_on(self, host: HostView, kernel: Kernel, host_kernel_id: str) -> None:
         """Put a suspended kernel's variables into its new kernel; what fails is named to the
-        user in the next cell's output by the kernel itself."""
-        if kernel.checkpoint.get("host_id") != host.id:
-            log.warning("kernel %s resumed on another host; its checkpoint stays behind", kernel.id)
-            return
-        try:
-            await self.host_call(
-                host, "POST", f"/api/kernels/{host_kernel_id}/restore",
-                {"path": kernel.checkpoint["path"]},
-            )  # fmt: skip
-        except Exception as error:
-            log.warning("restoring kernel %s failed: %s", kernel.id, error)
+        user in the next cell's output by the kernel itself. The checkpoint is deleted after
+        (the next suspend writes a new one), unless the restore failed: then it stays, for a
+        look by hand."""
+        with self.db() as s:
+            tenant = s.get(Tenant, kernel.tenant_id)
+        assert tenant is not None
+        if kernel.checkpoint.get("host_id") == host.id:
+            try:
+                await self.host_call(
+                    host, "POST", f"/api/kernels/{host_kernel_id}/restore",
+                    {"path": kernel.checkpoint["path"]},
+                )  # fmt: skip
+            except Exception as error:
+                log.warning("restoring kernel %s failed: %s", kernel.id, error)
+                return
+        else:
+            log.warning("kernel %s resumed on another host without its variables", kernel.id)
+        asyncio.get_running_loop().create_task(self._discard_checkpoint(tenant.name, kernel))
 
     def _close_hold(self, kernel_id: str, when: float, closing: str) -> None:
         """Billing of a suspended kernel ends now, with the reason `closing`."""

@@ -443,3 +443,27 @@ def test_the_next_cell_after_a_restore_names_what_was_lost(host, saved):
     assert "gen (cannot pickle 'generator' object)" in first
     assert asyncio.run(stderr_of("2")) == "", "the warning is shown once"
     host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_a_checkpoint_file_is_deleted_by_name_and_tenant(host):
+    kernel_id = host.create(tenant="hank")["id"]
+    path = Path(checkpoint(host, kernel_id)["path"])
+    assert path.is_file()
+    for token in ("", "wrong-token"):
+        reply = host.call("DELETE", f"/api/checkpoints/hank/{path.name}", token=token)
+        assert reply.status == 401 and path.is_file()
+    # Another tenant's name finds nothing: the file is looked for in that tenant's folder.
+    assert host.call("DELETE", f"/api/checkpoints/alice/{path.name}").status == 404
+    for bad, words in [
+        ("hank/..%2F..%2Fhank.pkl", "not a checkpoint file name"),
+        ("hank/notes.txt", "not a checkpoint file name"),
+        (f"Bad_Tenant/{path.name}", "tenant"),
+    ]:
+        reply = host.call("DELETE", f"/api/checkpoints/{bad}")
+        assert reply.status == 400 and words in reply.body["message"], reply.body
+    assert path.is_file()
+    assert host.call("DELETE", f"/api/checkpoints/hank/{path.name}").status == 204
+    assert not path.exists()
+    reply = host.call("DELETE", f"/api/checkpoints/hank/{path.name}")
+    assert reply.status == 404 and "no checkpoint" in reply.body["message"]
+    host.call("DELETE", f"/api/kernels/{kernel_id}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from conftest import start_gateway, start_host
-from kernel_ws import KernelSocket
+from kernel_ws import KernelSocket, run_code
 
 IDLE = {"KERNEL_IDLE_TIMEOUT": "3"}
 
@@ -34,8 +35,13 @@ async def run(sock: KernelSocket, code: str) -> tuple[str, str]:
     return "".join(out["stdout"]), "".join(out["stderr"])
 
 
+def checkpoint_files(stack) -> set[Path]:
+    return set(stack.state_dir.rglob("checkpoints/*.pkl"))
+
+
 def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
     free_before = free_h100(stack)
+    files_before = checkpoint_files(stack)
     model = stack.create(name="python3-gpu-h100-x1", env=IDLE)
     kernel_id = model["id"]
     assert model["gpupool"]["idle_timeout"] == 3.0
@@ -59,6 +65,7 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
         assert suspended["gpupool"]["state"] == "suspended", suspended
         assert seen_at - deadline < 1.5, "suspended within a second of the deadline"
         stack.wait_for(lambda: free_h100(stack) == free_before, 3, "the GPU to go back to the pool")
+        assert len(checkpoint_files(stack) - files_before) == 1
         await asyncio.sleep(1.0)  # suspended for a while: none of it may be billed
         # The same websocket, still open: the next cell resumes the kernel and runs.
         out, err = await run(sock, "print(x + 1)")
@@ -79,7 +86,24 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
     assert out == "42\n"
     assert "these variables were lost: gen (cannot pickle 'generator' object)" in err
     assert after["id"] == kernel_id and after["gpupool"]["state"] == "running"
+    # Restored: its checkpoint is deleted (the next suspend writes a new one).
+    stack.wait_for(lambda: checkpoint_files(stack) == files_before, 5, "the checkpoint to go")
     stack.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
+    files_before = checkpoint_files(stack)
+    kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
+    asyncio.run(run_code(stack.url, stack.token, kernel_id, "x = 1"))
+    stack.wait_for(
+        lambda: stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"]
+        == "suspended",
+        10,
+        "the kernel to be suspended",
+    )
+    assert len(checkpoint_files(stack) - files_before) == 1
+    assert stack.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+    assert checkpoint_files(stack) == files_before
 
 
 def test_a_busy_kernel_is_never_suspended_mid_cell(stack):
