@@ -96,8 +96,9 @@ def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
     kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
     asyncio.run(run_code(stack.url, stack.token, kernel_id, "x = 1"))
     stack.wait_for(
-        lambda: stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"]
-        == "suspended",
+        lambda: (
+            stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"] == "suspended"
+        ),
         10,
         "the kernel to be suspended",
     )
