@@ -50,6 +50,7 @@ class GatewayApp(Application):
         "certfile": "GatewayApp.certfile",
         "keyfile": "GatewayApp.keyfile",
         "public-url": "GatewayApp.public_url",
+        "auth-failures-per-minute": "GatewayApp.auth_failures_per_minute",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -93,6 +94,10 @@ class GatewayApp(Application):
         "", help="The URL kernels reach this gateway at, given them as GPUPOOL_URL so that "
         "%%gpu works inside pool kernels; default: the URL it listens on.",
     ).tag(config=True)  # fmt: skip
+    auth_failures_per_minute = Int(
+        100, help="Requests with a wrong tenant or admin token one client address may make in a "
+        "minute before it gets 429 for the rest of that minute; 0: no limit.",
+    ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 
     @default("admin_token")
@@ -113,6 +118,12 @@ class GatewayApp(Application):
         kernels = state.kernels
         kernels.idle_default, kernels.idle_action = self.idle_timeout, self.idle_action
         kernels.idle_min, kernels.idle_max = self.idle_min, self.idle_max
+        if not 0 <= self.auth_failures_per_minute <= 1_000_000:
+            raise SystemExit(
+                f"--auth-failures-per-minute is {self.auth_failures_per_minute}; use 0 (no "
+                "limit) to 1000000."
+            )
+        state.failed_auth.per_minute = self.auth_failures_per_minute
         return state
 
     def make_app(self, state: GatewayState) -> web.Application:

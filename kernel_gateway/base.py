@@ -23,12 +23,25 @@ def token_of(handler: web.RequestHandler) -> str:
     return handler.get_query_argument("token", "") or ""
 
 
-def tenant_of(state: GatewayState, token: str) -> Tenant:
-    """Identity comes from the token alone."""
-    if not token:
-        raise ApiError(401, "send your tenant token: 'Authorization: token T'.")
-    tenant = state.tenant_for(token)
+def check_attempts(state: GatewayState, address: str) -> None:
+    """429 while `address` is over its limit of failed sign-ins."""
+    wait = state.failed_auth.wait_for(address)
+    if wait:
+        raise ApiError(
+            429, f"too many requests with a wrong token from {address} (over "
+            f"{state.failed_auth.per_minute} a minute); check the token and try again in "
+            f"{wait:.0f} s.", retry_after=wait,
+        )  # fmt: skip
+
+
+def tenant_of(state: GatewayState, token: str, address: str) -> Tenant:
+    """Identity comes from the token alone; failures count against the client's address."""
+    check_attempts(state, address)
+    tenant = state.tenant_for(token) if token else None
     if tenant is None:
+        state.failed_auth.failed(address)
+        if not token:
+            raise ApiError(401, "send your tenant token: 'Authorization: token T'.")
         raise ApiError(401, "this token is unknown or revoked; ask your admin for a new one.")
     return tenant
 
@@ -47,10 +60,13 @@ class GatewayHandler(web.RequestHandler):
         return token_of(self)
 
     def tenant(self) -> Tenant:
-        return tenant_of(self.state, self.given_token())
+        return tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
 
     def require_admin(self) -> None:
+        address = self.request.remote_ip or ""
+        check_attempts(self.state, address)
         if not self.state.is_admin(self.given_token()):
+            self.state.failed_auth.failed(address)
             raise ApiError(401, "this needs the gateway's admin token.")
 
     def body(self) -> dict[str, Any]:
@@ -74,6 +90,8 @@ class GatewayHandler(web.RequestHandler):
         if isinstance(error, ApiError):
             self.set_status(error.status)
             status_code, message = error.status, error.message
+            if error.retry_after is not None:
+                self.set_header("Retry-After", str(max(1, round(error.retry_after))))
         elif isinstance(error, web.HTTPError) and status_code == 405:
             message = (
                 f"{self.request.method} is not allowed on {self.request.path[:200]}; "
@@ -88,7 +106,8 @@ class GatewayHandler(web.RequestHandler):
         else:
             message = "the gateway hit an unexpected error; it is logged. Try again."
         reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                  409: "Conflict", 413: "Payload Too Large"}.get(status_code)  # fmt: skip
+                  409: "Conflict", 413: "Payload Too Large",
+                  429: "Too Many Requests"}.get(status_code)  # fmt: skip
         reason = reason or httputil.responses.get(status_code, "Error")
         self.set_status(status_code, reason)
         self.finish(json.dumps({"reason": reason, "message": message}))

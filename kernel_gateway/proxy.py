@@ -38,13 +38,15 @@ class ChannelsHandler(WebSocketHandler):
 
     async def get(self, kernel_id: str) -> None:
         try:
-            tenant = tenant_of(self.state, token_of(self))
+            tenant = tenant_of(self.state, token_of(self), self.request.remote_ip or "")
             kernel = self.state.kernels.get(tenant, kernel_id)
             if kernel.state == "dead":
                 raise ApiError(404, f"kernel {kernel_id} is dead: {kernel.reason}")
         except ApiError as error:
             self.set_status(error.status)
             self.set_header("Content-Type", "application/json")
+            if error.retry_after is not None:
+                self.set_header("Retry-After", str(max(1, round(error.retry_after))))
             self.finish(json.dumps({"reason": self._reason, "message": error.message}))
             return
         if self.request.headers.get("Upgrade", "").lower() != "websocket":

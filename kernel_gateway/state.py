@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from .auth_limit import FailedAuth
 from .budgets import read_budget
 from .errors import ApiError
 from .idle import IdleWatcher
@@ -35,6 +36,7 @@ class GatewayState:
         self.admin_token = admin_token
         self.join_token = join_token
         self.host_timeout = host_timeout
+        self.failed_auth = FailedAuth(per_minute=100)  # the app sets it from its option
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self._watch: asyncio.Task[None] | None = None

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import subprocess
+import sys
 import urllib.parse
 from typing import Any
 
 import pytest
+from conftest import start_gateway
 from kernel_ws import KernelSocket, run_code
 from tornado.httpclient import HTTPClientError
 
@@ -297,3 +301,58 @@ def test_gateway_still_serves_after_all_of_it(stack):
         assert out == "still here\n"
     finally:
         assert stack.call("DELETE", f"/api/kernels/{model['id']}").status == 204
+
+
+def test_too_many_wrong_tokens_from_one_address_get_429(tmp_path):
+    gateway = start_gateway(tmp_path, "--auth-failures-per-minute", "3")
+    try:
+        token = gateway.tenant("limited")
+        for wrong in ("", "wrong-1", "wrong-2"):
+            assert gateway.call("GET", "/api/kernels", token=wrong).status == 401
+        refused = gateway.call("GET", "/api/kernels", token="wrong-3")
+        check_error(refused, 429, "too many requests with a wrong token from 127.0.0.1")
+        assert "over 3 a minute" in refused.body["message"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        # The address waits, whatever it sends: a token is not even looked at meanwhile.
+        assert gateway.call("GET", "/api/kernels", token=token).status == 429
+        assert gateway.call("GET", "/api/admin/tenants", token=gateway.admin_token).status == 429
+        with pytest.raises(HTTPClientError) as socket_refused:
+            asyncio.run(KernelSocket.open(gateway.url, token, MISSING))
+        assert socket_refused.value.code == 429
+        # Hosts are never blocked: a tenant on the same address cannot cut one off.
+        host = gateway.call("POST", "/api/hosts/register", {}, token="wrong-join")
+        check_error(host, 401, "join token")
+        assert gateway.call("GET", "/metrics", token="").status == 200
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "2000000"])
+def test_bad_auth_limit_option_is_refused(tmp_path, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "kernel_gateway.cli", "gateway", "--port", "0",
+         "--state-dir", str(tmp_path), f"--auth-failures-per-minute={value}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert re.search(r"auth.failures.per.minute", done.stderr + done.stdout), done.stderr
+
+
+def test_the_wait_ends_a_minute_after_the_failures(monkeypatch):
+    from kernel_gateway import auth_limit
+
+    now = [1000.0]
+    monkeypatch.setattr(auth_limit.time, "monotonic", lambda: now[0])
+    limit = auth_limit.FailedAuth(per_minute=2)
+    limit.failed("10.0.0.1")
+    now[0] += 30
+    limit.failed("10.0.0.1")
+    assert limit.wait_for("10.0.0.1") == pytest.approx(30.0)  # the first one ages out at 1060
+    assert limit.wait_for("10.0.0.2") == 0.0  # another address is not affected
+    now[0] += 30.5
+    assert limit.wait_for("10.0.0.1") == 0.0
+    monkeypatch.setattr(auth_limit, "MAX_ADDRESSES", 3)
+    for n in range(5):
+        limit.failed(f"10.0.1.{n}")
+    assert len(limit._failures) == 3  # a scan of many addresses cannot grow it without bound
+    assert auth_limit.FailedAuth(per_minute=0).wait_for("10.0.0.1") == 0.0
