@@ -44,9 +44,16 @@ class HostView:
 class Pool:
     def __init__(self) -> None:
         self.hosts: dict[str, HostView] = {}
+        # Hosts known from the database but not heard from since the gateway restarted: their
+        # GPUs count for what the pool can serve, but nothing is placed on them until they
+        # speak, since they may be gone.
+        self.unheard: set[str] = set()
 
     def live(self) -> list[HostView]:
         return [h for h in self.hosts.values() if not h.lost]
+
+    def placeable(self) -> list[HostView]:
+        return [h for h in self.live() if h.id not in self.unheard]
 
     def types(self) -> dict[str, dict[str, int]]:
         """Per GPU type: total, free, memory per GPU, and the most on any one host."""
@@ -83,16 +90,16 @@ class Pool:
         requests are not starved by fragmentation), preferring one with a warm kernel, and
         `prefer` (where a suspended kernel's checkpoint is) above all when it fits."""
         preferred = self.hosts.get(prefer or "")
-        if preferred is not None and not preferred.lost:
+        if preferred is not None and preferred in self.placeable():
             if not shape.gpu_count or (
                 shape.gpu_type is not None and preferred.free(shape.gpu_type) >= shape.gpu_count
             ):
                 return preferred
         if not shape.gpu_count:
-            live = self.live()
+            live = self.placeable()
             return min(live, key=lambda h: len(h.held) + len(h.reserved)) if live else None
         assert shape.gpu_type is not None
-        fits = [h for h in self.live() if h.free(shape.gpu_type) >= shape.gpu_count]
+        fits = [h for h in self.placeable() if h.free(shape.gpu_type) >= shape.gpu_count]
         if not fits:
             return None
         gpu_type = shape.gpu_type

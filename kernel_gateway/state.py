@@ -50,7 +50,8 @@ class GatewayState:
                 view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
                 view.update(host.gpus)
                 self.pool.hosts[host.id] = view
-            self.unheard = set(self.pool.hosts)  # hosts not heard from since this restart
+            self.unheard = self.pool.unheard  # hosts not heard from since this restart
+            self.unheard.update(self.pool.hosts)
             for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
                 if kernel.host_id in self.pool.hosts:
                     self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)

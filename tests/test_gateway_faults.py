@@ -178,6 +178,31 @@ def test_a_gateway_restart_keeps_kernels_and_their_variables(
     assert kernel(again, waiting[1])["gpupool"]["queue_position"] == 1
 
 
+def test_after_a_restart_nothing_is_placed_on_a_host_not_yet_heard_from(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    gw = gateway(tmp_path, started)
+    agent = join(tmp_path, started, gw)
+    gw.token = gw.tenant("a")
+    token, port = gw.token, urlsplit(gw.url).port
+    gw.proc.kill()
+    gw.proc.wait(10)
+    os.kill(agent.proc.pid, signal.SIGSTOP)  # silent: it may be gone, for all the gateway knows
+    try:
+        again = gateway(tmp_path, started, port=port)
+        again.token = token
+        model = again.create(name=H100_X1)
+        # Its GPUs still count (no 400), but the kernel waits instead of starting on it.
+        assert model["gpupool"]["state"] == "queued", model
+        time.sleep(0.5)
+        assert state_of(again, model["id"]) == "queued"
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    # The host's next heartbeat (or registration) proves it alive: the kernel starts there.
+    again.wait_for(lambda: state_of(again, model["id"]) == "running", 15, "the kernel to start")
+    assert asyncio.run(run_code(again.url, token, model["id"], "print(1 + 1)")) == "2\n"
+
+
 def test_a_host_that_comes_back_gets_its_kernels_back(tmp_path: Path, started: list[Any]) -> None:
     gw = gateway(tmp_path, started)
     agent = join(tmp_path, started, gw)
