@@ -11,6 +11,7 @@ from .allocator import CPU, Shape
 from .tenants import TenantError, check_tenant_name
 
 MAX_BODY_BYTES = 64 * 1024
+OWNER = re.compile(r"[A-Za-z0-9_-]{0,64}")
 MAX_ENV_KEYS = 256
 MAX_ENV_VALUE = 4096
 MAX_GPUS_PER_KERNEL = 64
@@ -35,6 +36,7 @@ class KernelRequest:
     shared: bool = False  # may share its GPUs with other kernels that also asked to share
     tenant: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    owner: str = ""  # the caller's own id for the kernel (the gateway's), reported back as is
 
 
 def _env(value: Any) -> dict[str, str]:
@@ -120,6 +122,10 @@ def parse_kernel_request(body: bytes) -> KernelRequest:
     if not isinstance(shared, bool):
         raise RequestError("shared must be true or false.")
     request.shared = shared
+    owner = data.get("owner", "")
+    if not isinstance(owner, str) or not OWNER.fullmatch(owner):
+        raise RequestError("owner must be up to 64 letters, digits, '-' or '_'.")
+    request.owner = owner
     tenant = data.get("tenant")
     if tenant is not None:
         try:

@@ -109,6 +109,7 @@ class HostKernelManager(AsyncMappingKernelManager):
             placement.start = "warm"
             placement.started_at = time.time()
             placement.space = space  # the same Unix user; the owner's own folder and label
+            placement.owner = request.owner
             await self._adopt(placement, request.env)
             self.log.info("kernel %s taken warm for %s", kernel_id, space.tenant)
         else:
@@ -147,6 +148,7 @@ class HostKernelManager(AsyncMappingKernelManager):
             space,
             claimed,
             request.shared,
+            owner=request.owner,
         )
         self.placements[kernel_id] = placement
         try:
@@ -158,11 +160,16 @@ class HostKernelManager(AsyncMappingKernelManager):
             client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
             self.shells[kernel_id] = client
             await client.kernel_info(reply=True, timeout=120)
-        except BaseException:
-            if kernel_id in self:
+        except BaseException as error:
+            shut_down = kernel_id not in self  # by a DELETE that came while it started
+            if not shut_down:
                 await self._async_shutdown_kernel(kernel_id, now=True)
             self.allocator.release(kernel_id)
             self.placements.pop(kernel_id, None)
+            if shut_down and isinstance(error, asyncio.CancelledError):
+                raise web.HTTPError(
+                    409, f"kernel {kernel_id} was shut down while it started; ask for a new one."
+                ) from None
             raise
         kernel = self.get_kernel(kernel_id)
         if kernel.execution_state == "starting":  # type: ignore[attr-defined]
@@ -212,6 +219,7 @@ class HostKernelManager(AsyncMappingKernelManager):
             "gpu_count": len(placement.gpus),
             "shared": placement.shared,
             "start": placement.start,
+            "owner": placement.owner,
         }
         return model
 

@@ -28,6 +28,7 @@ class KernelPlacement:
     shared: bool = False
     start: str = "cold"  # "warm" when taken from the warm pool
     started_at: float = field(default_factory=time.time)
+    owner: str = ""  # the gateway's id for this kernel, so it can tell its own after a crash
 
     @property
     def connection_file(self) -> Path:

@@ -79,6 +79,7 @@ class GatewayKernels:
         self.live: dict[str, Live] = {}
         self.queue: list[str] = []
         self.missed: set[str] = set()  # running kernels missing from their host's last report
+        self.stopping: set[str] = set()  # host kernel ids of orphans being stopped
         # Its own client: tornado's shared one runs 10 requests at a time, so a burst of starts
         # would queue (and time out) behind each other, and deletes behind them.
         self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
@@ -302,7 +303,7 @@ class GatewayKernels:
         assert tenant is not None
         body = {
             "name": "python3", "gpu_count": kernel.gpu_count, "tenant": tenant.name,
-            "env": {**kernel.env, **self._gateway_env(kernel)},
+            "env": {**kernel.env, **self._gateway_env(kernel)}, "owner": kernel.id,
         }  # fmt: skip
         if kernel.gpu_count:
             body["gpu_type"] = kernel.gpu_type
@@ -653,6 +654,40 @@ class GatewayKernels:
             if opened:
                 log.warning("opened ledger intervals for %d running kernel(s) that had none",
                             len(opened))  # fmt: skip
+        self._stop_orphans(host, kernels)
+
+    def _stop_orphans(self, host: HostView, reported: list[dict[str, Any]]) -> None:
+        """Stop host kernels this gateway started but no kernel of its uses: a start in flight
+        when the gateway crashed (the kernel was queued again, and started anew), or a start
+        whose answer never came. Their GPUs would stay taken with nobody to use or bill them."""
+        for model in reported:
+            owner = (model.get("gpupool") or {}).get("owner")
+            host_kernel_id = model.get("id")
+            if not owner or model.get("execution_state") == "dead" or host_kernel_id is None:
+                continue
+            if owner in host.reserved or host_kernel_id in self.stopping:
+                continue  # its start is in flight, or it is being stopped already
+            with self.db() as s:
+                kernel = s.get(Kernel, owner)
+            if (
+                kernel is not None
+                and kernel.host_id == host.id
+                and (
+                    kernel.host_kernel_id == host_kernel_id
+                    or (kernel.state == "starting" and owner in host.held)  # restoring
+                )
+            ):
+                continue
+            log.warning("stopping kernel %s on %s: no kernel of this gateway uses it (its start "
+                        "was cut short)", host_kernel_id, host.name)  # fmt: skip
+            self.stopping.add(host_kernel_id)
+            asyncio.get_running_loop().create_task(self._stop_orphan(host, host_kernel_id))
+
+    async def _stop_orphan(self, host: HostView, host_kernel_id: str) -> None:
+        try:
+            await self._stop_on_host(host, host_kernel_id)
+        finally:
+            self.stopping.discard(host_kernel_id)
 
     def host_lost(self, host: HostView) -> None:
         with self.db() as s:

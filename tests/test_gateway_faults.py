@@ -203,6 +203,35 @@ def test_after_a_restart_nothing_is_placed_on_a_host_not_yet_heard_from(
     assert asyncio.run(run_code(again.url, token, model["id"], "print(1 + 1)")) == "2\n"
 
 
+def test_a_host_kernel_no_gateway_kernel_uses_is_stopped(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    """A start cut short (the gateway crashed, or its answer never came) leaves a kernel on the
+    host that the gateway started but does not use: the next heartbeats stop it."""
+    gw = gateway(tmp_path, started)
+    agent = join(tmp_path, started, gw)
+    kernel_id = running_kernel(gw)
+    [used] = agent.call("GET", "/api/kernels").body
+    assert used["gpupool"]["owner"] == kernel_id  # the gateway names itself in each start
+    stranger = agent.create(name="python3")  # started on the host by someone else: not ours
+    # As if the gateway had asked for it and then crashed: its owner is no kernel of the
+    # gateway's. It may be stopped even before its start finishes (then the start is a 409).
+    orphan = agent.call(
+        "POST", "/api/kernels",
+        {"name": "python3-gpu-h100-x1", "owner": "0f0e0d0c-0000-4000-8000-00000000abcd"},
+    )  # fmt: skip
+    assert orphan.status in (201, 409), orphan.body
+    if orphan.status == 409:
+        assert "shut down while it started" in orphan.body["message"]
+    agent.wait_for(lambda: alive_on(agent) == {used["id"], stranger["id"]}, 10, "the orphan to go")
+    assert "no kernel of this gateway uses it" in gw.log()
+    time.sleep(1.2)  # two more heartbeats: nothing else is touched
+    assert alive_on(agent) == {used["id"], stranger["id"]}
+    assert state_of(gw, kernel_id) == "running"
+    bad = agent.call("POST", "/api/kernels", {"name": "python3", "owner": "../x"})
+    assert bad.status == 400 and "owner must be" in bad.body["message"]
+
+
 def test_a_host_that_comes_back_gets_its_kernels_back(tmp_path: Path, started: list[Any]) -> None:
     gw = gateway(tmp_path, started)
     agent = join(tmp_path, started, gw)
