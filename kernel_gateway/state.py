@@ -30,8 +30,15 @@ RESTART_GRACE_SECONDS = 40.0
 
 class GatewayState:
     def __init__(
-        self, db: sessionmaker[Session], admin_token: str, join_token: str, host_timeout: float
+        self,
+        db: sessionmaker[Session],
+        admin_token: str,
+        join_token: str,
+        host_timeout: float,
+        serving: bool = True,
     ) -> None:
+        """`serving`: this process is the gateway, so it takes over the state left by the last
+        one (queue, ledger repair); `gpupool tenant` only edits tenants, beside a live one."""
         self.db = db
         self.admin_token = admin_token
         self.join_token = join_token
@@ -41,7 +48,9 @@ class GatewayState:
         self.kernels = GatewayKernels(db, self.pool)
         self._watch: asyncio.Task[None] | None = None
         self._budget_watch: asyncio.Task[None] | None = None
-        self._load()
+        self.unheard = self.pool.unheard
+        if serving:
+            self._load()
 
     def _load(self) -> None:
         """After a restart: hosts and their running kernels, as they were."""
@@ -50,8 +59,7 @@ class GatewayState:
                 view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
                 view.update(host.gpus)
                 self.pool.hosts[host.id] = view
-            self.unheard = self.pool.unheard  # hosts not heard from since this restart
-            self.unheard.update(self.pool.hosts)
+            self.unheard.update(self.pool.hosts)  # not heard from since this restart
             for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
                 if kernel.host_id in self.pool.hosts:
                     self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)

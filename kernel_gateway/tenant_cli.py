@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     if not db_path.exists():
         sys.exit(f"gpupool tenant: no gateway state in {args.state_dir}/; run 'gpupool up' or "
                  "'gpupool gateway' here first, or pass --state-dir.")  # fmt: skip
-    state = GatewayState(open_store(str(db_path)), admin_token="", join_token="", host_timeout=1)
+    # Beside a live gateway: only tenants are touched, never its kernels, queue or ledger.
+    state = GatewayState(
+        open_store(str(db_path)), admin_token="", join_token="", host_timeout=1, serving=False
+    )
     try:
         if args.action == "create":
             tenant, secret = state.create_tenant(

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 
 from kernel_gateway.kernels import GatewayKernels, iso
 from kernel_gateway.pool import HostView, Pool
-from kernel_gateway.store import Host, Tenant, open_store
+from kernel_gateway.store import Host, Kernel, Tenant, open_store
 
 H100_X1 = "python3-gpu-h100-x1"
 HOST_TIMEOUT = 2.0
@@ -368,3 +370,25 @@ def test_a_heartbeat_sent_before_a_start_does_not_kill_the_new_kernel(tmp_path: 
         assert host.held == {}
 
     asyncio.run(scenario())
+
+
+def test_gpupool_tenant_beside_a_live_gateway_touches_only_tenants(tmp_path: Path) -> None:
+    """The live gateway owns its kernels, queue and ledger: `gpupool tenant`, run in the same
+    folder, must not take them over as a restarting gateway would."""
+    db = open_store(str(tmp_path / "gateway.db"))
+    with db() as s:
+        tenant = Tenant(name="a")
+        s.add(tenant)
+        s.flush()
+        s.add(Kernel(id="0f0e0d0c-0000-4000-8000-00000000abcd", tenant_id=tenant.id,
+                     name=H100_X1, gpu_type="H100", gpu_count=1, state="starting"))  # fmt: skip
+        s.commit()
+    done = subprocess.run(
+        [sys.executable, "-m", "kernel_gateway.cli", "tenant", "--state-dir", str(tmp_path),
+         "create", "bob"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with db() as s:
+        assert s.get(Kernel, "0f0e0d0c-0000-4000-8000-00000000abcd").state == "starting"
+        assert {t.name for t in s.query(Tenant)} == {"a", "bob"}
