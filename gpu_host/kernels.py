@@ -220,6 +220,7 @@ class HostKernelManager(AsyncMappingKernelManager):
             "shared": placement.shared,
             "start": placement.start,
             "owner": placement.owner,
+            "held_since": placement.started_at,  # Unix time its GPUs were given to this kernel
         }
         return model
 

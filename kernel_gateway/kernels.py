@@ -307,6 +307,7 @@ class GatewayKernels:
         }  # fmt: skip
         if kernel.gpu_count:
             body["gpu_type"] = kernel.gpu_type
+        asked = time.time()
         try:
             reply = await self.host_call(host, "POST", "/api/kernels", body)
         except HTTPClientError as error:
@@ -332,7 +333,11 @@ class GatewayKernels:
             asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
             return
         host.held[kernel.id] = list(reply["gpupool"]["gpus"])
-        held = time.time()  # its GPUs are held from here, restore included
+        # Billed from when the host gave it its GPUs (a cold start holds them while the kernel
+        # boots), within what this gateway saw, since the host's clock may differ.
+        now = time.time()
+        since = reply["gpupool"].get("held_since")
+        held = min(max(asked, since), now) if isinstance(since, int | float) else now
         if kernel.checkpoint:
             await self._restore_on(host, kernel, str(reply["id"]))
         if not self._mark_running(kernel.id, host, str(reply["id"]), held):

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -275,3 +276,32 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     assert bad.returncode != 0 and "budget_usd" in bad.stderr
     listed = run_cli("tenant", "list", "--state-dir", state)
     assert re.search(r"^terminal\t.*budget=none\t", listed.stdout, re.M), listed.stdout
+
+
+def test_a_cold_start_is_billed_from_when_the_host_gave_it_its_gpus(tmp_path: Any) -> None:
+    """DESIGN: `starting` is billed, since the GPUs are held while the kernel boots; a start
+    that fails bills nothing."""
+    gw = start_gateway(tmp_path, state=tmp_path / "gw")
+    (tmp_path / "host").mkdir()
+    agent = start_host(
+        tmp_path / "host", "--fake-gpus", "H100:1", "--no-isolate", "--warm-per-shape", "0",
+        "--gateway", gw.url, f"--join-token={gw.join_token}", "--heartbeat-seconds", "0.5",
+    )  # fmt: skip
+    try:
+        gw.wait_for(lambda: gw.call("GET", "/api/gpus").body, 15, "the host")
+        token = gw.tenant("cold")
+        asked = time.time()
+        kernel_id = create(gw, token, "python3-gpu-h100-x1")
+        answered = time.time()
+        [held] = agent.call("GET", "/api/kernels").body
+        assert held["gpupool"]["start"] == "cold"
+        [interval] = gw.call("GET", f"/api/usage?kernel={kernel_id}", token=token).body["intervals"]
+        start = datetime.strptime(interval["start"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        start_at = start.replace(tzinfo=timezone.utc).timestamp()
+        assert abs(start_at - held["gpupool"]["held_since"]) < 0.002
+        # The boot (most of a cold start) is inside the interval, not before it.
+        assert asked <= start_at < asked + (answered - asked) / 2, (asked, start_at, answered)
+        delete(gw, token, kernel_id)
+    finally:
+        agent.stop()
+        gw.stop()
