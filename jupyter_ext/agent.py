@@ -3,25 +3,30 @@
 The notebook's kernel sends this file's source to its companion GPU kernel in one silent execute
 (see `install_code`); there it runs as the module `_gpupool_agent`, with nothing but the standard
 library, IPython and cloudpickle, and registers the comm target `gpupool.cell`. The notebook side
-imports the same helpers (`dump`, `split`, `join`, `load`), so the framing is defined once.
+imports the same helpers (`dump`, `split`, `Assembler`, `load`), so the framing is defined once.
 
 Messages on the comm (all `comm_msg`, all answered on IOPub with the request as parent):
 
 - agent -> notebook on open: `{"op": "hello", "python", "cloudpickle", "pid"}`.
 - `{"op": "versions", "modules": [...]}` -> `{"op": "versions", "versions": {module: version}}`.
-- `{"op": "part", "id"}` with buffers: pieces of the next run's payload, in order.
-- `{"op": "run", "id", "code", "count", "names", "layout", "pull", "max_bytes"}` with the last
-  pieces -> `{"op": "started"}`, then the cell's own IOPub output, then `{"op": "part"}`s and
-  `{"op": "done", "names", "layout", "failed", "kept", "load_errors", "error"}`.
+- `{"op": "part", "id", "layout", "sizes"}` with buffers: pieces of the next run's payload, in
+  order.
+- `{"op": "run", "id", "code", "count", "names", "layout", "sizes", "pull", "max_bytes"}` with
+  the last pieces -> `{"op": "started"}`, then the cell's own IOPub output, then
+  `{"op": "part", "layout", "sizes"}`s and
+  `{"op": "done", "names", "layout", "sizes", "failed", "kept", "load_errors", "error"}`.
 
 A payload is a list of items (one per variable), each a list of blobs (a protocol-5 pickle and
 its out-of-band buffers); blobs are cut into pieces of at most `PIECE_BYTES` and pieces grouped
 into messages of at most `MESSAGE_BYTES`, because the GPU host's websocket (tornado's default)
-refuses messages over 10 MiB. `layout[i][j]` is the number of pieces of blob j of item i.
+refuses messages over 10 MiB. `layout[i][j]` is the number of pieces of blob j of item i, and
+`sizes[i][j]` its bytes. Every message of a payload carries both, so that the receiver copies
+pieces into place as they arrive (`Assembler`) instead of all at once after the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -52,6 +57,15 @@ def dump(value: Any, pickler_class: Any) -> list[Buffer]:
 
 def nbytes(blobs: Sequence[Buffer]) -> int:
     return sum(memoryview(b).nbytes for b in blobs)
+
+
+def new_digest() -> Any:
+    """The content hash of an item: fed its blobs in order (see `namespace.digest`)."""
+    return hashlib.sha1(usedforsecurity=False)
+
+
+def sizes(items: Sequence[Sequence[Buffer]]) -> list[list[int]]:
+    return [[memoryview(b).nbytes for b in blobs] for blobs in items]
 
 
 def split(items: Sequence[Sequence[Buffer]]) -> tuple[list[list[int]], list[list[memoryview]]]:
@@ -99,6 +113,71 @@ def join(layout: Sequence[Sequence[int]], pieces: Sequence[Buffer]) -> list[list
     if index != len(pieces):
         raise ValueError(f"the payload has {len(pieces)} pieces; its layout names {index}")
     return items
+
+
+class Assembler:
+    """Items rebuilt from their pieces as the messages carrying them arrive: each piece is copied
+    into its blob at once (and, with `hashed`, fed to its item's digest), so that the work
+    overlaps the transfer and each message can be freed. `join` in one go."""
+
+    def __init__(
+        self, layout: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]], hashed: bool = False
+    ) -> None:
+        self.error = ""
+        if [len(c) for c in layout] != [len(s) for s in sizes]:
+            self.error = "the payload's layout and sizes do not match"
+            layout = sizes = []
+        self.items = [[bytearray(n) for n in blob_sizes] for blob_sizes in sizes]
+        self.places = [(i, j) for i, counts in enumerate(layout)
+                       for j, count in enumerate(counts) for _ in range(count)]  # fmt: skip
+        self.hashes = [new_digest() for _ in self.items] if hashed else None
+        self.received = 0  # pieces
+        self.offset = 0  # in the blob being filled
+
+    def add(self, pieces: Sequence[Buffer]) -> None:
+        for piece in pieces:
+            if self.error:
+                return
+            if self.received >= len(self.places):
+                self.error = f"the payload has more pieces than its layout's {len(self.places)}"
+                return
+            i, j = self.places[self.received]
+            if self.received and self.places[self.received - 1] != (i, j):
+                if not self._filled(self.received - 1):
+                    return
+                self.offset = 0
+            view = memoryview(piece).cast("B")
+            blob = self.items[i][j]
+            end = self.offset + len(view)
+            if end > len(blob):
+                self.error = f"a piece overruns blob {j} of item {i} ({len(blob)} bytes)"
+                return
+            blob[self.offset : end] = view
+            if self.hashes is not None:
+                self.hashes[i].update(view)
+            self.offset = end
+            self.received += 1
+
+    def _filled(self, index: int) -> bool:
+        """Whether the blob of piece `index`, the last one written to, is full."""
+        i, j = self.places[index]
+        if self.offset != len(self.items[i][j]):
+            self.error = f"blob {j} of item {i} is short"
+        return not self.error
+
+    def finish(self) -> list[list[bytearray]]:
+        """The items; raises ValueError if the pieces did not fill them exactly."""
+        count = len(self.places)
+        if not self.error and self.received != count:
+            self.error = f"the payload has {self.received} pieces; its layout names {count}"
+        if not self.error and count:
+            self._filled(count - 1)
+        if self.error:
+            raise ValueError(self.error)
+        return self.items
+
+    def digests(self) -> list[str]:
+        return [h.hexdigest() for h in self.hashes or []]
 
 
 def load(blobs: Sequence[Buffer]) -> Any:
@@ -220,7 +299,7 @@ class CellAgent:
         self.shell = shell
         self.comm = comm
         self.overrides = overrides
-        self.pieces: dict[str, list[Buffer]] = {}
+        self.incoming: dict[str, Assembler] = {}  # run id -> its payload, as it arrives
         self.pickler = cpu_pickler_class()
 
     def hello(self) -> None:
@@ -231,31 +310,41 @@ class CellAgent:
         buffers = list(msg.get("buffers") or [])
         op = data.get("op")
         if op == "part":
-            self.pieces.setdefault(data["id"], []).extend(buffers)
+            self.receive(data).add(buffers)
         elif op == "versions":
             self.comm.send({"op": "versions", "versions": package_versions(data["modules"])})
         elif op == "run":
-            pieces = self.pieces.pop(data["id"], []) + buffers
-            self.pieces.clear()  # pieces of a run the notebook gave up sending
+            payload = self.receive(data)
+            self.incoming.clear()  # pieces of a run the notebook gave up sending
             self.comm.send({"op": "started", "id": data["id"]})
             try:
-                reply, items = self.run(data, pieces)
+                payload.add(buffers)
+                reply, items = self.run(data, payload.finish())
             except BaseException as problem:  # an interrupt between steps still gets an answer
                 error, _ = self.error(problem)
                 reply, items = {"op": "done", "id": data["id"], "error": error}, []
             self.send(reply, items)
 
+    def receive(self, data: dict[str, Any]) -> Assembler:
+        """The payload of the run `data` belongs to, started by its first message."""
+        payload = self.incoming.get(data["id"])
+        if payload is None:
+            payload = Assembler(data.get("layout") or [], data.get("sizes") or [])
+            self.incoming[data["id"]] = payload
+        return payload
+
     def send(self, reply: dict[str, Any], items: list[list[Buffer]]) -> None:
         layout, messages = split(items)
+        shape = {"layout": layout, "sizes": sizes(items)}
         for buffers in messages[:-1]:
-            self.comm.send({"op": "part", "id": reply["id"]}, buffers=buffers)
-        self.comm.send({**reply, "layout": layout}, buffers=messages[-1])
+            self.comm.send({"op": "part", "id": reply["id"], **shape}, buffers=buffers)
+        self.comm.send({**reply, **shape}, buffers=messages[-1])
 
-    def run(self, data: dict[str, Any], pieces: list[Buffer]) -> tuple[dict[str, Any], Any]:
+    def run(self, data: dict[str, Any], sent: list[list[bytearray]]) -> tuple[dict[str, Any], Any]:
         ns = self.shell.user_ns
         reply: dict[str, Any] = {"op": "done", "id": data["id"], "names": [], "error": None}
         load_errors = {}
-        for name, blobs in zip(data["names"], join(data["layout"], pieces)):  # noqa: B905
+        for name, blobs in zip(data["names"], sent):  # noqa: B905
             try:
                 ns[name] = load(blobs)
             except Exception as problem:

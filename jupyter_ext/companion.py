@@ -279,7 +279,7 @@ class Companion:
             payload = self.sent.payload(ns, cell.reads | cell.forced, cell.forced)
             self.check_payload(payload, cell)
             try:
-                reply, pieces = self.exchange(cell, payload, output, deadline)
+                reply, received = self.exchange(cell, payload, output, deadline)
             except AgentMissing:
                 if attempt:
                     raise GpuKernelLost(
@@ -288,7 +288,7 @@ class Companion:
                     ) from None
                 self.install()  # a new process behind the same kernel id (resumed): again
                 continue
-            return self.finish(cell, payload, reply, pieces, ns, deadline)
+            return self.finish(cell, payload, reply, received, ns, deadline)
         raise AssertionError("unreachable")
 
     def check_payload(self, payload: Payload, cell: Cell) -> None:
@@ -352,15 +352,16 @@ class Companion:
 
     def exchange(
         self, cell: Cell, payload: Payload, output: CellOutput, deadline: float | None
-    ) -> tuple[dict[str, Any], list[Any]]:
+    ) -> tuple[dict[str, Any], agent.Assembler]:
         channel = self._channel()
         run_id = uuid.uuid4().hex
         layout, messages = agent.split(payload.items)
+        shape = {"layout": layout, "sizes": agent.sizes(payload.items)}
         for buffers in messages[:-1]:
-            part = {"comm_id": self.comm_id, "data": {"op": "part", "id": run_id}}
+            part = {"comm_id": self.comm_id, "data": {"op": "part", "id": run_id, **shape}}
             channel.send("shell", "comm_msg", part, buffers, listen=False)
         data = {"op": "run", "id": run_id, "code": cell.code, "count": cell.count,
-                "names": payload.names, "layout": layout, "pull": cell.pull,
+                "names": payload.names, **shape, "pull": cell.pull,
                 "max_bytes": cell.max_bytes}  # fmt: skip
         msg_id, waiting = channel.send(
             "shell", "comm_msg", {"comm_id": self.comm_id, "data": data}, messages[-1]
@@ -373,13 +374,14 @@ class Companion:
 
     def wait_done(
         self, waiting: queue.Queue[dict[str, Any]], output: CellOutput, deadline: float | None
-    ) -> tuple[dict[str, Any], list[Any]]:
+    ) -> tuple[dict[str, Any], agent.Assembler]:
         """Forward the cell's output until the agent says it is done; Ctrl-C (and --timeout)
-        interrupt the GPU kernel and wait for the cell to stop there."""
+        interrupt the GPU kernel and wait for the cell to stop there. The variables coming back
+        are put together (and hashed) as their pieces arrive."""
         assert self.kernel_id is not None
         started = False
         held: list[dict[str, Any]] = []  # output before the agent took the cell is the kernel's
-        pieces: list[Any] = []
+        received: agent.Assembler | None = None
         interrupted: float | None = None
         last = time.monotonic()
         progress: Progress | None = None
@@ -412,11 +414,14 @@ class Companion:
                         started = True
                         for early in held:
                             output.forward(early)
-                    elif data.get("op") == "part":
-                        pieces.extend(msg["buffers"])
-                    elif data.get("op") == "done":
-                        pieces.extend(msg["buffers"])
-                        return data, pieces
+                    elif data.get("op") in ("part", "done"):
+                        if received is None:
+                            received = agent.Assembler(
+                                data.get("layout") or [], data.get("sizes") or [], hashed=True
+                            )
+                        received.add(msg["buffers"])
+                        if data["op"] == "done":
+                            return data, received
                 elif kind == "status":
                     if msg["content"].get("execution_state") == "idle":
                         if not started:
@@ -451,7 +456,7 @@ class Companion:
         cell: Cell,
         payload: Payload,
         reply: dict[str, Any],
-        pieces: list[Any],
+        received: agent.Assembler,
         ns: MutableMapping[str, Any],
         deadline: float | None,
     ) -> Outcome:
@@ -463,8 +468,14 @@ class Companion:
             )
         self.sent.sent(payload)
         outcome = Outcome(sent=list(payload.names))
-        items = agent.join(reply.get("layout") or [], pieces)
-        for name, blobs in zip(reply.get("names") or [], items, strict=False):
+        try:
+            items = received.finish()
+        except ValueError as error:
+            raise GpuTransferError(
+                f"what came back from the GPU kernel is damaged: {error}"
+            ) from None
+        digests = received.digests()
+        for index, (name, blobs) in enumerate(zip(reply.get("names") or [], items, strict=False)):
             try:
                 value = agent.load(blobs)
             except Exception as error:
@@ -473,7 +484,7 @@ class Companion:
                 )
                 continue
             ns[name] = value
-            self.sent.remember(name, value)
+            self.sent.remember(name, value, digests[index])
             outcome.pulled.append(name)
         for name, size in (reply.get("kept") or {}).items():
             outcome.notes.append(

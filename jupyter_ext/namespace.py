@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import hashlib
 import symtable
 import sys
 import types
@@ -11,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .agent import dump, nbytes
+from .agent import dump, nbytes, new_digest
 
 # IPython's own names in a user namespace, never sent (`shell.user_ns_hidden` has the rest).
 IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh"})
@@ -66,7 +65,7 @@ def parse_names(text: str | None) -> list[str]:
 
 def digest(blobs: Iterable[Any]) -> str:
     """A content hash of a pickle and its buffers."""
-    h = hashlib.sha1(usedforsecurity=False)
+    h = new_digest()
     for blob in blobs:
         h.update(blob)
     return h.hexdigest()
@@ -126,8 +125,14 @@ class SentValues:
     def forget(self) -> None:
         self.digests.clear()
 
-    def remember(self, name: str, value: Any) -> None:
-        """A value just pulled: the kernel has it, so it is not pushed back unless it changes."""
+    def remember(self, name: str, value: Any, key: str | None = None) -> None:
+        """A value just pulled: the kernel has it, so it is not pushed back unless it changes.
+        `key` is the digest of the blobs it came in, if known: what the kernel's pickle of it
+        hashes to (the same cloudpickle on both sides makes the same bytes; if a value pickles
+        differently here, it is only sent again)."""
+        if key is not None:
+            self.digests[name] = key
+            return
         try:
             self.digests[name] = digest(dump(value, self.pickler))
         except Exception:

@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
 from jupyter_ext import agent
-from jupyter_ext.namespace import cell_names, parse_size
+from jupyter_ext.namespace import SentValues, cell_names, parse_size
 
 EXAMPLE = REPO / "examples" / "gpu-cell-magic.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -104,6 +104,38 @@ def test_payload_pieces_fit_the_hosts_websocket_limit() -> None:
     assert parse_size("256MB") == 256_000_000 and parse_size("1.5k") == 1500
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_pieces_are_put_together_as_they_arrive() -> None:
+    """The receiver copies and hashes each message's pieces as it comes; the digest it gets is
+    the one the notebook side makes of the loaded value, so a variable that came back is not
+    sent again unless it changes."""
+    import numpy as np
+
+    values = [np.arange(3_000_000, dtype=np.float64), {"w": np.ones(3), "n": 3}, b""]
+    items = [agent.dump(v, agent.cpu_pickler_class()) for v in values]
+    layout, messages = agent.split(items)
+    assert len(messages) >= 3
+    received = agent.Assembler(layout, agent.sizes(items), hashed=True)
+    for message in messages:
+        received.add(message)
+    sent = SentValues()
+    for name, blobs, key in zip("abc", received.finish(), received.digests(), strict=True):
+        sent.remember(name, agent.load(blobs))  # the notebook side's own digest
+        assert sent.digests[name] == key
+    a, b, c = (agent.load(blobs) for blobs in received.finish())
+    assert (a == values[0]).all() and a.flags.writeable
+    assert b["n"] == 3 and b["w"].tolist() == [1.0, 1.0, 1.0] and c == b""
+
+    short = agent.Assembler(layout, agent.sizes(items))
+    short.add(messages[0])
+    with pytest.raises(ValueError, match="pieces"):
+        short.finish()
+    wrong = agent.Assembler(layout, [[n + 1 for n in s] for s in agent.sizes(items)])
+    for message in messages:
+        wrong.add(message)
+    with pytest.raises(ValueError, match="short"):
+        wrong.finish()
 
 
 def test_gpu_tensors_are_pickled_as_cpu_copies() -> None:
