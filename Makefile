@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install lint test demo bench clean
 
@@ -29,8 +30,13 @@ test: lint
 demo: install
 	$(BIN)/gpupool up
 
-bench: install
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/host_start.py
+	$(BIN)/python bench/magic.py
 
 clean:
 	rm -rf $(VENV) .gpupool .mypy_cache .ruff_cache .pytest_cache
