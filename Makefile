@@ -36,6 +36,8 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/host_start.py
+	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/magic.py
 
 clean:

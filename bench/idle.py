@@ -447,7 +447,7 @@ def commit() -> str:
         dirty = subprocess.run(
             ["git", "--no-optional-locks", "status", "--porcelain", "--", *MEASURED],
             cwd=REPO, text=True, capture_output=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
+        ).stdout  # not stripped: each line starts with a two-column status  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
     changed = sorted({line[3:] for line in dirty.splitlines()})
