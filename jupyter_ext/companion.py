@@ -25,7 +25,7 @@ from .errors import (
     with_remote_traceback,
 )
 from .gateway_api import GatewayApi, kernel_name
-from .namespace import Payload, SentValues, human_bytes
+from .namespace import Payload, RemoteValue, SentValues, human_bytes
 
 # Makes the agent report other versions than its own: how tests stand in for a GPU kernel
 # built from another image (a JSON object, e.g. {"python": "3.9.18"}).
@@ -58,6 +58,7 @@ class Cell:
     pull: list[str]
     max_bytes: int
     timeout: float | None = None
+    writes: set[str] = field(default_factory=set)  # names the cell binds
 
 
 @dataclass
@@ -276,6 +277,7 @@ class Companion:
         for attempt in range(2):
             if self.channel is None or not self.channel.open or not self.compatible:
                 self.connect()
+            self.check_stand_ins(ns, (cell.reads | cell.forced) - cell.writes)
             payload = self.sent.payload(ns, cell.reads | cell.forced, cell.forced)
             self.check_payload(payload, cell)
             try:
@@ -290,6 +292,24 @@ class Companion:
                 continue
             return self.finish(cell, payload, reply, received, ns, deadline)
         raise AssertionError("unreachable")
+
+    def stand_in(self, ns: MutableMapping[str, Any], name: str, why: str) -> None:
+        """`name` stays on the GPU kernel: a stand-in here, and this side no longer knows what
+        the kernel holds for it (so a value assigned here later is always sent)."""
+        ns[name] = RemoteValue(name, self.kernel_id, why)
+        self.sent.digests.pop(name, None)
+
+    def check_stand_ins(self, ns: MutableMapping[str, Any], names: set[str]) -> None:
+        """A stand-in is only good on the GPU kernel that holds its value."""
+        stale = sorted(
+            name for name in names
+            if isinstance(ns.get(name), RemoteValue) and ns[name].kernel_id != self.kernel_id
+        )  # fmt: skip
+        if stale:
+            raise GpuTransferError(
+                f"{', '.join(stale)} stayed on a GPU kernel that has ended since; run the cell "
+                "that made it again (nothing was sent)"
+            )
 
     def check_payload(self, payload: Payload, cell: Cell) -> None:
         forced_skipped = {n: why for n, why in payload.skipped.items() if n in cell.forced}
@@ -479,23 +499,31 @@ class Companion:
             try:
                 value = agent.load(blobs)
             except Exception as error:
-                outcome.notes.append(
-                    f"{name} stays on the GPU kernel: here {agent.describe(error)}"
-                )
+                why = f"here {agent.describe(error)}"
+                self.stand_in(ns, name, why)
+                outcome.notes.append(f"{name} stays on the GPU kernel: {why}")
                 continue
             ns[name] = value
             self.sent.remember(name, value, digests[index])
             outcome.pulled.append(name)
         for name, size in (reply.get("kept") or {}).items():
+            why = f"{human_bytes(size)} is over --max-bytes {human_bytes(cell.max_bytes)}"
+            self.stand_in(ns, name, why)
             outcome.notes.append(
-                f"{name} stays on the GPU kernel: {human_bytes(size)} is over --max-bytes "
-                f"{human_bytes(cell.max_bytes)}; fetch it with `%gpu pull {name}`"
+                f"{name} stays on the GPU kernel: {why}; fetch it with {name}.fetch() or "
+                f"`%gpu pull {name}`"
             )
         for name, why in (reply.get("failed") or {}).items():
+            self.stand_in(ns, name, f"it cannot be pickled ({why})")
             outcome.notes.append(f"{name} stays on the GPU kernel: it cannot be pickled ({why})")
         for note in outcome.notes:
             print(note, file=sys.stderr)
         failure = reply.get("error")
+        if not failure:
+            # Bound there and left there by --no-pull or --pull: what is here is out of date.
+            for name in sorted(cell.writes - set(cell.pull)):
+                if name in ns and not isinstance(ns[name], RemoteValue):
+                    self.stand_in(ns, name, "not pulled after the cell that bound it there")
         if failure:
             raise self.remote_exception(failure, items, cell)
         return outcome

@@ -111,6 +111,7 @@ class GpuMagics(Magics):
             pull=[] if args.no_pull else (pull if pull is not None else sorted(names.writes)),
             max_bytes=max_bytes,
             timeout=args.timeout,
+            writes=names.writes,
         )
         deadline = time.monotonic() + args.timeout if args.timeout else None
         companion = self.ensure(shape, fresh=args.fresh, deadline=deadline)

@@ -71,6 +71,50 @@ def digest(blobs: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+class RemoteValue:
+    """Stands in, in the notebook, for a variable the GPU kernel kept (too large to bring back,
+    or impossible to pickle). A later `%%gpu` cell that reads the name uses the real value
+    there, since a RemoteValue is never sent; `.fetch()` (or `%gpu pull NAME`) brings it here."""
+
+    def __init__(self, name: str, kernel_id: str | None, why: str) -> None:
+        self.name = name
+        self.kernel_id = kernel_id  # the GPU kernel that holds it
+        self.why = why
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.name}: left on the GPU kernel, {self.why}; {self.name}.fetch() or "
+            f"`%gpu pull {self.name}` brings it here>"
+        )
+
+    def fetch(self) -> Any:
+        """Bring the value here (whatever its size), put it in the notebook under its name,
+        and return it."""
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            raise RuntimeError("fetch() needs the IPython kernel this value came back to")
+        magics = shell.magics_manager.registry.get("GpuMagics")
+        companion = getattr(magics, "companion", None)
+        if getattr(companion, "kernel_id", None) != self.kernel_id:
+            raise RuntimeError(
+                f"{self.name} stayed on a GPU kernel that has ended since; run the cell that "
+                "made it again"
+            )
+        shell.run_line_magic("gpu", f"pull {self.name}")
+        value = shell.user_ns.get(self.name)
+        if isinstance(value, RemoteValue):
+            raise RuntimeError(f"{self.name} could not be brought here; see the message above")
+        return value
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self.name} is a stand-in for a value left on the GPU kernel; fetch it first "
+            f"with {self.name}.fetch()"
+        )
+
+
 @dataclass
 class Payload:
     """Variables about to be sent: each name with its blobs."""
@@ -146,6 +190,8 @@ class SentValues:
             if name not in ns:
                 continue
             value = ns[name]
+            if isinstance(value, RemoteValue):
+                continue  # the GPU kernel has the real one
             try:
                 stream_packages, blobs = self._dump(value)
             except Exception as error:

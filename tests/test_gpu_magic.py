@@ -89,6 +89,28 @@ def test_cell_names_reads_and_writes() -> None:
     assert cell_names("x = (").writes == set()
 
 
+def test_a_stand_in_for_a_remote_value_is_never_sent() -> None:
+    from jupyter_ext.namespace import RemoteValue, SentValues
+
+    ref = RemoteValue("huge", "k1", "80.1 KB is over --max-bytes 10.0 KB")
+    payload = SentValues().payload({"huge": ref, "n": 1}, {"huge", "n"}, forced={"huge"})
+    assert payload.names == ["n"] and payload.skipped == {}
+    assert repr(ref).startswith("<huge: left on the GPU kernel, 80.1 KB is over")
+    with pytest.raises(TypeError, match=r"fetch it first with huge.fetch\(\)"):
+        pickle.dumps(ref)
+    # On another GPU kernel (after `%gpu release` or --fresh) it names nothing: said, not sent.
+    from jupyter_ext.companion import Companion, Shape
+    from jupyter_ext.errors import GpuTransferError
+    from jupyter_ext.gateway_api import GatewayApi
+
+    companion = Companion(GatewayApi("http://127.0.0.1:9", "t"), Shape("H100", 1))
+    companion.kernel_id = "k1"
+    companion.check_stand_ins({"huge": ref}, {"huge"})
+    companion.kernel_id = "k2"
+    with pytest.raises(GpuTransferError, match="huge stayed on a GPU kernel that has ended"):
+        companion.check_stand_ins({"huge": ref, "n": 1}, {"huge", "n"})
+
+
 def test_payload_pieces_fit_the_hosts_websocket_limit() -> None:
     import numpy as np
 
@@ -249,11 +271,11 @@ MAGIC_CELLS = [
     f"%%gpu --no-pull\nimport base64\nfrom IPython.display import Image, display\n"
     f"display(Image(data=base64.b64decode('{PNG}')))\nunpulled = 1",
     # 12
-    "print('unpulled' in dir())",
+    "print('unpulled' in dir())\na1 = 'here'",
     # 13: --pull names what comes back
     "%%gpu --pull a2\na1 = 1\na2 = 2",
     # 14
-    "print('a1' in dir(), a2)",
+    "print(type(a1).__name__, a2)",
     # 15: a version mismatch, explained before anything is sent
     "os.environ['GPUPOOL_TEST_AGENT_VERSIONS'] = '{\"python\": \"3.9.18\"}'",
     "%%gpu --fresh\nprint('never runs')",
@@ -264,7 +286,9 @@ MAGIC_CELLS = [
     "%gpu usage",
     # 21: too large to bring back: it stays there, named, until pulled
     "%%gpu --max-bytes 10KB\nhuge = np.zeros(10_000)",
-    "print('huge' in dir())\n%gpu pull huge\nprint(huge.shape)",
+    "print(repr(huge))\n"
+    "get_ipython().run_cell_magic('gpu', '--no-pull', 'print(\"there\", huge.shape)')\n"
+    "print(huge.fetch().shape, type(huge).__name__)",
     # 23: an object whose package the GPU kernel lacks is refused before sending
     "import localonly\nthing = localonly.Thing()",
     "%%gpu\nprint(thing)",
@@ -318,7 +342,7 @@ def test_variables_errors_limits_and_versions(stack: Gateway, tmp_path: Path) ->
     images = [o for o in cells[11].outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1 and images[0].data["image/png"].replace("\n", "") == PNG
     assert text[12].strip() == "False"
-    assert text[14].strip() == "False 2"
+    assert text[14].strip() == "RemoteValue 2"  # a1 was bound there and not pulled
 
     mismatch = error_of(cells[16])
     assert mismatch.ename == "GpuVersionMismatch"
@@ -331,8 +355,15 @@ def test_variables_errors_limits_and_versions(stack: Gateway, tmp_path: Path) ->
     assert "tenant demo:" in text[20] and "this notebook's GPU kernel:" in text[20]
 
     assert "huge stays on the GPU kernel: 80.1 KB is over --max-bytes 10.0 KB" in text[21]
-    assert "fetch it with `%gpu pull huge`" in text[21]
-    assert text[22].split() == ["False", "pulled", "huge", "(10000,)"]
+    assert "fetch it with huge.fetch() or `%gpu pull huge`" in text[21]
+    # A stand-in is left here; a later %%gpu cell uses the real value there (it is not sent).
+    assert text[22].splitlines() == [
+        "<huge: left on the GPU kernel, 80.1 KB is over --max-bytes 10.0 KB; huge.fetch() or "
+        "`%gpu pull huge` brings it here>",
+        "there (10000,)",
+        "pulled huge",
+        "(10000,) ndarray",
+    ]
     missing = error_of(cells[24])
     assert missing.ename == "GpuTransferError"
     assert "localonly is not installed in the GPU kernel" in missing.evalue
