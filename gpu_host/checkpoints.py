@@ -82,7 +82,9 @@ def restore_path(km: HostKernelManager, kernel_id: str, given: Any) -> Path:
 async def checkpoint(km: HostKernelManager, kernel_id: str) -> dict[str, Any]:
     """Save the kernel's user namespace to its checkpoint file, from inside the kernel."""
     path = checkpoint_path(km, kernel_id)
-    return await _in_kernel(km, kernel_id, "checkpoint", path)
+    answer = await _in_kernel(km, kernel_id, "checkpoint", path)
+    answer["path"] = str(path)  # the agent's choice, whatever the tenant's kernel answered
+    return answer
 
 
 async def restore(km: HostKernelManager, kernel_id: str, path: Path) -> dict[str, Any]:
@@ -103,11 +105,32 @@ def discard(km: HostKernelManager, tenant: str, name: str) -> bool:
         tenant = check_tenant_name(tenant)
     except TenantError as error:
         raise web.HTTPError(400, str(error)) from None
-    path = km.spaces.state_dir / "homes" / tenant / FOLDER / name
-    if not path.is_file():
+    # The tenant owns its folder and could put links in it: walk down without following any,
+    # and unlink by name in the last folder (which removes a link itself, never its target).
+    home = os.path.realpath(km.spaces.state_dir / "homes" / tenant)
+    try:
+        folder = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
         return False
-    path.unlink()
-    return True
+    try:
+        for part in FOLDER.parts:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+            except FileNotFoundError:
+                return False
+            except OSError:  # a link, or not a folder: not one this agent made
+                raise web.HTTPError(
+                    400, f"{tenant}'s checkpoint folder is not a plain folder; nothing deleted."
+                ) from None
+            os.close(folder)
+            folder = inner
+        try:
+            os.unlink(name, dir_fd=folder)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(folder)
 
 
 async def _in_kernel(

@@ -96,7 +96,7 @@ class GatewayApp(Application):
     ).tag(config=True)  # fmt: skip
     auth_failures_per_minute = Int(
         100, help="Requests with a wrong tenant or admin token one client address may make in a "
-        "minute before it gets 429 for the rest of that minute; 0: no limit.",
+        "minute; past that its wrong tokens get 429 (right ones are served); 0: no limit.",
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 

@@ -1,9 +1,9 @@
-"""Failed sign-ins per client address: past the limit, that address waits before trying again.
+"""Wrong tokens per client address: past the limit, further wrong tokens from it get 429.
 
-Tokens carry 256 random bits, so this is not what keeps them secret; it keeps a client with a
-wrong token (a forgotten script, a scanner) from costing the gateway a lookup per request, and
-says so in a clear 429. Host registration and heartbeats are never blocked: a tenant on the same
-address must not be able to cut a host off."""
+Tokens carry 256 random bits, so this is not what keeps them secret; it tells a client with a
+wrong token (a forgotten script, a scanner) to slow down, in words, and keeps it out of the
+401 logs. A right token is always served, so one such client cannot lock out others behind the
+same address. Host registration and heartbeats are not counted."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from tornado import httputil, web
@@ -23,26 +24,30 @@ def token_of(handler: web.RequestHandler) -> str:
     return handler.get_query_argument("token", "") or ""
 
 
-def check_attempts(state: GatewayState, address: str) -> None:
-    """429 while `address` is over its limit of failed sign-ins."""
+def wrong_token(state: GatewayState, address: str, message: str) -> ApiError:
+    """The answer to a wrong token: 401, or 429 once `address` sent too many in a minute. A
+    right token always works, so a stale script cannot lock out others on its address (all of
+    `gpupool up` is 127.0.0.1, and so is everyone behind one proxy)."""
     wait = state.failed_auth.wait_for(address)
     if wait:
-        raise ApiError(
+        return ApiError(
             429, f"too many requests with a wrong token from {address} (over "
             f"{state.failed_auth.per_minute} a minute); check the token and try again in "
-            f"{wait:.0f} s.", retry_after=wait,
+            f"{math.ceil(wait)} s.", retry_after=wait,
         )  # fmt: skip
+    state.failed_auth.failed(address)
+    return ApiError(401, message)
 
 
 def tenant_of(state: GatewayState, token: str, address: str) -> Tenant:
-    """Identity comes from the token alone; failures count against the client's address."""
-    check_attempts(state, address)
-    tenant = state.tenant_for(token) if token else None
+    """Identity comes from the token alone. No token is not a guess, so it is not counted."""
+    if not token:
+        raise ApiError(401, "send your tenant token: 'Authorization: token T'.")
+    tenant = state.tenant_for(token)
     if tenant is None:
-        state.failed_auth.failed(address)
-        if not token:
-            raise ApiError(401, "send your tenant token: 'Authorization: token T'.")
-        raise ApiError(401, "this token is unknown or revoked; ask your admin for a new one.")
+        raise wrong_token(
+            state, address, "this token is unknown or revoked; ask your admin for a new one."
+        )
     return tenant
 
 
@@ -63,11 +68,12 @@ class GatewayHandler(web.RequestHandler):
         return tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
 
     def require_admin(self) -> None:
-        address = self.request.remote_ip or ""
-        check_attempts(self.state, address)
-        if not self.state.is_admin(self.given_token()):
-            self.state.failed_auth.failed(address)
-            raise ApiError(401, "this needs the gateway's admin token.")
+        token = self.given_token()
+        if not self.state.is_admin(token):
+            message = "this needs the gateway's admin token."
+            if not token:
+                raise ApiError(401, message)
+            raise wrong_token(self.state, self.request.remote_ip or "", message)
 
     def body(self) -> dict[str, Any]:
         raw = self.request.body or b"{}"

@@ -49,7 +49,7 @@ class IdleWatcher:
             if await self._still_idle(kernel):
                 why = f"idle for {kernel.idle_timeout:g} s"
                 if self.kernels.idle_action == "cull":
-                    await self.kernels.cull(kernel.id, f"culled after being {why}")
+                    await self.kernels.cull(kernel.id, f"culled after being {why}", since=noticed)
                 else:
                     await self.kernels.suspend(
                         kernel.id, f"suspended after being {why}", since=noticed

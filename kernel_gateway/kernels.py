@@ -270,7 +270,15 @@ class GatewayKernels:
                     else:
                         self._end(kernel_id, f"not started: {why}")
                     continue
-                host = self.pool.place(shape, prefer=kernel.checkpoint.get("host_id"))
+                keeper = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
+                if keeper is not None and not keeper.lost:
+                    # A resume waits for the host that has its variables (others may go first
+                    # meanwhile): starting elsewhere would lose them.
+                    host = self.pool.place_on(shape, keeper.id)
+                    if host is None:
+                        continue
+                else:
+                    host = self.pool.place(shape)
                 if host is None:
                     blocked.add(shape.gpu_type)
                     continue
@@ -396,7 +404,12 @@ class GatewayKernels:
         if kernel.state == "deleted" or (kernel.state == "dead" and state == "dead"):
             return
         if kernel.state == "dead":  # its owner shuts down a kernel that already died: keep why
-            self._set(kernel_id, state=state)
+            with self.db() as s:
+                row = s.get(Kernel, kernel_id)
+                assert row is not None
+                row.state = state
+                self._revoke_kernel_tokens(s, kernel_id)
+                s.commit()
             return
         for host in self.pool.hosts.values():
             host.held.pop(kernel_id, None)
@@ -413,7 +426,8 @@ class GatewayKernels:
             # billing ends when the kernel was last seen alive, never before it started
             row.state, row.reason = state, reason
             row.ended = closed.ended if closed is not None else ended
-            self._revoke_kernel_tokens(s, kernel_id)
+            if closing != HOST_LOST:  # a host that comes back brings the same process back
+                self._revoke_kernel_tokens(s, kernel_id)
             s.commit()
         self.ledger.counted(closed)
         live.execution_state = "dead"
@@ -448,8 +462,8 @@ class GatewayKernels:
     async def _discard_checkpoint(self, tenant_name: str, kernel: Kernel) -> None:
         """Delete a checkpoint that no kernel will resume from."""
         host = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
-        name = str(kernel.checkpoint.get("path", "")).rpartition("/")[2]
-        if host is None or not name:
+        name = kernel.checkpoint.get("file")
+        if host is None or not isinstance(name, str):
             return
         try:
             await self.host_call(host, "DELETE", f"/api/checkpoints/{tenant_name}/{name}")
@@ -523,24 +537,33 @@ class GatewayKernels:
             kernel_id, state="suspended", host_kernel_id=None, gpus=[],
             reason=f"{why}; its GPU was given back and {len(saved.get('saved', []))} variables "
                    f"saved{lost}. The next cell resumes it.",
-            checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved},
+            # The file is named by the host kernel's id (the host chose it), never by what the
+            # tenant's kernel answered, so deleting it later cannot be aimed elsewhere.
+            checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved,
+                        "file": f"{kernel.host_kernel_id}.pkl"},
         )  # fmt: skip
         self._close_hold(kernel_id, began, closing)
         with self.db() as s:
             self._revoke_kernel_tokens(s, kernel_id)
             s.commit()
-        await self._stop_on_host(host, kernel.host_kernel_id)
-        self._release(kernel_id)
+        # Its GPUs are the pool's from here. Done before the host is told, since a client
+        # message during that call resumes the kernel, and the new start's own reservation
+        # and GPUs must not be undone after it.
+        for view in self.pool.hosts.values():
+            view.held.pop(kernel_id, None)
         live = self._live(kernel_id)
         live.execution_state = "idle"
         live.notify()
+        await self._stop_on_host(host, kernel.host_kernel_id)
+        asyncio.get_running_loop().create_task(self.dispatch())
 
-    async def cull(self, kernel_id: str, why: str) -> None:
+    async def cull(self, kernel_id: str, why: str, since: float | None = None) -> None:
+        """Shut the kernel down; billing ends at `since` (when it was found idle), else now."""
         kernel = self._row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if host is not None and kernel.host_kernel_id:
             await self._stop_on_host(host, kernel.host_kernel_id)
-        self._end(kernel_id, why, closing=CULLED)
+        self._end(kernel_id, why, ended=since, closing=CULLED)
 
     def resume(self, kernel_id: str) -> None:
         """Queue a suspended kernel for a GPU of the same shape; it restores, then runs."""
@@ -579,13 +602,6 @@ class GatewayKernels:
             closed = self.ledger.close(s, kernel_id, when, closing)
             s.commit()
         self.ledger.counted(closed)
-
-    def _release(self, kernel_id: str) -> None:
-        """A suspended kernel's host kernel is gone: its GPUs are free for others."""
-        for host in self.pool.hosts.values():
-            host.held.pop(kernel_id, None)
-            host.reserved.pop(kernel_id, None)
-        asyncio.get_running_loop().create_task(self.dispatch())
 
     # -- budgets ---------------------------------------------------------------------------
 

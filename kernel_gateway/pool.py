@@ -85,16 +85,20 @@ class Pool:
             )
         return None
 
-    def place(self, shape: Shape, prefer: str | None = None) -> HostView | None:
+    def place_on(self, shape: Shape, host_id: str) -> HostView | None:
+        """That host, if `shape` can start on it now."""
+        host = self.hosts.get(host_id)
+        if host is None or host not in self.placeable():
+            return None
+        if shape.gpu_count and (
+            shape.gpu_type is None or host.free(shape.gpu_type) < shape.gpu_count
+        ):
+            return None
+        return host
+
+    def place(self, shape: Shape) -> HostView | None:
         """The host to start `shape` on now: best fit (fewest free GPUs that still fit, so big
-        requests are not starved by fragmentation), preferring one with a warm kernel, and
-        `prefer` (where a suspended kernel's checkpoint is) above all when it fits."""
-        preferred = self.hosts.get(prefer or "")
-        if preferred is not None and preferred in self.placeable():
-            if not shape.gpu_count or (
-                shape.gpu_type is not None and preferred.free(shape.gpu_type) >= shape.gpu_count
-            ):
-                return preferred
+        requests are not starved by fragmentation), preferring one with a warm kernel."""
         if not shape.gpu_count:
             live = self.placeable()
             return min(live, key=lambda h: len(h.held) + len(h.reserved)) if live else None

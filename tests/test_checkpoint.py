@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -462,6 +463,15 @@ def test_a_checkpoint_file_is_deleted_by_name_and_tenant(host):
         reply = host.call("DELETE", f"/api/checkpoints/{bad}")
         assert reply.status == 400 and words in reply.body["message"], reply.body
     assert path.is_file()
+    # A tenant owns its folder: a link there to another tenant's checkpoints is not followed.
+    ivy = host.create(tenant="ivy")["id"]
+    ivy_home = path.parents[3] / "ivy"
+    shutil.rmtree(ivy_home / ".gpupool", ignore_errors=True)
+    (ivy_home / ".gpupool").symlink_to(path.parents[1])
+    reply = host.call("DELETE", f"/api/checkpoints/ivy/{path.name}")
+    assert reply.status == 400 and "not a plain folder" in reply.body["message"], reply.body
+    assert path.is_file()
+    host.call("DELETE", f"/api/kernels/{ivy}")
     assert host.call("DELETE", f"/api/checkpoints/hank/{path.name}").status == 204
     assert not path.exists()
     reply = host.call("DELETE", f"/api/checkpoints/hank/{path.name}")

@@ -238,6 +238,8 @@ def test_a_host_that_comes_back_gets_its_kernels_back(tmp_path: Path, started: l
     gw = gateway(tmp_path, started)
     agent = join(tmp_path, started, gw)
     kernel_id = running_kernel(gw)
+    code = "import os; print(os.environ['GPUPOOL_TOKEN'])"
+    own_token = asyncio.run(run_code(gw.url, gw.token, kernel_id, code)).strip()
     before = alive_on(agent)
     dropped = gw.create(name=H100_X1)  # shut down by its owner while the host is away
     [dropped_on_host] = alive_on(agent) - before
@@ -267,6 +269,8 @@ def test_a_host_that_comes_back_gets_its_kernels_back(tmp_path: Path, started: l
     assert view["lost"] is False
     assert view["gpus"]["H100"] == {"total": 2, "free": 1}
     assert asyncio.run(run_code(gw.url, gw.token, kernel_id, "print(x + 1)")) == "42\n"
+    # The same process came back, and with it the token it was given (for %%gpu inside it).
+    assert gw.call("GET", "/api/kernels", token=own_token).status == 200
     # The kernel shut down while the host was away does not come back, and the host is told to
     # stop it, so its GPU serves the next request.
     assert gw.call("GET", f"/api/kernels/{dropped['id']}").status == 404
@@ -368,6 +372,105 @@ def test_a_heartbeat_sent_before_a_start_does_not_kill_the_new_kernel(tmp_path: 
         row = kernels._row(model["id"])
         assert row.state == "dead" and "no longer runs it" in row.reason
         assert host.held == {}
+
+    asyncio.run(scenario())
+
+
+class CheckpointingHost(SlowHost):
+    """Starts at once, saves checkpoints, and holds each DELETE until `stopped` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.stopped = asyncio.Event()
+
+    async def __call__(
+        self, host: HostView, method: str, path: str, body: Any = None
+    ) -> dict[str, Any]:
+        if path.endswith("/checkpoint"):
+            self.calls.append((method, path))
+            return {"path": "/homes/a/.gpupool/checkpoints/x.pkl", "saved": ["x"]}
+        if path.endswith("/restore"):
+            self.calls.append((method, path))
+            return {"restored": ["x"], "failed": {}}
+        if method == "DELETE" and path.startswith("/api/kernels/"):
+            self.calls.append((method, path))
+            await self.stopped.wait()
+            return {}
+        if method == "POST" and path == "/api/kernels":  # one of the host's free GPUs
+            self.calls.append((method, path))
+            self.started += 1
+            used = {u for gpus in host.held.values() for u in gpus}
+            gpu = next(u for u in host.devices if u not in used)
+            return {"id": f"on-host-{self.started}", "execution_state": "idle",
+                    "gpupool": {"gpus": [gpu]}}  # fmt: skip
+        return await super().__call__(host, method, path, body)
+
+
+def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
+    """A client message while the host is still stopping the suspended kernel resumes it at
+    once; the end of the suspend must not undo the new start's GPUs or reservation."""
+
+    async def scenario() -> None:
+        fake = CheckpointingHost()
+        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        host.update([{"uuid": f"GPU-{n}", "gpu_type": "H100"} for n in (1, 2)])
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle"))
+        for _ in range(500):  # bounded: 5 s
+            if ("DELETE", "/api/kernels/on-host-1") in fake.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert kernels._row(kernel_id).state == "suspended" and host.held == {}
+        kernels.resume(kernel_id)  # the next cell, while the old host kernel is being stopped
+        for _ in range(100):
+            if kernels._row(kernel_id).state == "running":
+                break
+            await asyncio.sleep(0.01)
+        fake.stopped.set()
+        await asyncio.wait_for(suspending, 5)
+        await asyncio.sleep(0.05)
+        row = kernels._row(kernel_id)
+        assert row.state == "running" and row.host_kernel_id == "on-host-2", row.reason
+        assert len(row.gpus) == 1 and host.held == {kernel_id: row.gpus} and host.reserved == {}
+        # Its new host kernel is not taken for an orphan by the next heartbeats.
+        report = {"id": "on-host-2", "execution_state": "idle", "last_activity": iso(time.time()),
+                  "gpupool": {"owner": kernel_id}}  # fmt: skip
+        kernels.host_reported(host, [report])
+        await asyncio.sleep(0.05)
+        assert ("DELETE", "/api/kernels/on-host-2") not in fake.calls
+
+    asyncio.run(scenario())
+
+
+def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fake = CheckpointingHost()
+        fake.stopped.set()
+        kernels, keeper, tenant = one_gpu_gateway(tmp_path, fake)
+        other = HostView("0f0f0f0f-0000-0000-0000-000000000002", "box2", "http://127.0.0.1:9", "t")
+        other.update([{"uuid": "GPU-B", "gpu_type": "H100"}])
+        kernels.pool.hosts[other.id] = other
+        with kernels.db() as s:
+            s.add(Host(id=other.id, name=other.name, url=other.url, token="t", gpus=[]))
+            s.commit()
+        resumed = (await kernels.create(tenant, H100_X1, {}))["id"]
+        assert kernels._row(resumed).host_id == keeper.id
+        await kernels.suspend(resumed, "idle")
+        taker = (await kernels.create(tenant, H100_X1, {}))["id"]  # takes the keeper's GPU
+        assert kernels._row(taker).host_id == keeper.id
+        kernels.resume(resumed)
+        await asyncio.sleep(0.05)
+        # The other host is free, but its variables are not there: it waits.
+        assert kernels._row(resumed).state == "queued" and other.free("H100") == 1
+        await kernels.delete(tenant, taker)
+        for _ in range(100):
+            if kernels._row(resumed).state == "running":
+                break
+            await asyncio.sleep(0.01)
+        row = kernels._row(resumed)
+        assert row.state == "running" and row.host_id == keeper.id
+        assert ("POST", f"/api/kernels/{row.host_kernel_id}/restore") in fake.calls
 
     asyncio.run(scenario())
 
