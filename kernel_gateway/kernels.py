@@ -38,6 +38,7 @@ class Live:
     execution_state: str = "starting"
     last_activity: float = field(default_factory=time.time)
     last_client_message: float = 0.0  # only what a client sent, not the kernel's own output
+    suspending_since: float | None = None  # while its namespace is saved for an idle suspend
     connections: int = 0
     suspended: bool = False  # read on every client message, so kept here rather than in the row
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -152,6 +153,8 @@ class GatewayKernels:
         so its deadline is a full timeout from now."""
         if kernel.state != "running":
             return None
+        if live.suspending_since is not None:  # the deadline passed; the checkpoint is running
+            return iso(live.suspending_since)
         start = time.time() if live.execution_state == "busy" else live.last_activity
         return iso(start + kernel.idle_timeout)
 
@@ -515,17 +518,22 @@ class GatewayKernels:
         if kernel.state != "running" or host is None or not kernel.host_kernel_id:
             return
         began = time.time() if since is None else min(since, time.time())
+        live = self._live(kernel_id)
+        live.suspending_since = began
         try:
             saved = await self.host_call(
                 host, "POST", f"/api/kernels/{kernel.host_kernel_id}/checkpoint"
             )
         except Exception as error:
+            live.suspending_since = None
             log.warning("could not checkpoint kernel %s (%s); culling it instead", kernel_id, error)
             await self.cull(kernel_id, f"{why}; its variables could not be saved ({error})")
             return
+        finally:
+            live.suspending_since = None
         if self._row(kernel_id).state != "running":
             return  # shut down meanwhile
-        if closing == SUSPENDED and self._live(kernel_id).last_client_message > began:
+        if closing == SUSPENDED and live.last_client_message > began:
             # A client spoke during the checkpoint: not idle after all, and the checkpoint would
             # miss what that message did. It stays running; the watch looks again later.
             return

@@ -443,6 +443,41 @@ def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
+    tmp_path: Path,
+) -> None:
+    class SlowCheckpoint(CheckpointingHost):
+        saved = asyncio.Event()
+
+        async def __call__(
+            self, host: HostView, method: str, path: str, body: Any = None
+        ) -> dict[str, Any]:
+            if path.endswith("/checkpoint"):
+                await self.saved.wait()
+            return await super().__call__(host, method, path, body)
+
+    async def scenario() -> None:
+        fake = SlowCheckpoint()
+        fake.stopped.set()
+        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        found_idle = time.time() - 0.1
+        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=found_idle))
+        await asyncio.sleep(0.05)
+        kernels._live(kernel_id).execution_state = "busy"  # the checkpoint runs in the kernel
+        model = kernels.model(kernels._row(kernel_id))
+        assert model["gpupool"]["state"] == "running"
+        assert model["gpupool"]["idle_deadline"] == iso(found_idle)  # not now + timeout
+        fake.saved.set()
+        await asyncio.wait_for(suspending, 5)
+        model = kernels.model(kernels._row(kernel_id))
+        assert (
+            model["gpupool"]["state"] == "suspended" and model["gpupool"]["idle_deadline"] is None
+        )
+
+    asyncio.run(scenario())
+
+
 def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake = CheckpointingHost()
