@@ -136,14 +136,15 @@ def test_activity_connections_and_state(host):
 
     async def busy_then_check():
         sock = await KernelSocket.open(host.url, host.token, kernel_id)
-        await sock.send("shell", "execute_request", {"code": "import time; time.sleep(4)"})
+        running = asyncio.ensure_future(sock.execute("import time; time.sleep(3)"))
         during = {}
-        for _ in range(60):  # the cell runs 4 s; look for busy within its first 3
-            await asyncio.sleep(0.05)
-            during = host.call("GET", f"/api/kernels/{kernel_id}").body
+        while not running.done():  # look for busy while the cell runs, however slow the machine
+            during = await asyncio.to_thread(host.call, "GET", f"/api/kernels/{kernel_id}")
+            during = during.body
             if during["execution_state"] == "busy":
                 break
-        await sock.recv()
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(running, 60)
         sock.close()
         return during
 
