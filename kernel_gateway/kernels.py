@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -226,8 +226,9 @@ class GatewayKernels:
         return {"GPUPOOL_URL": self.public_url, "GPUPOOL_TOKEN": token}
 
     def _revoke_kernel_tokens(self, s: Session, kernel_id: str) -> None:
-        for token in s.scalars(select(Token).where(Token.kernel_id == kernel_id)).all():
-            token.revoked = True
+        """A kernel's own tokens are deleted, not kept revoked: nobody lists or restores them,
+        and a kernel resumed a thousand times would otherwise leave a thousand rows."""
+        s.execute(delete(Token).where(Token.kernel_id == kernel_id))
 
     def _row(self, kernel_id: str) -> Kernel:
         with self.db() as s:

@@ -21,9 +21,11 @@ from jupyter_client.manager import AsyncKernelManager
 from kernel_ws import KernelSocket
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
+from sqlalchemy import select
 
 from jupyter_ext import agent
 from jupyter_ext.namespace import SentValues, cell_names, parse_size
+from kernel_gateway.store import Token, open_store
 
 EXAMPLE = REPO / "examples" / "gpu-cell-magic.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -544,6 +546,8 @@ def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
     assert stack.call("GET", "/api/admin/tenants", token=token).status == 401  # not an admin
     assert stack.call("DELETE", f"/api/kernels/{model['id']}").status == 204
     assert stack.call("GET", "/api/kernels", token=token).status == 401
+    with open_store(str(stack.state_dir / "gateway.db"))() as s:  # deleted, not piled up
+        assert s.scalars(select(Token).where(Token.kernel_id == model["id"])).all() == []
     tenants = stack.call("GET", "/api/admin/tenants", token=stack.admin_token).body
     listed = [t["prefix"] for tenant in tenants for t in tenant["tokens"]]
     assert token[:6] not in listed  # a kernel's token is not the admin's to manage
