@@ -54,6 +54,9 @@ class HostKernelSpecManager(KernelSpecManager):
         return {KERNEL_NAME: {"resource_dir": "", "spec": self._spec().to_dict()}}
 
 
+SUBSCRIBE_TRIES = 200  # kernel_info requests, 5 ms apart, before giving up on the watch
+
+
 class HostKernelManager(AsyncMappingKernelManager):
     """Kernels pinned to GPUs, one tenant each, with a warm pool and a watch for deaths."""
 
@@ -171,10 +174,19 @@ class HostKernelManager(AsyncMappingKernelManager):
                     409, f"kernel {kernel_id} was shut down while it started; ask for a new one."
                 ) from None
             raise
+        # jupyter_server's activity watch subscribes to IOPub as the kernel starts, and a ZMQ
+        # subscription takes effect a moment later: what is published before is lost to it,
+        # such as the "busy" of a first cell sent at once (a warm kernel taken as soon as it
+        # booted). The watch takes the kernel out of "starting" on the first status it sees,
+        # so ask again until it has seen one.
         kernel = self.get_kernel(kernel_id)
-        if kernel.execution_state == "starting":  # type: ignore[attr-defined]
-            # It has answered kernel_info, so it is idle, though its first status may have gone
-            # out before the activity watch subscribed.
+        for _ in range(SUBSCRIBE_TRIES):
+            if kernel.execution_state != "starting":  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.005)
+            await client.kernel_info(reply=True, timeout=10)
+        else:
+            self.log.warning("kernel %s: the activity watch heard nothing from it", kernel_id)
             kernel.execution_state = "idle"  # type: ignore[attr-defined]
         return kernel_id
 

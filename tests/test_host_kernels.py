@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 from kernel_ws import V1, KernelSocket, run_code
@@ -156,6 +157,34 @@ def test_activity_connections_and_state(host):
     activity = {k["id"]: k for k in host.call("GET", "/api/host").body["kernels"]}
     assert activity[kernel_id]["gpupool"]["tenant"] == "default"
     host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_a_warm_kernel_taken_as_it_boots_reports_its_first_cell_busy(host):
+    """The activity watch's IOPub subscription takes effect a moment after the kernel starts;
+    a kernel handed out before that must not lose its first cell's "busy"."""
+    missed = 0
+    for _ in range(6):
+        for _ in range(400):  # take the warm kernel the moment it is reported
+            if host.call("GET", "/api/host").body.get("warm"):
+                break
+            time.sleep(0.005)
+        kernel_id = host.create(gpu_type="H100")["id"]
+
+        async def first_cell(kernel_id: str = kernel_id) -> bool:
+            sock = await KernelSocket.open(host.url, host.token, kernel_id)
+            running = asyncio.ensure_future(sock.execute("import time; time.sleep(0.5)"))
+            seen = False
+            while not running.done():
+                model = await asyncio.to_thread(host.call, "GET", f"/api/kernels/{kernel_id}")
+                seen = seen or model.body["execution_state"] == "busy"
+                await asyncio.sleep(0.02)
+            await asyncio.wait_for(running, 60)
+            sock.close()
+            return seen
+
+        missed += not asyncio.run(first_cell())
+        host.call("DELETE", f"/api/kernels/{kernel_id}")
+    assert missed == 0, f"busy was never reported in {missed} of 6 first cells"
 
 
 def test_interrupt_and_restart_keep_the_gpu(host):
