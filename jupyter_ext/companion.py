@@ -520,10 +520,12 @@ class Companion:
             print(note, file=sys.stderr)
         failure = reply.get("error")
         if not failure:
-            # Bound there and left there by --no-pull or --pull: what is here is out of date.
-            for name in sorted(cell.writes - set(cell.pull)):
+            # A name the cell bound but --pull/--no-pull left there keeps its value here, and a
+            # later cell that reads it uses the GPU kernel's (a model trained there is not
+            # overwritten by the untrained one still here) unless it is assigned here again.
+            for name in sorted(cell.writes - set(cell.pull) - set(outcome.pulled)):
                 if name in ns and not isinstance(ns[name], RemoteValue):
-                    self.stand_in(ns, name, "not pulled after the cell that bound it there")
+                    self.sent.remember(name, ns[name])
         if failure:
             raise self.remote_exception(failure, items, cell)
         return outcome
