@@ -479,6 +479,9 @@ class GatewayKernels:
         if kernel.state == "dead":
             raise ApiError(409, f"kernel {kernel_id} is dead ({kernel.reason}); start a new one.")
         host = self.pool.hosts.get(kernel.host_id or "")
+        live = self._live(kernel_id)
+        live.touch()  # the user's own act: the idle clock restarts, and a suspend under way stops
+        live.last_client_message = live.last_activity
         if kernel.state == "running" and host is not None:
             try:
                 await self.host_call(host, "POST", f"/api/kernels/{kernel.host_kernel_id}/{action}")
@@ -527,6 +530,9 @@ class GatewayKernels:
             )
         except Exception as error:
             live.suspending_since = None
+            if live.last_client_message > began:  # restarted or interrupted by its user meanwhile
+                log.info("kernel %s: checkpoint cut short by its user (%s)", kernel_id, error)
+                return
             log.warning("could not checkpoint kernel %s (%s); culling it instead", kernel_id, error)
             await self.cull(kernel_id, f"{why}; its variables could not be saved ({error})")
             return

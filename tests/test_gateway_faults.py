@@ -478,6 +478,40 @@ def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
     asyncio.run(scenario())
 
 
+def test_a_restart_during_the_checkpoint_stops_the_suspend_not_the_kernel(
+    tmp_path: Path,
+) -> None:
+    class FailingCheckpoint(CheckpointingHost):
+        restarted = asyncio.Event()
+
+        async def __call__(
+            self, host: HostView, method: str, path: str, body: Any = None
+        ) -> dict[str, Any]:
+            if path.endswith("/checkpoint"):
+                await self.restarted.wait()
+                response = HTTPResponse(HTTPRequest(host.url), 500, buffer=io.BytesIO(b"{}"))
+                raise HTTPClientError(500, response=response)  # the kernel restarted under it
+            if path.endswith("/restart"):
+                self.calls.append((method, path))
+                self.restarted.set()
+                return {}
+            return await super().__call__(host, method, path, body)
+
+    async def scenario() -> None:
+        fake = FailingCheckpoint()
+        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=time.time()))
+        await asyncio.sleep(0.05)
+        await kernels.action(tenant, kernel_id, "restart")  # its user, through the REST API
+        await asyncio.wait_for(suspending, 5)
+        row = kernels._row(kernel_id)
+        assert row.state == "running", row.reason  # not culled for a checkpoint it cut short
+        assert not any(method == "DELETE" for method, _ in fake.calls)
+
+    asyncio.run(scenario())
+
+
 def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake = CheckpointingHost()
