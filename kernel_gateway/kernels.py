@@ -215,8 +215,8 @@ class GatewayKernels:
     def _gateway_env(self, kernel: Kernel) -> dict[str, str]:
         """GPUPOOL_URL and a token of the kernel's own, so that `%%gpu` works inside it: the
         token acts for the kernel's tenant and is revoked when this kernel process ends."""
-        if not self.public_url:
-            return {}
+        if not self.public_url or self._row(kernel.id).state != "starting":
+            return {}  # (shut down before its start began: its tokens are gone, none is added)
         token = new_token()
         with self.db() as s:
             self._revoke_kernel_tokens(s, kernel.id)
