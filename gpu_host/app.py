@@ -16,7 +16,7 @@ from typing import Any, cast
 from jupyter_server import serverapp
 from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Dict, Float, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 
 from . import __version__
 from .allocator import GpuAllocator
@@ -107,6 +107,11 @@ class HostAgent(ServerApp):
     state_dir = Unicode(".gpupool/host", help="Where tenants' working folders live.").tag(
         config=True
     )
+    kernel_extensions = List(
+        Unicode(), ["jupyter_ext"],
+        help="IPython extensions every kernel loads at start; jupyter_ext makes %%gpu work with "
+        "no %load_ext (a kernel Python without it starts anyway, with a warning in its log).",
+    ).tag(config=True)  # fmt: skip
 
     @default("host_token")
     def _default_host_token(self) -> str:
@@ -174,6 +179,7 @@ class HostAgent(ServerApp):
         # Kernels must never be slowed or dropped for printing fast.
         self.config.ZMQChannelsWebsocketConnection.limit_rate = False
         self.config.HostKernelSpecManager.kernel_python = self.kernel_python
+        self.config.HostKernelSpecManager.kernel_extensions = list(self.kernel_extensions)
         try:
             inventory, line = choose_inventory(self.fake_gpus or None)
             if inventory is None and self.fallback_fake_gpus:

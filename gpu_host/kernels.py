@@ -15,7 +15,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_server._tz import isoformat, utcnow
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
-from traitlets import Float, Int, Unicode
+from traitlets import Float, Int, List, Unicode
 
 from .allocator import AllocationError, GpuAllocator, Shape
 from .kernel_request import KernelRequest
@@ -32,10 +32,15 @@ class HostKernelSpecManager(KernelSpecManager):
     """One kernelspec, `python3`, launched through the GPU-pinning provisioner."""
 
     kernel_python = Unicode(help="The Python that runs kernels.").tag(config=True)
+    kernel_extensions = List(Unicode(), help="IPython extensions every kernel loads.").tag(
+        config=True
+    )
 
     def _spec(self) -> KernelSpec:
+        extensions = [f"--ext={name}" for name in self.kernel_extensions]
+        launch = [self.kernel_python, "-m", "ipykernel_launcher", *extensions]
         return KernelSpec(
-            argv=[self.kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            argv=[*launch, "-f", "{connection_file}"],
             display_name="Python 3",
             language="python",
             metadata={"kernel_provisioner": {"provisioner_name": "gpupool-gpu-provisioner"}},

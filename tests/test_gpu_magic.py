@@ -518,8 +518,8 @@ async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
 
 
 def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
-    """A kernel the gateway starts gets GPUPOOL_URL and a token of its own, so `%%gpu` needs no
-    setup there; the token ends with the kernel, and no model shows it."""
+    """A kernel the gateway starts has `%%gpu` loaded, GPUPOOL_URL and a token of its own, so
+    it needs no setup there; the token ends with the kernel, and no model shows it."""
     model = stack.create(name="python3")
     assert "GPUPOOL_TOKEN" not in json.dumps(model)
 
@@ -530,7 +530,7 @@ def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
                 "import os\nprint(os.environ['GPUPOOL_URL'])\n"
                 "print(os.environ['GPUPOOL_TOKEN'])\nprint(os.environ['CUDA_VISIBLE_DEVICES'])"
             )
-            await sock.execute("%load_ext jupyter_ext")
+            # No %load_ext: the host's kernels load jupyter_ext at start.
             ran, reply = await sock.execute(
                 "%%gpu\nimport os\ngpus = os.environ['CUDA_VISIBLE_DEVICES']", timeout=120
             )
