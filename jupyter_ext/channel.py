@@ -12,10 +12,10 @@ import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+if TYPE_CHECKING:  # tornado's client is imported on first use: pool kernels load this at start
+    from tornado.websocket import WebSocketClientConnection
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE_BYTES = 64 << 20
@@ -94,6 +94,9 @@ class KernelChannel:
         future.result(timeout)
 
     async def _connect(self) -> None:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
         request = HTTPRequest(self.url, headers={"Authorization": f"token {self.token}"})
         conn = await websocket_connect(
             request, subprotocols=[V1], max_message_size=MAX_MESSAGE_BYTES
