@@ -547,7 +547,7 @@ class GatewayKernels:
         not_saved = saved.get("not_saved", {})
         lost = f"; not saved: {', '.join(sorted(not_saved))}" if not_saved else ""
         # Suspended first, then the host kernel stops: its websocket relay sees why it ended.
-        self._live(kernel_id).suspended = True
+        live.suspended = True
         self._set(
             kernel_id, state="suspended", host_kernel_id=None, gpus=[],
             reason=f"{why}; its GPU was given back and {len(saved.get('saved', []))} variables "
@@ -566,7 +566,6 @@ class GatewayKernels:
         # and GPUs must not be undone after it.
         for view in self.pool.hosts.values():
             view.held.pop(kernel_id, None)
-        live = self._live(kernel_id)
         live.execution_state = "idle"
         live.notify()
         await self._stop_on_host(host, kernel.host_kernel_id)
