@@ -43,7 +43,6 @@ import os
 import platform
 import secrets
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -61,9 +61,12 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
 from conftest import Gateway, HostAgent, free_port, start_gateway, start_host  # noqa: E402
 from kernel_ws import V1, KernelSocket  # noqa: E402
+
+from bench.harness import commit, log, run_main  # noqa: E402
 
 WARM_SPEC = "python3-gpu-h100-x1"  # served by the warm host
 COLD_SPEC = "python3-gpu-a10g-x1"  # served by the host with --warm-per-shape 0
@@ -88,10 +91,6 @@ NOT_QUIET: list[str] = []  # waits for idle processes that gave up
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def log(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 def ms(seconds: float) -> str:
@@ -408,6 +407,10 @@ class Bench:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"the warm pool did not refill within {TIMEOUT:.0f} s: {host.log()}")
 
+    def logs(self) -> list[tuple[str, Callable[[], str]]]:
+        started = [*self.hosts, *self.servers, *([self.gateway] if self.gateway else [])]
+        return [(f"{getattr(p, 'url', '')}{p.log_path}", p.log) for p in started]
+
     async def cleanup(self) -> None:
         for sock in self.sockets:
             with contextlib.suppress(Exception):
@@ -676,22 +679,6 @@ def machine() -> str:
 MEASURED = ("kernel_gateway", "gpu_host", "bench/gateway.py", "tests/kernel_ws.py")
 
 
-def commit() -> str:
-    """The checked-out commit, and whether what is measured differs from it (read-only git)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO, text=True, capture_output=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", *MEASURED],
-            cwd=REPO, text=True, capture_output=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    return f"{head}, with uncommitted changes in {', '.join(MEASURED)}" if dirty else head
-
-
 def command_line() -> str:
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
     script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
@@ -865,7 +852,7 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
 
     print(f"command: `{command_line()}`")
     print(f"machine: {machine()}")
-    print(f"commit: {commit()}")
+    print(f"commit: {commit(MEASURED)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"took: {elapsed:.0f} s")
     protocols = ", ".join(f"{k}: {v or 'legacy JSON'}" for k, v in sorted(bench.protocols.items()))
@@ -897,33 +884,12 @@ def main() -> None:
     if min(args.runs, args.iterations, args.iopub_runs) < 1:
         parser.error("--runs, --iterations and --iopub-runs must be at least 1")
 
-    async def run() -> None:
-        with tempfile.TemporaryDirectory(prefix="gpupool-bench-gw-") as where:
-            bench = Bench(Path(where))
-            task = asyncio.ensure_future(asyncio.wait_for(run_bench(args, bench), 900))
-            with contextlib.suppress(NotImplementedError):  # SIGTERM cleans up, as Ctrl-C does
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                log("interrupted: stopping the servers and kernels")
-                raise
-            except Exception:
-                for proc in [
-                    *bench.hosts,
-                    *bench.servers,
-                    *([bench.gateway] if bench.gateway else []),
-                ]:
-                    with contextlib.suppress(Exception):
-                        log(f"log of {getattr(proc, 'url', '')}{proc.log_path}:\n{proc.log()}")
-                raise
-            finally:
-                await bench.cleanup()
-
-    try:
-        asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit(130)
+    run_main(
+        "gpupool-bench-gw-",
+        Bench,
+        lambda started: run_bench(args, started),
+        "the servers and kernels",
+    )
 
 
 if __name__ == "__main__":

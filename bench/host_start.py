@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from jupyter_client.manager import AsyncKernelManager
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.harness import commit, log, run_main  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
 GPU_BODY = {"name": "python3", "gpu_type": "H100", "gpu_count": 1}
@@ -71,10 +71,6 @@ NOT_QUIET: list[float] = []  # when a wait for a quiet machine gave up (shared o
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def log(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 def ms(seconds: float) -> str:
@@ -354,6 +350,9 @@ class Agents:
         with contextlib.suppress(ValueError):
             self.sockets.remove(sock)
 
+    def logs(self) -> list[tuple[str, Callable[[], str]]]:
+        return [(f"the agent at {agent.url}", agent.log) for agent in self.agents]
+
     async def cleanup(self) -> None:
         for sock in self.sockets:
             with contextlib.suppress(Exception):
@@ -566,29 +565,6 @@ def machine() -> str:
 MEASURED = ("gpu_host", "bench/host_start.py", "tests/kernel_ws.py")  # what the numbers depend on
 
 
-def commit() -> str:
-    """The checked-out commit, and whether what is measured differs from it (read-only git)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            text=True,
-            capture_output=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "-uno", "--", *MEASURED],
-            cwd=REPO,
-            text=True,
-            capture_output=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    return f"{head}, with uncommitted changes in {', '.join(MEASURED)}" if dirty else head
-
-
 def command_line() -> str:
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
     script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
@@ -675,7 +651,7 @@ async def bench(args: argparse.Namespace, state: Agents) -> None:
 
     print(f"command: `{command_line()}`")
     print(f"machine: {machine()}")
-    print(f"commit: {commit()}")
+    print(f"commit: {commit(MEASURED)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"took: {elapsed:.0f} s")
     if NOT_QUIET:
@@ -705,29 +681,9 @@ def main() -> None:
     if min(args.runs, args.iterations, args.iopub_runs) < 1:
         parser.error("--runs, --iterations and --iopub-runs must be at least 1")
 
-    async def run() -> None:
-        with tempfile.TemporaryDirectory(prefix="gpupool-bench-") as where:
-            state = Agents(Path(where))
-            task = asyncio.ensure_future(asyncio.wait_for(bench(args, state), 900))
-            with contextlib.suppress(NotImplementedError):  # SIGTERM cleans up, as Ctrl-C does
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                log("interrupted: stopping the agents and kernels")
-                raise
-            except Exception:
-                for agent in state.agents:
-                    with contextlib.suppress(Exception):
-                        log(f"log of the agent at {agent.url}:\n{agent.log()}")
-                raise
-            finally:
-                await state.cleanup()
-
-    try:
-        asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit(130)
+    run_main(
+        "gpupool-bench-", Agents, lambda started: bench(args, started), "the agents and kernels"
+    )
 
 
 if __name__ == "__main__":

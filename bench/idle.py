@@ -41,11 +41,9 @@ import contextlib
 import datetime
 import os
 import platform
-import signal
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -64,6 +62,7 @@ from bench.gateway import (  # noqa: E402
     p90,
     wait_quiet,
 )
+from bench.harness import commit, run_main  # noqa: E402
 from tests.conftest import Gateway, HostAgent, start_gateway, start_host  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
@@ -188,6 +187,9 @@ class Bench:
     def processes(self) -> list[Any]:
         """The host first (it stops its kernels), then the gateway."""
         return [p for p in (self.host, self.gateway) if p is not None]
+
+    def logs(self) -> list[tuple[str, Callable[[], str]]]:
+        return [(f"{p.url} ({p.log_path})", p.log) for p in self.processes()]
 
 
 async def run_cell(sock: KernelSocket, code: str) -> str:
@@ -437,23 +439,6 @@ def machine() -> str:
     )
 
 
-def commit() -> str:
-    """The checked-out commit, and whether what is measured differs from it (read-only git)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO, text=True, capture_output=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", *MEASURED],
-            cwd=REPO, text=True, capture_output=True, timeout=10,
-        ).stdout  # not stripped: each line starts with a two-column status  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    changed = sorted({line[3:] for line in dirty.splitlines()})
-    return f"{head}, with uncommitted changes in {', '.join(changed)}" if changed else head
-
-
 def row(what: str, values: list[float], check: str = "") -> str:
     return (
         f"| {what} | {len(values)} | {secs(min(values))} | {secs(median(values))} | "
@@ -572,7 +557,7 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
     elapsed = time.perf_counter() - started
     print(f"command: `{command_line()}`")
     print(f"machine: {machine()}")
-    print(f"commit: {commit()}")
+    print(f"commit: {commit(MEASURED)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"took: {elapsed:.0f} s")
     if NOT_QUIET:
@@ -601,29 +586,12 @@ def main() -> None:
     if not 0 <= args.stagger <= 10:
         parser.error("--stagger must be from 0 to 10 seconds")
 
-    async def run() -> None:
-        with tempfile.TemporaryDirectory(prefix="gpupool-bench-idle-") as where:
-            bench = Bench(Path(where))
-            task = asyncio.ensure_future(asyncio.wait_for(run_bench(args, bench), 900))
-            with contextlib.suppress(NotImplementedError):  # SIGTERM cleans up, as Ctrl-C does
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                log("interrupted: stopping the gateway, the host and the kernels")
-                raise
-            except Exception:
-                for proc in bench.processes():
-                    with contextlib.suppress(Exception):
-                        log(f"log of {proc.url} ({proc.log_path}):\n{proc.log()}")
-                raise
-            finally:
-                await bench.cleanup()
-
-    try:
-        asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit(130)
+    run_main(
+        "gpupool-bench-idle-",
+        Bench,
+        lambda started: run_bench(args, started),
+        "the gateway, the host and the kernels",
+    )
 
 
 if __name__ == "__main__":

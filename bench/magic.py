@@ -42,11 +42,9 @@ import datetime
 import logging
 import os
 import platform
-import signal
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -58,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.gateway import NOT_QUIET, command_line, log, median, ms, p90, wait_quiet  # noqa: E402
+from bench.harness import commit, run_main  # noqa: E402
 from tests.conftest import Gateway, start_stack  # noqa: E402
 
 NBYTES = 100_000_000
@@ -178,6 +177,10 @@ class Bench:
         if self.stack is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.stack.stop)
+
+    def logs(self) -> list[tuple[str, Callable[[], str]]]:
+        stack = self.stack
+        return [] if stack is None else [(f"the stack ({stack.log_path})", stack.log)]
 
 
 @dataclass
@@ -329,23 +332,6 @@ def machine() -> str:
     )
 
 
-def commit() -> str:
-    """The checked-out commit, and whether what is measured differs from it (read-only git)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO, text=True, capture_output=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", *MEASURED],
-            cwd=REPO, text=True, capture_output=True, timeout=10,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    changed = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
-    return f"{head}, with uncommitted changes in {', '.join(changed)}" if changed else head
-
-
 def report(empty: list[Series], moved: dict[str, Series]) -> list[str]:
     lines = [
         "| measurement | path | n | median | p90 | vs baseline | inside the local kernel, "
@@ -407,7 +393,7 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
     elapsed = time.perf_counter() - started
     print(f"command: `{command_line()}`")
     print(f"machine: {machine()}")
-    print(f"commit: {commit()}")
+    print(f"commit: {commit(MEASURED)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"took: {elapsed:.0f} s")
     if NOT_QUIET:
@@ -432,30 +418,14 @@ def main() -> None:
     except ImportError:
         parser.error('ipyparallel is missing: pip install -e ".[bench]" (make bench does it)')
 
-    async def run() -> None:
-        with tempfile.TemporaryDirectory(prefix="gpupool-bench-magic-") as where:
-            os.environ["IPYTHONDIR"] = str(Path(where) / "ipython")  # every kernel's profile
-            bench = Bench(Path(where))
-            task = asyncio.ensure_future(asyncio.wait_for(run_bench(args, bench), 600))
-            with contextlib.suppress(NotImplementedError):  # SIGTERM cleans up, as Ctrl-C does
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                log("interrupted: stopping the kernels, the cluster and the stack")
-                raise
-            except Exception:
-                if bench.stack is not None:
-                    with contextlib.suppress(Exception):
-                        log(f"log of the stack ({bench.stack.log_path}):\n{bench.stack.log()}")
-                raise
-            finally:
-                await bench.cleanup()
+    def start(where: Path) -> Bench:
+        os.environ["IPYTHONDIR"] = str(where / "ipython")  # every kernel's profile
+        return Bench(where)
 
-    try:
-        asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit(130)
+    run_main(
+        "gpupool-bench-magic-", start, lambda bench: run_bench(args, bench),
+        "the kernels, the cluster and the stack", limit=600,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""What every bench script shares: its log line, the commit it measured, and the way it runs
+(in a scratch folder, bounded in time, cleaned up on an error, Ctrl-C or SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def commit(measured: Sequence[str]) -> str:
+    """The checked-out commit, naming the measured paths that differ from it (read-only git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO, text=True, capture_output=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", *measured],
+            cwd=REPO, text=True, capture_output=True, timeout=10,
+        ).stdout  # not stripped: each line starts with a two-column status  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    changed = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
+    return f"{head}, with uncommitted changes in {', '.join(changed)}" if changed else head
+
+
+class Started(Protocol):
+    """What a bench started: stopped at the end whatever happened, its logs shown on an error."""
+
+    async def cleanup(self) -> None: ...
+
+    def logs(self) -> Iterable[tuple[str, Callable[[], str]]]: ...  # (what, reads its log)
+
+
+S = TypeVar("S", bound=Started)
+
+
+def run_main(
+    prefix: str,
+    start: Callable[[Path], S],
+    body: Callable[[S], Awaitable[None]],
+    stopping: str,
+    limit: float = 900,
+) -> None:
+    """Run `body` on what `start` makes in a scratch folder, for at most `limit` seconds; exit
+    130 when interrupted. `stopping` names what is stopped then, for the log."""
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory(prefix=prefix) as where:
+            started = start(Path(where))
+            task = asyncio.ensure_future(asyncio.wait_for(body(started), limit))
+            # SIGTERM cleans up as Ctrl-C does; event loops without signal support skip it.
+            with contextlib.suppress(NotImplementedError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            try:
+                await task
+            except asyncio.CancelledError:
+                log(f"interrupted: stopping {stopping}")
+                raise
+            except Exception:
+                for what, read in started.logs():
+                    with contextlib.suppress(Exception):
+                        log(f"log of {what}:\n{read()}")
+                raise
+            finally:
+                await started.cleanup()
+
+    try:
+        asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(130)
