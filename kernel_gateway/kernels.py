@@ -692,29 +692,36 @@ class GatewayKernels:
         self._stop_orphans(host, kernels)
 
     def _stop_orphans(self, host: HostView, reported: list[dict[str, Any]]) -> None:
-        """Stop host kernels this gateway started but no kernel of its uses: a start in flight
-        when the gateway crashed (the kernel was queued again, and started anew), or a start
-        whose answer never came. Their GPUs would stay taken with nobody to use or bill them."""
-        for model in reported:
-            owner = (model.get("gpupool") or {}).get("owner")
-            host_kernel_id = model.get("id")
-            if not owner or model.get("execution_state") == "dead" or host_kernel_id is None:
-                continue
+        """Stop host kernels this gateway started but no running kernel of its uses: a start in
+        flight when the gateway crashed (the kernel was queued again, and started anew), a start
+        whose answer never came, or a kernel shut down while its host could not be told. Their
+        GPUs would stay taken with nobody to use or bill them."""
+        owned = {
+            str(m["id"]): str(m["gpupool"]["owner"])
+            for m in reported
+            if (m.get("gpupool") or {}).get("owner") and m.get("id") is not None
+            and m.get("execution_state") != "dead"
+        }  # fmt: skip
+        if not owned:
+            return
+        with self.db() as s:  # one query per heartbeat, however many kernels it reports
+            rows = s.scalars(select(Kernel).where(Kernel.id.in_(set(owned.values())))).all()
+        kernels = {k.id: k for k in rows}
+        for host_kernel_id, owner in owned.items():
             if owner in host.reserved or host_kernel_id in self.stopping:
                 continue  # its start is in flight, or it is being stopped already
-            with self.db() as s:
-                kernel = s.get(Kernel, owner)
+            kernel = kernels.get(owner)
             if (
                 kernel is not None
                 and kernel.host_id == host.id
                 and (
-                    kernel.host_kernel_id == host_kernel_id
+                    (kernel.state == "running" and kernel.host_kernel_id == host_kernel_id)
                     or (kernel.state == "starting" and owner in host.held)  # restoring
                 )
             ):
                 continue
-            log.warning("stopping kernel %s on %s: no kernel of this gateway uses it (its start "
-                        "was cut short)", host_kernel_id, host.name)  # fmt: skip
+            log.warning("stopping kernel %s on %s: no kernel of this gateway uses it now",
+                        host_kernel_id, host.name)  # fmt: skip
             self.stopping.add(host_kernel_id)
             asyncio.get_running_loop().create_task(self._stop_orphan(host, host_kernel_id))
 

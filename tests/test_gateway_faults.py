@@ -512,6 +512,28 @@ def test_a_restart_during_the_checkpoint_stops_the_suspend_not_the_kernel(
     asyncio.run(scenario())
 
 
+def test_a_host_kernel_of_a_kernel_shut_down_while_its_host_was_unreachable_is_stopped(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        fake = CheckpointingHost()
+        fake.stopped.set()
+        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        report = {"id": "on-host-1", "execution_state": "idle", "last_activity": iso(time.time()),
+                  "gpupool": {"owner": kernel_id}}  # fmt: skip
+        kernels.host_reported(host, [report])
+        await asyncio.sleep(0.05)
+        assert ("DELETE", "/api/kernels/on-host-1") not in fake.calls  # in use: kept
+        # Shut down by its owner, but the host's DELETE never arrived (it was unreachable):
+        kernels._end(kernel_id, "shut down by its owner", state="deleted")
+        kernels.host_reported(host, [report])
+        await asyncio.sleep(0.05)
+        assert ("DELETE", "/api/kernels/on-host-1") in fake.calls
+
+    asyncio.run(scenario())
+
+
 def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake = CheckpointingHost()
