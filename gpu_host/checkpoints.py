@@ -107,7 +107,7 @@ def discard(km: HostKernelManager, tenant: str, name: str) -> bool:
         raise web.HTTPError(400, str(error)) from None
     # The tenant owns its folder and could put links in it: walk down without following any,
     # and unlink by name in the last folder (which removes a link itself, never its target).
-    home = os.path.realpath(km.spaces.state_dir / "homes" / tenant)
+    home = os.path.realpath(km.spaces.home(tenant))
     try:
         folder = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:

@@ -59,9 +59,13 @@ class TenantSpaces:
                 self._spaces[name] = await asyncio.to_thread(self._prepare, name)
         return self._spaces[name]
 
+    def home(self, name: str) -> Path:
+        """The tenant's working folder (its kernels' HOME), whether made yet or not."""
+        return self.state_dir / "homes" / name
+
     def _prepare(self, name: str) -> TenantSpace:
         uid, gid = ensure_user(USER_PREFIX + name) if self.isolate else (os.getuid(), os.getgid())
-        workdir = self.state_dir / "homes" / name
+        workdir = self.home(name)
         rundir = self.runtime_dir / name
         for folder in (workdir, rundir):
             folder.mkdir(exist_ok=True)
