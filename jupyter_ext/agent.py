@@ -12,9 +12,12 @@ Messages on the comm (all `comm_msg`, all answered on IOPub with the request as 
 - `{"op": "part", "id", "layout", "sizes"}` with buffers: pieces of the next run's payload, in
   order.
 - `{"op": "run", "id", "code", "count", "names", "layout", "sizes", "pull", "max_bytes"}` with
-  the last pieces -> `{"op": "started"}`, then the cell's own IOPub output, then
-  `{"op": "part", "layout", "sizes"}`s and
-  `{"op": "done", "names", "layout", "sizes", "failed", "kept", "load_errors", "error"}`.
+  the last pieces -> the cell's own IOPub output, then `{"op": "part", "layout", "sizes"}`s and
+  `{"op": "done", "names", "layout", "sizes", "failed", "kept", "load_errors", "error"}`. A cell
+  still running after `STARTED_AFTER_S` also gets `{"op": "started"}`, from a helper thread:
+  the notebook holds output until it hears `started` or `done` (output before the agent took
+  the cell, such as "No such comm" from a kernel that was resumed, is not the cell's), so a
+  quick cell costs one message less on every hop and a long one still streams.
 
 A payload is a list of items (one per variable), each a list of blobs (a protocol-5 pickle and
 its out-of-band buffers); blobs are cut into pieces of at most `PIECE_BYTES` and pieces grouped
@@ -32,6 +35,8 @@ import os
 import pickle
 import platform
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +45,7 @@ TARGET = "gpupool.cell"
 PROTOCOL = 5
 PIECE_BYTES = 4 << 20
 MESSAGE_BYTES = 8 << 20
+STARTED_AFTER_S = 0.05  # a cell running this long tells the notebook it has started
 
 Buffer = Any  # bytes, bytearray, memoryview or a zmq frame: anything with the buffer protocol
 
@@ -301,6 +307,7 @@ class CellAgent:
         self.overrides = overrides
         self.incoming: dict[str, Assembler] = {}  # run id -> its payload, as it arrives
         self.pickler = cpu_pickler_class()
+        self.notice = StartedNotice(self.send_started)
 
     def hello(self) -> None:
         self.comm.send({"op": "hello", **versions(self.overrides)})
@@ -316,14 +323,25 @@ class CellAgent:
         elif op == "run":
             payload = self.receive(data)
             self.incoming.clear()  # pieces of a run the notebook gave up sending
-            self.comm.send({"op": "started", "id": data["id"]})
+            self.notice.arm(msg, data["id"])
             try:
                 payload.add(buffers)
                 reply, items = self.run(data, payload.finish())
             except BaseException as problem:  # an interrupt between steps still gets an answer
                 error, _ = self.error(problem)
                 reply, items = {"op": "done", "id": data["id"], "error": error}, []
+            finally:
+                self.notice.disarm()
             self.send(reply, items)
+
+    def send_started(self, parent: dict[str, Any], run_id: str) -> None:
+        """`started` from the notice's thread: the comm's own send takes its parent from the
+        main thread's context, so this names the parent itself."""
+        kernel = self.comm.kernel
+        content = {"comm_id": self.comm.comm_id, "data": {"op": "started", "id": run_id}}
+        kernel.session.send(
+            kernel.iopub_socket, "comm_msg", content, parent=parent, ident=self.comm.topic
+        )
 
     def receive(self, data: dict[str, Any]) -> Assembler:
         """The payload of the run `data` belongs to, started by its first message."""
@@ -425,6 +443,45 @@ class CellAgent:
         except Exception:
             blobs = None
         return error, blobs
+
+
+class StartedNotice:
+    """Calls `send(parent, run_id)` once a cell has run `after` seconds, unless disarmed first.
+    One thread per agent, asleep between cells."""
+
+    def __init__(self, send: Any, after: float = STARTED_AFTER_S) -> None:
+        self.send = send
+        self.after = after
+        self.due: tuple[float, dict[str, Any], str] | None = None
+        self.changed = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def arm(self, parent: dict[str, Any], run_id: str) -> None:
+        with self.changed:
+            self.due = (time.monotonic() + self.after, parent, run_id)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.watch, name="gpupool-started", daemon=True
+                )
+                self.thread.start()
+            self.changed.notify()
+
+    def disarm(self) -> None:
+        with self.changed:
+            self.due = None
+
+    def watch(self) -> None:
+        while True:
+            with self.changed:
+                while self.due is None or self.due[0] > time.monotonic():
+                    left = None if self.due is None else self.due[0] - time.monotonic()
+                    self.changed.wait(left)
+                _, parent, run_id = self.due
+                self.due = None
+            try:
+                self.send(parent, run_id)
+            except Exception:  # the kernel is going away; the cell's done still answers it
+                pass
 
 
 def install(shell: Any, overrides: dict[str, Any]) -> None:

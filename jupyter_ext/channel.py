@@ -1,24 +1,36 @@
 """A GPU kernel's websocket, spoken in the binary `v1.kernel.websocket.jupyter.org` protocol so
-that message buffers travel as raw bytes. A background thread owns the event loop (a magic runs
-inside the notebook kernel's own loop and may not block it with another); the magic's thread
-sends, and reads the messages that answer its requests from a queue per request."""
+that message buffers travel as raw bytes.
+
+The magic's thread writes its frames to the socket itself: a small `%%gpu` cell's message is on
+the wire without waking another thread. One reader thread per websocket reads frames and hands
+each message to the queue of the request it answers (messages nobody waits for are dropped at
+once, so a chatty kernel between cells costs no memory here). The websocket protocol itself
+(handshake, masking, ping and close) is `websockets`' sans-I/O `ClientProtocol`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import queue
+import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # tornado's client is imported on first use: pool kernels load this at start
-    from tornado.websocket import WebSocketClientConnection
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE_BYTES = 64 << 20
+IO_TIMEOUT_S = 60.0  # a write that makes no progress this long means the gateway is gone
+READ_BYTES = 1 << 20
+BUSY = {"execution_state": "busy"}  # a status message's content
 CLOSED = {"msg_type": "_closed"}  # what a waiting queue receives when the websocket ends
 
 
@@ -33,12 +45,21 @@ def encode(channel: str, parts: Sequence[Any]) -> bytes:
     return b"".join([*head, name, *parts])
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """A v1 frame as a message dict; buffers are views into the frame (no copies)."""
+def split_frame(frame: bytes) -> list[memoryview]:
+    """A v1 frame's parts (channel, header, parent, metadata, content, buffers...), as views."""
     view = memoryview(frame)
     count = int.from_bytes(view[:8], "little")
+    if not 6 <= count <= len(view) // 8 - 1:
+        raise ValueError("not a v1 kernel message")
     offsets = [int.from_bytes(view[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
-    parts = [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+    if offsets != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("not a v1 kernel message")
+    return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+
+
+def decode(frame: bytes, parts: list[memoryview] | None = None) -> dict[str, Any]:
+    """A v1 frame as a message dict; buffers are views into the frame (no copies)."""
+    parts = parts if parts is not None else split_frame(frame)
     header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[1:5])
     return {
         "channel": bytes(parts[0]).decode(),
@@ -51,25 +72,6 @@ def decode(frame: bytes) -> dict[str, Any]:
     }
 
 
-class _LoopThread:
-    """One daemon thread running an asyncio loop for every channel of this process."""
-
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def loop(cls) -> asyncio.AbstractEventLoop:
-        with cls._lock:
-            if cls._loop is None or cls._loop.is_closed():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="gpupool-websocket", daemon=True
-                )
-                thread.start()
-                cls._loop = loop
-            return cls._loop
-
-
 class KernelChannel:
     """The websocket of one kernel at the gateway."""
 
@@ -80,52 +82,160 @@ class KernelChannel:
         )
         self.token = token
         self.session = uuid.uuid4().hex
-        self.conn: WebSocketClientConnection | None = None
         self.closed_reason = ""
+        self._sock: socket.socket | None = None
+        self._protocol: ClientProtocol | None = None
+        self._state = threading.Lock()  # the protocol object: short calls only
+        self._writing = threading.Lock()  # one writer on the socket at a time
         self._waiters: dict[str, queue.Queue[dict[str, Any]]] = {}
-        self._loop = _LoopThread.loop()
 
     @property
     def open(self) -> bool:
-        return self.conn is not None and not self.closed_reason
+        protocol = self._protocol
+        return protocol is not None and protocol.state is State.OPEN and not self.closed_reason
 
     def connect(self, timeout: float = 30) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
-        future.result(timeout)
+        """Open the websocket, or raise ConnectionError saying why not."""
+        uri = parse_uri(self.url)
+        sock = socket.create_connection((uri.host, uri.port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle wait
+            if uri.secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
+            protocol = ClientProtocol(
+                uri, subprotocols=[Subprotocol(V1)], max_size=MAX_MESSAGE_BYTES
+            )
+            request = protocol.connect()
+            request.headers["Authorization"] = f"token {self.token}"
+            protocol.send_request(request)
+            sock.sendall(b"".join(protocol.data_to_send()))
+            response, early = self._handshake(sock, protocol)
+        except BaseException:
+            sock.close()
+            raise
+        if protocol.handshake_exc is not None or protocol.subprotocol != V1:
+            sock.close()
+            raise ConnectionError(self._refusal(response, protocol))
+        sock.settimeout(IO_TIMEOUT_S)
+        self._sock, self._protocol = sock, protocol
+        threading.Thread(
+            target=self._read, args=(sock, protocol, early), name="gpupool-websocket", daemon=True
+        ).start()
 
-    async def _connect(self) -> None:
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
+    @staticmethod
+    def _handshake(sock: socket.socket, protocol: ClientProtocol) -> tuple[Response | None, list]:
+        """Read until the handshake's answer; frames that came in the same packets follow it."""
+        while True:
+            data = sock.recv(READ_BYTES)
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()
+            events = protocol.events_received()
+            for index, event in enumerate(events):
+                if isinstance(event, Response):
+                    return event, events[index + 1 :]
+            if not data:
+                return None, []
 
-        request = HTTPRequest(self.url, headers={"Authorization": f"token {self.token}"})
-        conn = await websocket_connect(
-            request, subprotocols=[V1], max_message_size=MAX_MESSAGE_BYTES
-        )
-        if conn.selected_subprotocol != V1:
-            conn.close()
-            raise ConnectionError(
+    def _refusal(self, response: Response | None, protocol: ClientProtocol) -> str:
+        """Why the gateway did not open the websocket, in its own words where it gave them."""
+        if response is None:
+            return "the gateway closed the connection before answering the websocket request"
+        if response.status_code != 101:
+            message = ""
+            try:
+                message = str(json.loads(response.body or b"{}").get("message") or "")
+            except (ValueError, AttributeError):
+                pass
+            return (
+                f"the gateway refused the GPU kernel's websocket ({response.status_code} "
+                f"{response.reason_phrase}){': ' + message if message else ''}"
+            )
+        if protocol.subprotocol != V1:
+            return (
                 f"the gateway did not accept the {V1} websocket protocol, which %%gpu needs "
                 "to send variables as raw bytes; upgrade the gateway"
             )
-        conn.stream.set_nodelay(True)
-        self.conn = conn
-        asyncio.get_running_loop().create_task(self._read(conn))
+        return f"the websocket handshake failed: {protocol.handshake_exc}"
 
-    async def _read(self, conn: WebSocketClientConnection) -> None:
-        while True:
-            frame = await conn.read_message()
-            if frame is None:
-                reason = conn.close_reason or f"code {conn.close_code}"
-                self.closed_reason = f"the GPU kernel's websocket closed ({reason})"
-                for waiting in list(self._waiters.values()):
-                    waiting.put(CLOSED)
+    def _read(self, sock: socket.socket, protocol: ClientProtocol, early: list) -> None:
+        """The reader thread: frames to messages, messages to the queue of their request."""
+        pieces: list[bytes] = []  # a message that came in fragments
+        reason = ""
+        events: list = list(early)
+        try:
+            while True:
+                for event in events:
+                    if event.opcode in (Opcode.BINARY, Opcode.CONT):
+                        pieces.append(event.data)
+                        if event.fin:
+                            data, pieces = b"".join(pieces), []
+                            self._deliver(data)
+                    elif event.opcode is Opcode.TEXT:
+                        pieces = []  # v1 frames are binary; a text message is not for us
+                if protocol.state is State.CLOSED:
+                    break
+                try:
+                    data = sock.recv(READ_BYTES)
+                except TimeoutError:
+                    continue  # nothing came for a while; that is fine
+                except OSError as error:
+                    reason = f"the connection broke ({error})"
+                    data = b""
+                with self._state:
+                    if data:
+                        protocol.receive_data(data)
+                    else:
+                        protocol.receive_eof()
+                    events = protocol.events_received()
+                    out = protocol.data_to_send()
+                if out:
+                    self._write(out)  # a pong, or the answer to a close
+                if not data:
+                    break
+        except Exception as error:  # a bug here must not leave a cell waiting forever
+            reason = f"reading the GPU kernel's websocket failed ({error!r})"
+        finally:
+            self.closed_reason = self.closed_reason or self._closed_text(protocol, reason)
+            for waiting in list(self._waiters.values()):
+                waiting.put(CLOSED)
+            sock.close()
+
+    @staticmethod
+    def _closed_text(protocol: ClientProtocol, reason: str) -> str:
+        received = protocol.close_rcvd
+        if received is not None:
+            reason = received.reason or f"code {received.code}"
+        elif protocol.close_sent is not None and protocol.close_sent.code == 1009:
+            reason = f"a message was over {MAX_MESSAGE_BYTES >> 20} MiB"
+        return f"the GPU kernel's websocket closed ({reason or 'no reason given'})"
+
+    def _deliver(self, frame: bytes) -> None:
+        """Hand a message to the request it answers. Its parent is read first, so a message
+        nobody waits for (the idle after a cell, a background thread's output) costs little;
+        `busy` is dropped too: every request makes one and none needs it."""
+        try:
+            parts = split_frame(frame)
+            parent = json.loads(bytes(parts[2]))
+            listener = self._waiters.get(parent.get("msg_id", "")) if parent else None
+            if listener is None or (len(parts[4]) < 64 and json.loads(bytes(parts[4])) == BUSY):
                 return
-            if not isinstance(frame, bytes):
-                continue  # v1 frames are binary
-            msg = decode(frame)
-            listener = self._waiters.get(msg["parent_header"].get("msg_id", ""))
-            if listener is not None:
-                listener.put(msg)
+            msg = decode(frame, parts)
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return  # not a v1 message: nothing can be waiting for it
+        listener.put(msg)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError(self.closed_reason or "the GPU kernel's websocket is not open")
+        with self._writing:
+            for chunk in chunks:
+                if chunk:
+                    sock.sendall(chunk)
+                else:  # the protocol's end of stream: half-close
+                    sock.shutdown(socket.SHUT_WR)
 
     def send(
         self,
@@ -153,23 +263,54 @@ class KernelChannel:
             waiting = self._waiters[msg_id] = queue.Queue()
         parts = [json.dumps(x).encode() for x in (header, {}, {}, content)]
         frame = encode(channel, [*parts, *buffers])
-        future = asyncio.run_coroutine_threadsafe(self._write(frame), self._loop)
         try:
-            future.result(60)
+            # The protocol's frames go out in the order they are made: make and write them
+            # under the one writer lock.
+            with self._writing:
+                with self._state:
+                    protocol = self._protocol
+                    if protocol is None or protocol.state is not State.OPEN:
+                        raise ConnectionError(self.closed_reason or "the websocket is closing")
+                    protocol.send_binary(frame)
+                    out = protocol.data_to_send()
+                assert self._sock is not None
+                for chunk in out:
+                    self._sock.sendall(chunk)
+        except OSError as error:
+            self.forget(msg_id)
+            self.closed_reason = self.closed_reason or f"sending to the GPU kernel failed ({error})"
+            self._shutdown()
+            raise ConnectionError(self.closed_reason) from error
         except BaseException:
             self.forget(msg_id)
             raise
         return msg_id, waiting
 
-    async def _write(self, frame: bytes) -> None:
-        assert self.conn is not None
-        await self.conn.write_message(frame, binary=True)
-
     def forget(self, msg_id: str) -> None:
         self._waiters.pop(msg_id, None)
 
     def close(self) -> None:
-        conn, self.conn = self.conn, None
+        """Say goodbye to the gateway and stop the reader; never waits for an answer."""
         self.closed_reason = self.closed_reason or "closed by this kernel"
-        if conn is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(conn.close)
+        protocol = self._protocol
+        if protocol is not None and self._sock is not None:
+            try:
+                with self._state:
+                    out = protocol.data_to_send() if protocol.state is not State.OPEN else []
+                    if protocol.state is State.OPEN:
+                        protocol.send_close(1000, "closed by the notebook kernel")
+                        out = protocol.data_to_send()
+                self._sock.settimeout(1.0)  # a goodbye, not worth waiting for
+                self._write([chunk for chunk in out if chunk])
+            except OSError:
+                pass
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """End the socket both ways: the reader thread's recv returns and it exits."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -191,7 +191,13 @@ class Companion:
         if self.channel is not None:
             self.channel.close()
         self.channel = KernelChannel(self.api.url, self.api.token, self.kernel_id)
-        self.channel.connect()
+        try:
+            self.channel.connect()
+        except OSError as error:  # ConnectionError included: refused, unreachable, TLS
+            self.channel = None
+            raise GpuKernelLost(
+                f"could not open the {self.shape} GPU kernel's websocket at {self.api.url}: {error}"
+            ) from None
         self.install()
 
     def install(self) -> None:
@@ -430,11 +436,12 @@ class Companion:
                 kind = msg["msg_type"]
                 if kind == "comm_msg":
                     data = msg["content"].get("data") or {}
-                    if data.get("op") == "started":
-                        started = True
+                    if not started and data.get("op") in ("started", "part", "done"):
+                        started = True  # a quick cell has no `started`: its answer says it
                         for early in held:
                             output.forward(early)
-                    elif data.get("op") in ("part", "done"):
+                        held.clear()
+                    if data.get("op") in ("part", "done"):
                         if received is None:
                             received = agent.Assembler(
                                 data.get("layout") or [], data.get("sizes") or [], hashed=True

@@ -1,0 +1,187 @@
+"""`%%gpu`'s kernel websocket (`jupyter_ext.channel`) against a real websocket server on loopback:
+the handshake and its refusals, delivery by parent, what is dropped, fragments, limits, pings and
+both ends closing. The server is `websockets`' threaded one, so each test says what it sends."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+from websockets.sync.server import ServerConnection, serve
+
+from jupyter_ext import channel as channel_module
+from jupyter_ext.agent import StartedNotice
+from jupyter_ext.channel import CLOSED, V1, KernelChannel, decode, encode
+
+TOKEN = "t" * 43
+
+
+def frame(parent_id: str, msg_type: str, content: dict[str, Any], *buffers: bytes) -> bytes:
+    parts = [
+        json.dumps(x).encode()
+        for x in ({"msg_id": "m", "msg_type": msg_type}, {"msg_id": parent_id}, {}, content)
+    ]
+    return encode("iopub", [*parts, *buffers])
+
+
+class Server:
+    """A websocket server on 127.0.0.1 whose connections run `handler`; what it got is kept."""
+
+    def __init__(self, handler: Callable[[ServerConnection], None], **options: Any) -> None:
+        self.received: queue.Queue[bytes | str] = queue.Queue()
+        self.headers: list[Headers] = []
+
+        def run(ws: ServerConnection) -> None:
+            assert ws.request is not None
+            self.headers.append(ws.request.headers)
+            handler(ws)
+
+        options.setdefault("subprotocols", [V1])
+        options.setdefault("max_size", None)
+        self.server = serve(run, "127.0.0.1", 0, compression=None, **options)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.socket.getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    made: list[Server] = []
+    yield made
+    for server in made:
+        server.stop()
+
+
+def echo_as_iopub(ws: ServerConnection) -> None:
+    """Answers each message with its busy status, a stream with the same bytes, and idle."""
+    for message in ws:
+        assert isinstance(message, bytes)
+        msg = decode(message)
+        parent = msg["header"]["msg_id"]
+        ws.send(frame(parent, "status", {"execution_state": "busy"}))
+        ws.send(frame(parent, "stream", {"name": "stdout", "text": "x"}, *msg["buffers"]))
+        ws.send(frame("somebody-else", "stream", {"name": "stdout", "text": "not yours"}))
+        ws.send(b"\x00garbage that is not a v1 frame")
+        ws.send("a text message")
+        ws.send(frame(parent, "status", {"execution_state": "idle"}))
+
+
+def take(waiting: queue.Queue[dict[str, Any]] | None, timeout: float = 10) -> dict[str, Any]:
+    assert waiting is not None
+    return waiting.get(timeout=timeout)
+
+
+def test_messages_reach_the_request_they_answer(servers: list[Server]) -> None:
+    server = Server(echo_as_iopub)
+    servers.append(server)
+    channel = KernelChannel(server.url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    assert channel.open
+    assert server.headers[0]["Authorization"] == f"token {TOKEN}"
+    big = bytes(range(256)) * 40_000  # 10 MB: several reads, one message
+    msg_id, waiting = channel.send("shell", "comm_msg", {"data": {}}, [b"small", big])
+    first = take(waiting)
+    # busy is dropped; so are messages of other requests, broken frames and text messages.
+    assert first["msg_type"] == "stream" and first["parent_header"]["msg_id"] == msg_id
+    assert [bytes(b) for b in first["buffers"]] == [b"small", big]
+    assert take(waiting)["content"] == {"execution_state": "idle"}
+    channel.forget(msg_id)
+    again, waiting = channel.send("shell", "comm_msg", {"data": {}}, listen=True)
+    assert take(waiting)["parent_header"]["msg_id"] == again
+    channel.close()
+    assert not channel.open
+    with pytest.raises(ConnectionError, match="closed by this kernel"):
+        channel.send("shell", "comm_msg", {})
+
+
+def test_fragments_pings_and_the_servers_close(servers: list[Server]) -> None:
+    pinged = threading.Event()
+
+    def handler(ws: ServerConnection) -> None:
+        message = ws.recv()
+        assert isinstance(message, bytes)
+        parent = decode(message)["header"]["msg_id"]
+        whole = frame(parent, "stream", {"text": "in three pieces"})
+        ws.send([whole[:10], whole[10:30], whole[30:]])  # one message, fragmented
+        if ws.ping().wait(10):  # the client answers pings by itself
+            pinged.set()
+        ws.close(1011, "the kernel's host is not connected to the gateway; try again soon")
+
+    server = Server(handler)
+    servers.append(server)
+    channel = KernelChannel(server.url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    _, waiting = channel.send("shell", "comm_msg", {})
+    assert take(waiting)["content"] == {"text": "in three pieces"}
+    assert take(waiting) is CLOSED  # a waiting cell hears that the websocket ended
+    assert pinged.is_set()
+    assert not channel.open
+    assert "host is not connected to the gateway" in channel.closed_reason
+    with pytest.raises(ConnectionError, match="host is not connected"):
+        channel.send("shell", "comm_msg", {})
+
+
+def test_a_message_over_the_limit_closes_with_a_reason(
+    servers: list[Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_module, "MAX_MESSAGE_BYTES", 1 << 20)
+
+    def handler(ws: ServerConnection) -> None:
+        ws.recv()
+        ws.send(b"\x00" * (2 << 20))
+        time.sleep(1)
+
+    server = Server(handler)
+    servers.append(server)
+    channel = KernelChannel(server.url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    _, waiting = channel.send("shell", "comm_msg", {})
+    assert take(waiting) is CLOSED
+    assert "over 1 MiB" in channel.closed_reason
+
+
+def test_refusals_are_said_in_the_gateways_words(servers: list[Server]) -> None:
+    def refuse(connection: ServerConnection, request: Any) -> Response:
+        body = json.dumps({"reason": "Not Found", "message": "no kernel k1"}).encode()
+        headers = Headers([("Content-Type", "application/json")])
+        return Response(404, "Not Found", headers, body)
+
+    refusing = Server(echo_as_iopub, process_request=refuse)
+    servers.append(refusing)
+    with pytest.raises(ConnectionError, match=r"refused .*\(404 Not Found\): no kernel k1"):
+        KernelChannel(refusing.url, TOKEN, "k1").connect(timeout=10)
+
+    no_v1 = Server(echo_as_iopub, select_subprotocol=lambda connection, offered: None)
+    servers.append(no_v1)
+    with pytest.raises(ConnectionError, match=f"did not accept the {V1}"):
+        KernelChannel(no_v1.url, TOKEN, "k1").connect(timeout=10)
+
+    with pytest.raises(OSError):  # nothing listens there any more
+        port = int(refusing.url.rsplit(":", 1)[1])
+        refusing.stop()
+        servers.remove(refusing)
+        KernelChannel(f"http://127.0.0.1:{port}", TOKEN, "k1").connect(timeout=5)
+
+
+def test_started_notice_only_for_a_cell_that_runs_long() -> None:
+    sent: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
+    notice = StartedNotice(lambda parent, run_id: sent.put((parent, run_id)), after=0.2)
+    notice.arm({"header": {"msg_id": "quick"}}, "quick")
+    notice.disarm()  # done before 0.2 s: its answer says it started
+    notice.arm({"header": {"msg_id": "long"}}, "long")
+    parent, run_id = sent.get(timeout=5)
+    assert run_id == "long" and parent["header"]["msg_id"] == "long"
+    notice.disarm()
+    time.sleep(0.4)
+    assert sent.empty()  # once per cell, and never for the quick one
