@@ -25,6 +25,7 @@ from .tenants import TenantSpaces
 from .warm_pool import WarmKey, WarmPool
 
 KERNEL_NAME = "python3"
+DELIMITER = b"<IDS|MSG>"  # between a ZMQ message's identities and its parts
 ENDED_KEPT = 256  # how many dead kernels stay visible, so a poller can learn how they ended
 
 
@@ -211,6 +212,51 @@ class HostKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(500, "could not hand the warm kernel to its owner")
         # The reply comes before the idle status; the client must not see a busy kernel.
         self.get_kernel(placement.kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
+
+    # -- activity --------------------------------------------------------------------------
+
+    def start_watching_activity(self, kernel_id: str) -> None:
+        """jupyter_server's activity watch, with the same rules, reading only what they need
+        of each IOPub message: its type, its parent's type and a status message's state. It
+        verified and parsed every message whole, status messages twice, and copied every
+        buffer: on a host that relays every message of every kernel, the biggest cost per
+        message. Nothing is verified: the messages come from the kernel's own publisher, which
+        holds the signing key anyway."""
+        kernel: Any = self._kernels[kernel_id]
+        kernel.reason = ""
+        kernel.last_activity = utcnow()
+        kernel._activity_stream = kernel.connect_iopub()
+        untracked = frozenset(self.untracked_message_types)
+
+        def record_activity(frames: list[Any]) -> None:
+            # identities, b"<IDS|MSG>", signature, header, parent, metadata, content, buffers
+            parts = iter(frames)
+            for frame in parts:
+                if frame.bytes == DELIMITER:
+                    break
+            try:
+                _signature, header, parent, _metadata, content = (next(parts) for _ in range(5))
+                msg_type = json.loads(header.bytes).get("msg_type")
+                parent_type = (json.loads(parent.bytes) or {}).get("msg_type")
+            except (StopIteration, RuntimeError, ValueError, AttributeError):
+                return  # not a Jupyter message; nothing to learn from it
+            if (
+                msg_type not in untracked
+                or parent_type not in untracked
+                or kernel.execution_state == "busy"
+            ):
+                self.last_kernel_activity = kernel.last_activity = utcnow()
+            if msg_type == "status":
+                try:
+                    state = json.loads(content.bytes).get("execution_state")
+                except (ValueError, AttributeError):
+                    return
+                if parent_type not in untracked:
+                    kernel.execution_state = state
+                elif kernel.execution_state == "starting" and state != "starting":
+                    kernel.execution_state = "idle"  # as jupyter_server: started means idle
+
+        kernel._activity_stream.on_recv(record_activity, copy=False)
 
     # -- visibility: warm kernels are nobody's until taken --------------------------------
 

@@ -421,7 +421,10 @@ class CellAgent:
             del shell._showtraceback
             shell.execution_count = saved_count
             for stream in (sys.stdout, sys.stderr):
-                if stream is not None:
+                # ipykernel's flush waits for its IOPub thread, a thread round trip each; a
+                # stream with nothing waiting to go out (`_flush_pending` false: no write since
+                # its last flush) needs none, and the answer still goes out after its output.
+                if stream is not None and getattr(stream, "_flush_pending", True):
                     stream.flush()
         if exc is None:
             return None, None
