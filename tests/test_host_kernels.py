@@ -159,6 +159,37 @@ def test_activity_connections_and_state(host):
     host.call("DELETE", f"/api/kernels/{kernel_id}")
 
 
+def test_activity_watch_rules(host):
+    """The host's own activity watch keeps jupyter_server's rules: a kernel's output is
+    activity though no client spoke, and the kernel is idle after the cell."""
+    kernel_id = host.create(gpu_type="H100")["id"]
+
+    def model() -> dict:
+        return host.call("GET", f"/api/kernels/{kernel_id}").body
+
+    async def talk() -> tuple[dict, list[dict]]:
+        sock = await KernelSocket.open(host.url, host.token, kernel_id)
+        code = "import time\nfor i in range(4):\n    print(i, flush=True); time.sleep(0.4)"
+        running = asyncio.ensure_future(sock.execute(code))
+        await asyncio.sleep(0.2)
+        sent = model()  # the request itself was activity
+        seen = []
+        while not running.done():
+            seen.append(await asyncio.to_thread(model))
+            await asyncio.sleep(0.1)
+        out, reply = await asyncio.wait_for(running, 60)
+        assert reply["status"] == "ok" and out.split() == ["0", "1", "2", "3"]
+        await asyncio.sleep(0.2)
+        sock.close()
+        return sent, [*seen, model()]
+
+    sent, later = asyncio.run(talk())
+    assert any(m["last_activity"] > sent["last_activity"] for m in later[:-1])  # output
+    assert any(m["execution_state"] == "busy" for m in later[:-1])
+    assert later[-1]["execution_state"] == "idle"
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
 def test_a_warm_kernel_taken_as_it_boots_reports_its_first_cell_busy(host):
     """The activity watch's IOPub subscription takes effect a moment after the kernel starts;
     a kernel handed out before that must not lose its first cell's "busy"."""
