@@ -450,7 +450,8 @@ class CellAgent:
 
 class StartedNotice:
     """Calls `send(parent, run_id)` once a cell has run `after` seconds, unless disarmed first.
-    One thread per agent, asleep between cells."""
+    One thread per agent. It is woken only when it sleeps with nothing due: cells that follow
+    each other quickly find it in a timed wait already, and it sees the new due time then."""
 
     def __init__(self, send: Any, after: float = STARTED_AFTER_S) -> None:
         self.send = send
@@ -458,6 +459,7 @@ class StartedNotice:
         self.due: tuple[float, dict[str, Any], str] | None = None
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.sleeping = False  # in a wait with no time limit
 
     def arm(self, parent: dict[str, Any], run_id: str) -> None:
         with self.changed:
@@ -467,7 +469,8 @@ class StartedNotice:
                     target=self.watch, name="gpupool-started", daemon=True
                 )
                 self.thread.start()
-            self.changed.notify()
+            elif self.sleeping:
+                self.changed.notify()
 
     def disarm(self) -> None:
         with self.changed:
@@ -477,8 +480,9 @@ class StartedNotice:
         while True:
             with self.changed:
                 while self.due is None or self.due[0] > time.monotonic():
-                    left = None if self.due is None else self.due[0] - time.monotonic()
-                    self.changed.wait(left)
+                    self.sleeping = self.due is None
+                    self.changed.wait(None if self.due is None else self.due[0] - time.monotonic())
+                    self.sleeping = False
                 _, parent, run_id = self.due
                 self.due = None
             try:

@@ -175,13 +175,18 @@ def test_refusals_are_said_in_the_gateways_words(servers: list[Server]) -> None:
 
 
 def test_started_notice_only_for_a_cell_that_runs_long() -> None:
-    sent: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
-    notice = StartedNotice(lambda parent, run_id: sent.put((parent, run_id)), after=0.2)
+    sent: queue.Queue[tuple[str, float]] = queue.Queue()
+    notice = StartedNotice(lambda parent, run_id: sent.put((run_id, time.monotonic())), 0.2)
     notice.arm({"header": {"msg_id": "quick"}}, "quick")
     notice.disarm()  # done before 0.2 s: its answer says it started
-    notice.arm({"header": {"msg_id": "long"}}, "long")
-    parent, run_id = sent.get(timeout=5)
-    assert run_id == "long" and parent["header"]["msg_id"] == "long"
+    armed = time.monotonic()
+    notice.arm({"header": {"msg_id": "long"}}, "long")  # while the watch waits for "quick"
+    run_id, when = sent.get(timeout=5)
+    assert run_id == "long" and when - armed >= 0.2
     notice.disarm()
     time.sleep(0.4)
     assert sent.empty()  # once per cell, and never for the quick one
+    armed = time.monotonic()
+    notice.arm({"header": {"msg_id": "later"}}, "later")  # the watch was asleep: woken
+    run_id, when = sent.get(timeout=5)
+    assert run_id == "later" and 0.2 <= when - armed < 3

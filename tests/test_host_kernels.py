@@ -257,3 +257,28 @@ def test_kernels_load_the_gpu_magic_and_start_without_a_missing_extension(host, 
     model = other.create(name="python3")
     assert asyncio.run(run_code(other.url, other.token, model["id"], CELL_MAGICS)) == "0\n"
     other.call("DELETE", f"/api/kernels/{model['id']}")
+
+
+def test_a_flood_of_messages_to_a_busy_kernel_arrives_whole_and_in_order(host):
+    """Messages sent while the kernel is busy queue up (past the ZMQ socket's high-water mark,
+    the host's own queue takes them): none is lost and they run in the order sent."""
+    kernel_id = host.create(gpu_type="H100")["id"]
+    count = 3000
+
+    async def flood() -> str:
+        sock = await KernelSocket.open(host.url, host.token, kernel_id, V1)
+        await sock.send("shell", "execute_request", cell("import time; _seen = []; time.sleep(2)"))
+        for i in range(count):
+            await sock.send("shell", "execute_request", cell(f"_seen.append({i})"))
+        out, reply = await sock.execute(f"print(_seen == list(range({count})), len(_seen))", 120)
+        sock.close()
+        assert reply["status"] == "ok", out
+        return out
+
+    assert asyncio.run(flood()).split() == ["True", str(count)]
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def cell(code: str) -> dict:
+    return {"code": code, "silent": True, "store_history": False, "user_expressions": {},
+            "allow_stdin": False}  # fmt: skip
