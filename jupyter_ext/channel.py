@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import queue
 import socket
-import ssl
 import threading
 import uuid
 from collections.abc import Sequence
@@ -26,10 +25,11 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from .transport import TlsTransport, Transport
+
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE_BYTES = 64 << 20
 IO_TIMEOUT_S = 60.0  # a write that makes no progress this long means the gateway is gone
-READ_BYTES = 1 << 20
 BUSY = {"execution_state": "busy"}  # a status message's content
 CLOSED = {"msg_type": "_closed"}  # what a waiting queue receives when the websocket ends
 
@@ -83,7 +83,7 @@ class KernelChannel:
         self.token = token
         self.session = uuid.uuid4().hex
         self.closed_reason = ""
-        self._sock: socket.socket | None = None
+        self._wire: Transport | None = None
         self._protocol: ClientProtocol | None = None
         self._state = threading.Lock()  # the protocol object: short calls only
         self._writing = threading.Lock()  # one writer on the socket at a time
@@ -100,33 +100,32 @@ class KernelChannel:
         sock = socket.create_connection((uri.host, uri.port), timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle wait
-            if uri.secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
+            wire = TlsTransport(sock, uri.host) if uri.secure else Transport(sock)
             protocol = ClientProtocol(
                 uri, subprotocols=[Subprotocol(V1)], max_size=MAX_MESSAGE_BYTES
             )
             request = protocol.connect()
             request.headers["Authorization"] = f"token {self.token}"
             protocol.send_request(request)
-            sock.sendall(b"".join(protocol.data_to_send()))
-            response, early = self._handshake(sock, protocol)
+            wire.send(b"".join(protocol.data_to_send()))
+            response, early = self._handshake(wire, protocol)
         except BaseException:
             sock.close()
             raise
         if protocol.handshake_exc is not None or protocol.subprotocol != V1:
             sock.close()
             raise ConnectionError(self._refusal(response, protocol))
-        sock.settimeout(IO_TIMEOUT_S)
-        self._sock, self._protocol = sock, protocol
+        wire.settimeout(IO_TIMEOUT_S)
+        self._wire, self._protocol = wire, protocol
         threading.Thread(
-            target=self._read, args=(sock, protocol, early), name="gpupool-websocket", daemon=True
+            target=self._read, args=(wire, protocol, early), name="gpupool-websocket", daemon=True
         ).start()
 
     @staticmethod
-    def _handshake(sock: socket.socket, protocol: ClientProtocol) -> tuple[Response | None, list]:
+    def _handshake(wire: Transport, protocol: ClientProtocol) -> tuple[Response | None, list]:
         """Read until the handshake's answer; frames that came in the same packets follow it."""
         while True:
-            data = sock.recv(READ_BYTES)
+            data = wire.recv()
             if data:
                 protocol.receive_data(data)
             else:
@@ -159,7 +158,7 @@ class KernelChannel:
             )
         return f"the websocket handshake failed: {protocol.handshake_exc}"
 
-    def _read(self, sock: socket.socket, protocol: ClientProtocol, early: list) -> None:
+    def _read(self, wire: Transport, protocol: ClientProtocol, early: list) -> None:
         """The reader thread: frames to messages, messages to the queue of their request."""
         pieces: list[bytes] = []  # a message that came in fragments
         reason = ""
@@ -177,7 +176,7 @@ class KernelChannel:
                 if protocol.state is State.CLOSED:
                     break
                 try:
-                    data = sock.recv(READ_BYTES)
+                    data = wire.recv()
                 except TimeoutError:
                     continue  # nothing came for a while; that is fine
                 except OSError as error:
@@ -200,7 +199,7 @@ class KernelChannel:
             self.closed_reason = self.closed_reason or self._closed_text(protocol, reason)
             for waiting in list(self._waiters.values()):
                 waiting.put(CLOSED)
-            sock.close()
+            wire.close()
 
     @staticmethod
     def _closed_text(protocol: ClientProtocol, reason: str) -> str:
@@ -227,15 +226,15 @@ class KernelChannel:
         listener.put(msg)
 
     def _write(self, chunks: list[bytes]) -> None:
-        sock = self._sock
-        if sock is None:
+        wire = self._wire
+        if wire is None:
             raise ConnectionError(self.closed_reason or "the GPU kernel's websocket is not open")
         with self._writing:
             for chunk in chunks:
                 if chunk:
-                    sock.sendall(chunk)
+                    wire.send(chunk)
                 else:  # the protocol's end of stream: half-close
-                    sock.shutdown(socket.SHUT_WR)
+                    wire.end_writing()
 
     def send(
         self,
@@ -273,9 +272,9 @@ class KernelChannel:
                         raise ConnectionError(self.closed_reason or "the websocket is closing")
                     protocol.send_binary(frame)
                     out = protocol.data_to_send()
-                assert self._sock is not None
+                assert self._wire is not None
                 for chunk in out:
-                    self._sock.sendall(chunk)
+                    self._wire.send(chunk)
         except OSError as error:
             self.forget(msg_id)
             self.closed_reason = self.closed_reason or f"sending to the GPU kernel failed ({error})"
@@ -293,14 +292,14 @@ class KernelChannel:
         """Say goodbye to the gateway and stop the reader; never waits for an answer."""
         self.closed_reason = self.closed_reason or "closed by this kernel"
         protocol = self._protocol
-        if protocol is not None and self._sock is not None:
+        if protocol is not None and self._wire is not None:
             try:
                 with self._state:
                     out = protocol.data_to_send() if protocol.state is not State.OPEN else []
                     if protocol.state is State.OPEN:
                         protocol.send_close(1000, "closed by the notebook kernel")
                         out = protocol.data_to_send()
-                self._sock.settimeout(1.0)  # a goodbye, not worth waiting for
+                self._wire.settimeout(1.0)  # a goodbye, not worth waiting for
                 self._write([chunk for chunk in out if chunk])
             except OSError:
                 pass
@@ -308,9 +307,9 @@ class KernelChannel:
 
     def _shutdown(self) -> None:
         """End the socket both ways: the reader thread's recv returns and it exits."""
-        sock = self._sock
-        if sock is not None:
+        wire = self._wire
+        if wire is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                wire.shutdown()
             except OSError:
                 pass

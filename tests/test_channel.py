@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,6 +92,10 @@ def test_messages_reach_the_request_they_answer(servers: list[Server]) -> None:
     channel = KernelChannel(server.url, TOKEN, "k1")
     channel.connect(timeout=10)
     assert channel.open
+    for _ in range(500):  # the server's handler records them a moment after the handshake
+        if server.headers:
+            break
+        time.sleep(0.01)
     assert server.headers[0]["Authorization"] == f"token {TOKEN}"
     big = bytes(range(256)) * 40_000  # 10 MB: several reads, one message
     msg_id, waiting = channel.send("shell", "comm_msg", {"data": {}}, [b"small", big])
@@ -190,3 +198,37 @@ def test_started_notice_only_for_a_cell_that_runs_long() -> None:
     notice.arm({"header": {"msg_id": "later"}}, "later")  # the watch was asleep: woken
     run_id, when = sent.get(timeout=5)
     assert run_id == "later" and 0.2 <= when - armed < 3
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_wss_with_the_systems_trust_and_both_ways_at_once(
+    servers: list[Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https gateway: the certificate is checked against the trust store (SSL_CERT_FILE
+    here), and the reader and the writer share the TLS socket with both directions busy."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = Server(echo_as_iopub, ssl=context)
+    servers.append(server)
+    url = server.url.replace("http://", "https://")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        KernelChannel(url, TOKEN, "k1").connect(timeout=10)  # not trusted yet
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    channel = KernelChannel(url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    chunk = b"\x07" * (1 << 20)
+    pending = []
+    for _ in range(40):  # 40 MB out while the answers (as large) come back
+        pending.append(channel.send("shell", "comm_msg", {}, [chunk]))
+    for msg_id, waiting in pending:
+        answer = take(waiting)
+        assert answer["parent_header"]["msg_id"] == msg_id and bytes(answer["buffers"][0]) == chunk
+        assert take(waiting)["content"] == {"execution_state": "idle"}
+    channel.close()
