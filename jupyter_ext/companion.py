@@ -212,7 +212,7 @@ class Companion:
             "allow_stdin": False,
             "stop_on_error": False,
         }
-        msg_id, waiting = channel.send("shell", "execute_request", content)
+        msg_id, waiting = self._send(channel, "shell", "execute_request", content)
         try:
             reply = self._expect(waiting, lambda m: m["msg_type"] == "execute_reply", 60)
         finally:
@@ -225,7 +225,7 @@ class Companion:
             )
         comm_id = uuid.uuid4().hex
         open_content = {"comm_id": comm_id, "target_name": agent.TARGET, "data": {}}
-        msg_id, waiting = channel.send("shell", "comm_open", open_content)
+        msg_id, waiting = self._send(channel, "shell", "comm_open", open_content)
         try:
             hello = self._expect(waiting, lambda m: m["msg_type"] == "comm_msg", 30)
         finally:
@@ -369,7 +369,7 @@ class Companion:
         """A question to the agent that is answered with one comm message."""
         channel = self._channel()
         content = {"comm_id": self.comm_id, "data": data}
-        msg_id, waiting = channel.send("shell", "comm_msg", content)
+        msg_id, waiting = self._send(channel, "shell", "comm_msg", content)
         try:
             answer = self._expect(waiting, lambda m: m["msg_type"] == "comm_msg", 30)
         finally:
@@ -385,12 +385,12 @@ class Companion:
         shape = {"layout": layout, "sizes": agent.sizes(payload.items)}
         for buffers in messages[:-1]:
             part = {"comm_id": self.comm_id, "data": {"op": "part", "id": run_id, **shape}}
-            channel.send("shell", "comm_msg", part, buffers, listen=False)
+            self._send(channel, "shell", "comm_msg", part, buffers, listen=False)
         data = {"op": "run", "id": run_id, "code": cell.code, "count": cell.count,
                 "names": payload.names, **shape, "pull": cell.pull,
                 "max_bytes": cell.max_bytes}  # fmt: skip
-        msg_id, waiting = channel.send(
-            "shell", "comm_msg", {"comm_id": self.comm_id, "data": data}, messages[-1]
+        msg_id, waiting = self._send(
+            channel, "shell", "comm_msg", {"comm_id": self.comm_id, "data": data}, messages[-1]
         )
         assert waiting is not None
         try:
@@ -558,6 +558,13 @@ class Companion:
         return with_remote_traceback(exc, lines)
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _send(self, channel: KernelChannel, *args: Any, **kwargs: Any) -> Any:
+        """`channel.send`; a connection that broke under it is the GPU kernel lost, said so."""
+        try:
+            return channel.send(*args, **kwargs)
+        except ConnectionError:
+            raise GpuKernelLost(self._lost_reason()) from None
 
     def _channel(self) -> KernelChannel:
         if self.channel is None:
