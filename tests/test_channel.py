@@ -8,7 +8,6 @@ import json
 import queue
 import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import self_signed_cert
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.sync.server import ServerConnection, serve
@@ -206,13 +206,7 @@ def test_wss_with_the_systems_trust_and_both_ways_at_once(
 ) -> None:
     """An https gateway: the certificate is checked against the trust store (SSL_CERT_FILE
     here), and the reader and the writer share the TLS socket with both directions busy."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = Server(echo_as_iopub, ssl=context)

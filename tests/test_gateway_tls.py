@@ -5,22 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
-import subprocess
 import urllib.request
 
 import pytest
-from conftest import start_gateway
+from conftest import self_signed_cert, start_gateway
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_gateway_serves_https(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     gateway = start_gateway(tmp_path, "--certfile", str(cert), "--keyfile", str(key))
     try:
         assert gateway.url.startswith("https://127.0.0.1:")
