@@ -84,8 +84,11 @@ def test_usage_lists_intervals_with_totals_per_gpu_type(pool: tuple[Gateway, Hos
         cost = sum(i["cost_usd"] for i in report["intervals"])
         assert report["total"]["cost_usd"] == pytest.approx(cost, abs=1e-5)
         a10g_row = report["intervals"][1]
-        # rounded to a millionth of a dollar
-        assert a10g_row["cost_usd"] == pytest.approx(a10g_row["seconds"] * 1.10 / 3600, abs=6e-7)
+        # The cost is rounded to a millionth of a dollar and the seconds shown to a millisecond:
+        # the two roundings together are off by at most this much.
+        rounding = 0.5e-6 + 0.0005 * 1.10 / 3600
+        expected = a10g_row["seconds"] * 1.10 / 3600
+        assert a10g_row["cost_usd"] == pytest.approx(expected, abs=rounding)
         assert report["budget"]["budget_usd"] is None
         assert report["budget"]["spent_this_month_usd"] == pytest.approx(cost, abs=1e-4)
 
