@@ -10,6 +10,7 @@ once, so a chatty kernel between cells costs no memory here). The websocket prot
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import threading
@@ -27,22 +28,60 @@ from websockets.uri import parse_uri
 
 from .transport import TlsTransport, Transport
 
+try:  # websockets' C masking; the same function in pure Python where it was not built
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE_BYTES = 64 << 20
+SMALL_FRAME = 256 << 10  # a frame below this is joined and masked in one go
 IO_TIMEOUT_S = 60.0  # a write that makes no progress this long means the gateway is gone
 BUSY = {"execution_state": "busy"}  # a status message's content
 CLOSED = {"msg_type": "_closed"}  # what a waiting queue receives when the websocket ends
 
 
-def encode(channel: str, parts: Sequence[Any]) -> bytes:
-    """One v1 frame: the part count, the offsets, the channel name, then the parts."""
+def v1_pieces(channel: str, parts: Sequence[Any]) -> list[Any]:
+    """A v1 message, in the pieces it is made of: the part count and the offsets, the channel
+    name, then the parts themselves (not copied)."""
     name = channel.encode()
     offsets = [8 * (1 + 1 + len(parts) + 1)]
     offsets.append(offsets[-1] + len(name))
     for part in parts:
         offsets.append(offsets[-1] + memoryview(part).nbytes)
-    head = [len(offsets).to_bytes(8, "little"), *(o.to_bytes(8, "little") for o in offsets)]
-    return b"".join([*head, name, *parts])
+    head = b"".join(
+        [len(offsets).to_bytes(8, "little"), *(o.to_bytes(8, "little") for o in offsets)]
+    )
+    return [head, name, *parts]
+
+
+def encode(channel: str, parts: Sequence[Any]) -> bytes:
+    """One v1 message as one bytes object."""
+    return b"".join(v1_pieces(channel, parts))
+
+
+def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
+    """One client binary frame (final, masked with the 4-byte `key`) carrying `pieces` end to
+    end, as chunks to write in order. A large payload is masked piece by piece, the key turned
+    to each piece's offset, so each byte is copied once; websockets' own frame would join the
+    pieces, mask them and copy the result twice more."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    length = sum(len(v) for v in views)
+    if length < 126:
+        head = bytes([0x82, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([0x82, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big")
+    if length < SMALL_FRAME:
+        return [head + key + apply_mask(b"".join(views), key)]
+    chunks = [head + key]
+    offset = 0
+    for view in views:
+        turn = offset % 4
+        chunks.append(apply_mask(view, key[turn:] + key[:turn]))
+        offset += len(view)
+    return chunks
 
 
 def split_frame(frame: bytes) -> list[memoryview]:
@@ -261,19 +300,17 @@ class KernelChannel:
         if listen:
             waiting = self._waiters[msg_id] = queue.Queue()
         parts = [json.dumps(x).encode() for x in (header, {}, {}, content)]
-        frame = encode(channel, [*parts, *buffers])
+        chunks = masked_frame(v1_pieces(channel, [*parts, *buffers]), os.urandom(4))
         try:
-            # The protocol's frames go out in the order they are made: make and write them
-            # under the one writer lock.
+            # Data frames are made here, control frames (pong, close) by the protocol: each
+            # goes out whole, under the one writer lock.
             with self._writing:
                 with self._state:
                     protocol = self._protocol
                     if protocol is None or protocol.state is not State.OPEN:
                         raise ConnectionError(self.closed_reason or "the websocket is closing")
-                    protocol.send_binary(frame)
-                    out = protocol.data_to_send()
                 assert self._wire is not None
-                for chunk in out:
+                for chunk in chunks:
                     self._wire.send(chunk)
         except OSError as error:
             self.forget(msg_id)

@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 from conftest import self_signed_cert
 from websockets.datastructures import Headers
+from websockets.frames import Opcode
 from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.sync.server import ServerConnection, serve
 
 from jupyter_ext import channel as channel_module
@@ -226,3 +229,21 @@ def test_wss_with_the_systems_trust_and_both_ways_at_once(
         assert answer["parent_header"]["msg_id"] == msg_id and bytes(answer["buffers"][0]) == chunk
         assert take(waiting)["content"] == {"execution_state": "idle"}
     channel.close()
+
+
+def test_frames_the_library_reads_back_whatever_the_pieces() -> None:
+    """Our masked frames, piece by piece and key turned to each offset, are what websockets'
+    own server parser reads, for small frames (joined) and large ones (pieces of odd sizes)."""
+    key = b"\x9a\x01\xfe\x42"
+    cases = [
+        [b""],
+        [b"x" * 125],
+        [b"ab", b"c" * 70_000],
+        [b"hello", bytes(range(256)) * 1200, b"z", memoryview(bytes(range(7)) * 100_000)[3:]],
+    ]
+    for pieces in cases:
+        server = ServerProtocol(state=State.OPEN, max_size=None)
+        server.receive_data(b"".join(channel_module.masked_frame(pieces, key)))
+        (got,) = server.events_received()
+        assert got.opcode is Opcode.BINARY and got.fin
+        assert got.data == b"".join(bytes(p) for p in pieces)
