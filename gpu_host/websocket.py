@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 from jupyter_server._tz import utcnow
 from jupyter_server.auth.decorator import ws_authenticated
-from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from tornado import web
@@ -16,6 +15,22 @@ if TYPE_CHECKING:
     from .kernels import HostKernelManager
 
 V1 = "v1.kernel.websocket.jupyter.org"
+NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
+
+
+def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
+    """A v1 message's channel and parts (views into it, not copies). Its part count and
+    offsets are checked against its own length before use (jupyter_server's parser trusts
+    them: a count of 2**60 keeps the host's loop busy for good); ValueError if it is not one."""
+    view = memoryview(message)
+    count = int.from_bytes(view[:8], "little") if len(view) >= 8 else 0
+    if not 6 <= count <= len(view) // 8 - 1:  # channel, header, parent, metadata, content
+        raise ValueError("its part count does not fit the message")
+    offsets = [int.from_bytes(view[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
+    if offsets[0] != 8 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("its offsets do not fit the message")
+    channel = bytes(view[offsets[0] : offsets[1]]).decode()
+    return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
 
 
 class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
@@ -29,14 +44,21 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         self.kernel_manager.last_activity = utcnow()
-        if (
-            self.subprotocol != V1
-            or not self.channels
-            or self.multi_kernel_manager.allowed_message_types
-        ):
+        if self.subprotocol != V1 or not self.channels:
             super().handle_incoming_message(incoming_msg)
             return
-        channel, parts = deserialize_msg_from_ws_v1(incoming_msg)
+        try:
+            channel, parts = split_v1(incoming_msg)
+        except ValueError as error:
+            self.log.warning("kernel %s: a client sent a message that is not v1: %s",
+                             self.kernel_id, error)  # fmt: skip
+            self.websocket_handler.close(
+                NOT_V1, f"not a {V1} message ({error}); nothing was sent"
+            )
+            return
+        if self.multi_kernel_manager.allowed_message_types:
+            super().handle_incoming_message(incoming_msg)  # its own filter; the format is fine
+            return
         stream = self.channels.get(channel)
         if stream is None:
             self.log.warning("No such channel: %r", channel)

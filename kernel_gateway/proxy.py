@@ -130,6 +130,9 @@ class ChannelsHandler(WebSocketHandler):
         if upstream.close_code == 1009:
             self.close(1009, f"a kernel message was over {limit >> 20} MiB, the gateway's limit")
             return False
+        if upstream.close_code == 1007:  # the host could not read what this client sent
+            self.close(1007, (upstream.close_reason or "a message was malformed")[:120])
+            return False
         if self.ws_connection is None:
             return False
         if self.state.kernels._row(self.kernel_id).state in ("suspended", "queued", "starting"):

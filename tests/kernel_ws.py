@@ -126,3 +126,23 @@ async def run_code(
     if reply["status"] != "ok":
         raise AssertionError(f"cell failed: {out}")
     return out
+
+
+async def closed_by(sock: KernelSocket, payload: bytes, timeout: float = 30) -> tuple[Any, Any]:
+    """Send `payload` as one binary message; the close code and reason that follow."""
+    await sock.conn.write_message(payload, binary=True)
+    while await asyncio.wait_for(sock.conn.read_message(), timeout) is not None:
+        pass  # what the kernel said before the close
+    return sock.conn.close_code, sock.conn.close_reason
+
+
+# Binary messages that are not v1 kernel messages: a part count far past the message (2**64-1,
+# and 7 in a message of 16 bytes), offsets past its end, nothing at all.
+NOT_V1_MESSAGES = [
+    b"\xff" * 16,
+    (7).to_bytes(8, "little") + bytes(8),
+    (6).to_bytes(8, "little")
+    + b"".join(n.to_bytes(8, "little") for n in (56, 61, 10**6))
+    + bytes(40),
+    b"",
+]

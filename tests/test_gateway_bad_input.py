@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import start_gateway
-from kernel_ws import KernelSocket, run_code
+from kernel_ws import NOT_V1_MESSAGES, V1, KernelSocket, closed_by, run_code
 from tornado.httpclient import HTTPClientError
 
 MISSING = "00000000-0000-4000-8000-000000000000"
@@ -360,3 +360,19 @@ def test_the_wait_ends_a_minute_after_the_failures(monkeypatch):
         limit.failed(f"10.0.1.{n}")
     assert len(limit._failures) == 3  # a scan of many addresses cannot grow it without bound
     assert auth_limit.FailedAuth(per_minute=0).wait_for("10.0.0.1") == 0.0
+
+
+def test_a_message_that_is_not_v1_is_refused_through_the_gateway(stack):
+    """The host's refusal reaches the client, in its words; the kernel goes on."""
+    model = stack.create(name="python3")
+    try:
+
+        async def send() -> tuple[Any, Any]:
+            sock = await KernelSocket.open(stack.url, stack.token, model["id"], V1)
+            return await closed_by(sock, NOT_V1_MESSAGES[0])
+
+        code, reason = asyncio.run(send())
+        assert code == 1007 and f"not a {V1} message" in reason
+        assert asyncio.run(run_code(stack.url, stack.token, model["id"], "print(1)", V1)) == "1\n"
+    finally:
+        assert stack.call("DELETE", f"/api/kernels/{model['id']}").status == 204

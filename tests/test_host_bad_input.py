@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
-from kernel_ws import KernelSocket
+from kernel_ws import NOT_V1_MESSAGES, V1, KernelSocket, closed_by, run_code
 from tornado.httpclient import HTTPClientError
 
 MISSING = "00000000-0000-4000-8000-000000000000"
@@ -87,3 +88,19 @@ def test_agent_still_serves_after_all_of_it(host):
     model = host.create(gpu_type="H100")
     assert host.call("GET", f"/api/kernels/{model['id']}").status == 200
     assert host.call("DELETE", f"/api/kernels/{model['id']}").status == 204
+
+
+@pytest.mark.parametrize("payload", NOT_V1_MESSAGES)
+def test_a_message_that_is_not_v1_closes_that_websocket_only(host, payload):
+    kernel_id = host.create(gpu_type="H100")["id"]
+
+    async def send() -> tuple[Any, Any]:
+        return await closed_by(
+            await KernelSocket.open(host.url, host.token, kernel_id, V1), payload
+        )
+
+    code, reason = asyncio.run(send())
+    assert code == 1007 and f"not a {V1} message" in reason and "nothing was sent" in reason
+    # The kernel and the host are fine: a new websocket runs a cell.
+    assert asyncio.run(run_code(host.url, host.token, kernel_id, "print(6 * 7)", V1)) == "42\n"
+    host.call("DELETE", f"/api/kernels/{kernel_id}")
