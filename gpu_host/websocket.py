@@ -52,9 +52,7 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         except ValueError as error:
             self.log.warning("kernel %s: a client sent a message that is not v1: %s",
                              self.kernel_id, error)  # fmt: skip
-            self.websocket_handler.close(
-                NOT_V1, f"not a {V1} message ({error}); nothing was sent"
-            )
+            self.websocket_handler.close(NOT_V1, f"not a {V1} message ({error}); nothing was sent")
             return
         if self.multi_kernel_manager.allowed_message_types:
             super().handle_incoming_message(incoming_msg)  # its own filter; the format is fine
