@@ -226,7 +226,6 @@ class HostKernelManager(AsyncMappingKernelManager):
         kernel.reason = ""
         kernel.last_activity = utcnow()
         kernel._activity_stream = kernel.connect_iopub()
-        untracked = frozenset(self.untracked_message_types)
 
         def record_activity(frames: list[Any]) -> None:
             # identities, b"<IDS|MSG>", signature, header, parent, metadata, content, buffers
@@ -240,6 +239,9 @@ class HostKernelManager(AsyncMappingKernelManager):
                 parent_type = (json.loads(parent.bytes) or {}).get("msg_type")
             except (StopIteration, RuntimeError, ValueError, AttributeError):
                 return  # not a Jupyter message; nothing to learn from it
+            if msg_type is None:
+                return
+            untracked = self.untracked_message_types
             if (
                 msg_type not in untracked
                 or parent_type not in untracked
@@ -250,6 +252,8 @@ class HostKernelManager(AsyncMappingKernelManager):
                 try:
                     state = json.loads(content.bytes).get("execution_state")
                 except (ValueError, AttributeError):
+                    return
+                if state is None:
                     return
                 if parent_type not in untracked:
                     kernel.execution_state = state

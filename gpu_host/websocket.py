@@ -16,31 +16,34 @@ if TYPE_CHECKING:
 
 V1 = "v1.kernel.websocket.jupyter.org"
 NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
+MAX_PARTS = 4096  # a v1 message's parts: header, parent, metadata, content and its buffers
 
 
 def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
     """A v1 message's channel and parts (views into it, not copies). Its part count and
     offsets are checked against its own length before use (jupyter_server's parser trusts
     them: a count of 2**60 keeps the host's loop busy for good); ValueError if it is not one."""
+    if not isinstance(message, bytes):
+        raise ValueError("it came as text; v1 messages are binary")
     view = memoryview(message)
     count = int.from_bytes(view[:8], "little") if len(view) >= 8 else 0
+    if count > MAX_PARTS + 2:
+        raise ValueError(f"it has more than {MAX_PARTS} parts")
     if not 6 <= count <= len(view) // 8 - 1:  # channel, header, parent, metadata, content
         raise ValueError("its part count does not fit the message")
     offsets = [int.from_bytes(view[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
     if offsets[0] != 8 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
         raise ValueError("its offsets do not fit the message")
-    channel = bytes(view[offsets[0] : offsets[1]]).decode()
+    try:
+        channel = bytes(view[offsets[0] : offsets[1]]).decode()
+    except UnicodeDecodeError:
+        raise ValueError("its channel name is not UTF-8") from None
     return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
 
 
 class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
     """Counts every message a client sends (shell, control, stdin) as kernel activity, and
     hands a v1 message to its kernel socket at once."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Channels whose ZMQ stream has held a message back: later ones queue behind it.
-        self.queued_channels: set[str] = set()
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         self.kernel_manager.last_activity = utcnow()
@@ -52,7 +55,8 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         except ValueError as error:
             self.log.warning("kernel %s: a client sent a message that is not v1: %s",
                              self.kernel_id, error)  # fmt: skip
-            self.websocket_handler.close(NOT_V1, f"not a {V1} message ({error}); nothing was sent")
+            reason = f"not a {V1} message ({error}); nothing was sent"
+            self.websocket_handler.close(NOT_V1, reason.encode()[:123].decode(errors="ignore"))
             return
         if self.multi_kernel_manager.allowed_message_types:
             super().handle_incoming_message(incoming_msg)  # its own filter; the format is fine
@@ -61,16 +65,16 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         if stream is None:
             self.log.warning("No such channel: %r", channel)
             return
-        if channel in self.queued_channels:
-            self.session.send_raw(stream, parts)
-            return
         # jupyter_server sends through the channel's ZMQStream, which only queues the message
         # and sends it on a later turn of the event loop: the socket takes it now, unless its
-        # queue is full, and from then on this channel goes through the stream, in order.
+        # queue is full or the stream still holds earlier messages (also those of a previous
+        # connection of the same session, whose streams a reconnect takes over), which go first.
+        if stream.sending():
+            self.session.send_raw(stream, parts)
+            return
         try:
             self.session.send_raw(stream.socket, parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self.queued_channels.add(channel)
             self.session.send_raw(stream, parts)
 
 

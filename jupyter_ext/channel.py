@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE_BYTES = 64 << 20
 SMALL_FRAME = 256 << 10  # a frame below this is joined and masked in one go
-IO_TIMEOUT_S = 60.0  # a write that makes no progress this long means the gateway is gone
+IO_TIMEOUT_S = 60.0  # a read or a 256 KiB write that takes this long: the gateway is gone
 BUSY = {"execution_state": "busy"}  # a status message's content
 CLOSED = {"msg_type": "_closed"}  # what a waiting queue receives when the websocket ends
 
@@ -200,18 +200,23 @@ class KernelChannel:
     def _read(self, wire: Transport, protocol: ClientProtocol, early: list) -> None:
         """The reader thread: frames to messages, messages to the queue of their request."""
         pieces: list[bytes] = []  # a message that came in fragments
+        binary = True  # what the message being put together is; v1 messages are binary
         reason = ""
         events: list = list(early)
         try:
             while True:
                 for event in events:
-                    if event.opcode in (Opcode.BINARY, Opcode.CONT):
+                    if event.opcode in (Opcode.BINARY, Opcode.TEXT):
+                        binary, pieces = event.opcode is Opcode.BINARY, []
+                    elif event.opcode is not Opcode.CONT:
+                        continue  # ping, pong, close: the protocol has answered them
+                    if binary:
                         pieces.append(event.data)
-                        if event.fin:
-                            data, pieces = b"".join(pieces), []
-                            self._deliver(data)
-                    elif event.opcode is Opcode.TEXT:
-                        pieces = []  # v1 frames are binary; a text message is not for us
+                    if event.fin:
+                        if binary:
+                            self._deliver(b"".join(pieces))
+                        pieces = []
+                events = []
                 if protocol.state is State.CLOSED:
                     break
                 try:
@@ -296,12 +301,16 @@ class KernelChannel:
             "date": datetime.now(timezone.utc).isoformat(),
             "version": "5.3",
         }
-        waiting: queue.Queue[dict[str, Any]] | None = None
-        if listen:
-            waiting = self._waiters[msg_id] = queue.Queue()
         parts = [json.dumps(x).encode() for x in (header, {}, {}, content)]
         chunks = masked_frame(v1_pieces(channel, [*parts, *buffers]), os.urandom(4))
+        waiting: queue.Queue[dict[str, Any]] | None = None
         try:
+            if listen:
+                waiting = self._waiters[msg_id] = queue.Queue()
+            # The reader says CLOSED to the queues there when it ends, after noting why: a
+            # queue put here after that is told by this check instead.
+            if self.closed_reason:
+                raise ConnectionError(self.closed_reason)
             # Data frames are made here, control frames (pong, close) by the protocol: each
             # goes out whole, under the one writer lock.
             with self._writing:
@@ -310,8 +319,19 @@ class KernelChannel:
                     if protocol is None or protocol.state is not State.OPEN:
                         raise ConnectionError(self.closed_reason or "the websocket is closing")
                 assert self._wire is not None
-                for chunk in chunks:
-                    self._wire.send(chunk)
+                try:
+                    for chunk in chunks:
+                        self._wire.send(chunk)
+                except BaseException as error:
+                    # Part of a frame may be out (Ctrl-C in the middle of a large one): what
+                    # followed on this socket would be read as its rest. The next cell opens
+                    # a new websocket.
+                    if not isinstance(error, OSError):
+                        self.closed_reason = self.closed_reason or (
+                            "a message to the GPU kernel was cut off when it was interrupted"
+                        )
+                    self._shutdown()
+                    raise
         except OSError as error:
             self.forget(msg_id)
             self.closed_reason = self.closed_reason or f"sending to the GPU kernel failed ({error})"

@@ -4,9 +4,9 @@ gateway's URL is https.
 One thread reads the socket while another writes it. A plain socket allows that; a TLS session
 does not (OpenSSL's rule: one thread in a session at a time, or a record read while writing can
 corrupt it). So TLS runs over memory buffers: the session is touched only under a lock and only
-in memory, and the socket itself is read and written at once. A writer never holds the lock
-while it waits on the network, so a reader is never kept from draining a peer that is waiting
-for us to read."""
+in memory, and the socket itself is read and written at once. A writer never holds the session's
+lock while it waits on the network, so the reader goes on draining the peer meanwhile (it waits
+for a writer only to send a small record of its own, such as a pong, between two messages)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ import ssl
 import threading
 
 READ_BYTES = 1 << 20
+WRITE_BYTES = 256 << 10  # written at a time, so that a socket timeout means no progress
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_BYTES):
+        sock.sendall(view[start : start + WRITE_BYTES])
 
 
 class Transport:
@@ -29,7 +36,7 @@ class Transport:
 
     def send(self, data: bytes) -> None:
         """All of `data`, in order with other sends (callers take turns)."""
-        self.sock.sendall(data)
+        send_all(self.sock, data)
 
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
@@ -124,4 +131,4 @@ class TlsTransport(Transport):
                 out = self.outgoing.read()
             if not out:
                 return
-            self.sock.sendall(out)
+            send_all(self.sock, out)

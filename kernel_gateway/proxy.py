@@ -131,7 +131,8 @@ class ChannelsHandler(WebSocketHandler):
             self.close(1009, f"a kernel message was over {limit >> 20} MiB, the gateway's limit")
             return False
         if upstream.close_code == 1007:  # the host could not read what this client sent
-            self.close(1007, (upstream.close_reason or "a message was malformed")[:120])
+            reason = upstream.close_reason or "a message was malformed"
+            self.close(1007, reason.encode()[:123].decode(errors="ignore"))  # a close's limit
             return False
         if self.ws_connection is None:
             return False

@@ -136,13 +136,18 @@ async def closed_by(sock: KernelSocket, payload: bytes, timeout: float = 30) -> 
     return sock.conn.close_code, sock.conn.close_reason
 
 
+def v1_head(offsets: list[int]) -> bytes:
+    return b"".join(n.to_bytes(8, "little") for n in (len(offsets), *offsets))
+
+
 # Binary messages that are not v1 kernel messages: a part count far past the message (2**64-1,
-# and 7 in a message of 16 bytes), offsets past its end, nothing at all.
+# and 7 in a message of 16 bytes), offsets past its end, nothing at all, a channel name that is
+# not UTF-8, and 5000 empty parts (more than a message may have).
 NOT_V1_MESSAGES = [
     b"\xff" * 16,
     (7).to_bytes(8, "little") + bytes(8),
-    (6).to_bytes(8, "little")
-    + b"".join(n.to_bytes(8, "little") for n in (56, 61, 10**6))
-    + bytes(40),
+    v1_head([56, 61, 10**6, 0, 0, 0]),
     b"",
+    v1_head([56, 57, 57, 57, 57, 57]) + b"\xff",
+    v1_head([8 * 5001] * 5000),
 ]

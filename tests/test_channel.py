@@ -247,3 +247,47 @@ def test_frames_the_library_reads_back_whatever_the_pieces() -> None:
         (got,) = server.events_received()
         assert got.opcode is Opcode.BINARY and got.fin
         assert got.data == b"".join(bytes(p) for p in pieces)
+
+
+def test_quiet_spells_text_fragments_and_a_cut_off_send(
+    servers: list[Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that times out delivers nothing twice; a fragmented text message is dropped
+    whole; a send interrupted after part of its frame went out closes the websocket, since
+    what followed would be read as the rest of that frame."""
+    monkeypatch.setattr(channel_module, "IO_TIMEOUT_S", 0.1)
+
+    def handler(ws: ServerConnection) -> None:
+        message = ws.recv()
+        assert isinstance(message, bytes)
+        parent = decode(message)["header"]["msg_id"]
+        ws.send(frame(parent, "stream", {"text": "once"}))
+        time.sleep(0.5)  # several read timeouts on the client
+        ws.send(["text in ", "two pieces"])
+        ws.send(frame(parent, "status", {"execution_state": "idle"}))
+        for _ in ws:
+            pass
+
+    server = Server(handler)
+    servers.append(server)
+    channel = KernelChannel(server.url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    _, waiting = channel.send("shell", "comm_msg", {})
+    assert take(waiting)["content"] == {"text": "once"}
+    assert take(waiting)["content"] == {"execution_state": "idle"}
+    assert waiting is not None and waiting.empty()
+
+    wire = channel._wire
+    assert wire is not None
+    sent = []
+
+    def interrupted(chunk: bytes) -> None:
+        if sent:
+            raise KeyboardInterrupt
+        sent.append(chunk)
+        type(wire).send(wire, chunk)
+
+    monkeypatch.setattr(wire, "send", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        channel.send("shell", "comm_msg", {}, [b"x" * (1 << 20)])  # a frame of several chunks
+    assert not channel.open and "cut off" in channel.closed_reason
