@@ -70,6 +70,17 @@ def servers() -> Iterator[list[Server]]:
         server.stop()
 
 
+def connected(
+    servers: list[Server], handler: Callable[[ServerConnection], None]
+) -> tuple[Server, KernelChannel]:
+    """A server running `handler` (stopped after the test) and a channel open to it."""
+    server = Server(handler)
+    servers.append(server)
+    channel = KernelChannel(server.url, TOKEN, "k1")
+    channel.connect(timeout=10)
+    return server, channel
+
+
 def echo_as_iopub(ws: ServerConnection) -> None:
     """Answers each message with its busy status, a stream with the same bytes, and idle."""
     for message in ws:
@@ -90,10 +101,7 @@ def take(waiting: queue.Queue[dict[str, Any]] | None, timeout: float = 10) -> di
 
 
 def test_messages_reach_the_request_they_answer(servers: list[Server]) -> None:
-    server = Server(echo_as_iopub)
-    servers.append(server)
-    channel = KernelChannel(server.url, TOKEN, "k1")
-    channel.connect(timeout=10)
+    server, channel = connected(servers, echo_as_iopub)
     assert channel.open
     for _ in range(500):  # the server's handler records them a moment after the handshake
         if server.headers:
@@ -129,10 +137,7 @@ def test_fragments_pings_and_the_servers_close(servers: list[Server]) -> None:
             pinged.set()
         ws.close(1011, "the kernel's host is not connected to the gateway; try again soon")
 
-    server = Server(handler)
-    servers.append(server)
-    channel = KernelChannel(server.url, TOKEN, "k1")
-    channel.connect(timeout=10)
+    _, channel = connected(servers, handler)
     _, waiting = channel.send("shell", "comm_msg", {})
     assert take(waiting)["content"] == {"text": "in three pieces"}
     assert take(waiting) is CLOSED  # a waiting cell hears that the websocket ended
@@ -153,10 +158,7 @@ def test_a_message_over_the_limit_closes_with_a_reason(
         ws.send(b"\x00" * (2 << 20))
         time.sleep(1)
 
-    server = Server(handler)
-    servers.append(server)
-    channel = KernelChannel(server.url, TOKEN, "k1")
-    channel.connect(timeout=10)
+    _, channel = connected(servers, handler)
     _, waiting = channel.send("shell", "comm_msg", {})
     assert take(waiting) is CLOSED
     assert "over 1 MiB" in channel.closed_reason
@@ -268,10 +270,7 @@ def test_quiet_spells_text_fragments_and_a_cut_off_send(
         for _ in ws:
             pass
 
-    server = Server(handler)
-    servers.append(server)
-    channel = KernelChannel(server.url, TOKEN, "k1")
-    channel.connect(timeout=10)
+    _, channel = connected(servers, handler)
     _, waiting = channel.send("shell", "comm_msg", {})
     assert take(waiting)["content"] == {"text": "once"}
     assert take(waiting)["content"] == {"execution_state": "idle"}
