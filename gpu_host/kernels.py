@@ -25,7 +25,6 @@ from .tenants import TenantSpaces
 from .warm_pool import WarmKey, WarmPool
 
 KERNEL_NAME = "python3"
-DELIMITER = b"<IDS|MSG>"  # between a ZMQ message's identities and its parts
 ENDED_KEPT = 256  # how many dead kernels stay visible, so a poller can learn how they ended
 
 
@@ -227,17 +226,15 @@ class HostKernelManager(AsyncMappingKernelManager):
         kernel.last_activity = utcnow()
         kernel._activity_stream = kernel.connect_iopub()
 
+        session = kernel.session
+
         def record_activity(frames: list[Any]) -> None:
-            # identities, b"<IDS|MSG>", signature, header, parent, metadata, content, buffers
-            parts = iter(frames)
-            for frame in parts:
-                if frame.bytes == DELIMITER:
-                    break
-            try:
-                _signature, header, parent, _metadata, content = (next(parts) for _ in range(5))
+            try:  # after the identities: signature, header, parent, metadata, content, buffers
+                _, parts = session.feed_identities(frames, copy=False)
+                _signature, header, parent, _metadata, content = parts[:5]
                 msg_type = json.loads(header.bytes).get("msg_type")
                 parent_type = (json.loads(parent.bytes) or {}).get("msg_type")
-            except (StopIteration, RuntimeError, ValueError, AttributeError):
+            except (ValueError, AttributeError):
                 return  # not a Jupyter message; nothing to learn from it
             if msg_type is None:
                 return

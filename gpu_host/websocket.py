@@ -69,13 +69,13 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         # and sends it on a later turn of the event loop: the socket takes it now, unless its
         # queue is full or the stream still holds earlier messages (also those of a previous
         # connection of the same session, whose streams a reconnect takes over), which go first.
-        if stream.sending():
-            self.session.send_raw(stream, parts)
-            return
-        try:
-            self.session.send_raw(stream.socket, parts, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.session.send_raw(stream, parts)
+        if not stream.sending():
+            try:
+                self.session.send_raw(stream.socket, parts, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+        self.session.send_raw(stream, parts)
 
 
 class HostKernelWebsocketHandler(KernelWebsocketHandler):

@@ -55,11 +55,6 @@ def v1_pieces(channel: str, parts: Sequence[Any]) -> list[Any]:
     return [head, name, *parts]
 
 
-def encode(channel: str, parts: Sequence[Any]) -> bytes:
-    """One v1 message as one bytes object."""
-    return b"".join(v1_pieces(channel, parts))
-
-
 def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
     """One client binary frame (final, masked with the 4-byte `key`) carrying `pieces` end to
     end, as chunks to write in order. A large payload is masked piece by piece, the key turned
@@ -325,12 +320,12 @@ class KernelChannel:
                 except BaseException as error:
                     # Part of a frame may be out (Ctrl-C in the middle of a large one): what
                     # followed on this socket would be read as its rest. The next cell opens
-                    # a new websocket.
+                    # a new websocket. (A failed write is said below, with the other errors.)
                     if not isinstance(error, OSError):
                         self.closed_reason = self.closed_reason or (
                             "a message to the GPU kernel was cut off when it was interrupted"
                         )
-                    self._shutdown()
+                        self._shutdown()
                     raise
         except OSError as error:
             self.forget(msg_id)
@@ -352,10 +347,9 @@ class KernelChannel:
         if protocol is not None and self._wire is not None:
             try:
                 with self._state:
-                    out = protocol.data_to_send() if protocol.state is not State.OPEN else []
                     if protocol.state is State.OPEN:
                         protocol.send_close(1000, "closed by the notebook kernel")
-                        out = protocol.data_to_send()
+                    out = protocol.data_to_send()
                 self._wire.settimeout(1.0)  # a goodbye, not worth waiting for
                 self._write([chunk for chunk in out if chunk])
             except OSError:

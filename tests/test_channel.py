@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import self_signed_cert
+from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 from websockets.datastructures import Headers
 from websockets.frames import Opcode
 from websockets.http11 import Response
@@ -25,7 +26,7 @@ from websockets.sync.server import ServerConnection, serve
 
 from jupyter_ext import channel as channel_module
 from jupyter_ext.agent import StartedNotice
-from jupyter_ext.channel import CLOSED, V1, KernelChannel, decode, encode
+from jupyter_ext.channel import CLOSED, V1, KernelChannel, decode
 
 TOKEN = "t" * 43
 
@@ -35,7 +36,7 @@ def frame(parent_id: str, msg_type: str, content: dict[str, Any], *buffers: byte
         json.dumps(x).encode()
         for x in ({"msg_id": "m", "msg_type": msg_type}, {"msg_id": parent_id}, {}, content)
     ]
-    return encode("iopub", [*parts, *buffers])
+    return bytes(serialize_msg_to_ws_v1([*parts, *buffers], "iopub"))
 
 
 class Server:
