@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -16,7 +17,7 @@ from typing import Any, cast
 from jupyter_server import serverapp
 from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
 from . import __version__
 from .allocator import GpuAllocator
@@ -40,6 +41,15 @@ class HostAgent(ServerApp):
         "keeps some warm, and serves them over the Jupyter kernels API to the gateway."
     )
     default_services = ("api", "kernels", "kernelspecs")  # type: ignore[assignment]
+    examples = """
+gpupool host --fake-gpus H100:2                   # a host with two fake H100s, for trying out
+gpupool host --gateway https://gw:8888 --public-url http://10.0.0.5:8889
+                                                  # join a gateway ($GPUPOOL_JOIN_TOKEN)
+gpupool host --help-all                           # every option of every part
+"""
+    subcommands: dict[str, Any] = {}  # jupyter_server's (list, stop, password) are not ours
+    # Every class an option above or `--help-all` may name (traitlets looks each one up here).
+    classes = [*ServerApp.classes, HostKernelManager, HostKernelSpecManager]
 
     aliases = Dict(
         {
@@ -54,6 +64,9 @@ class HostAgent(ServerApp):
             "kernel-python": "HostAgent.kernel_python",
             "state-dir": "HostAgent.state_dir",
             "warm-per-shape": "HostKernelManager.warm_per_shape",
+            "max-message-mb": "HostAgent.max_message_mb",
+            "max-websockets-per-kernel": "HostKernelManager.max_websockets_per_kernel",
+            "max-websockets-per-tenant": "HostKernelManager.max_websockets_per_tenant",
         }
     )
     flags = Dict(
@@ -107,6 +120,11 @@ class HostAgent(ServerApp):
     state_dir = Unicode(".gpupool/host", help="Where tenants' working folders live.").tag(
         config=True
     )
+    max_message_mb = Int(
+        10,
+        help="Largest websocket message a client may send to a kernel, in MiB; a bigger one "
+        "closes its websocket with 1009, naming this limit.",
+    ).tag(config=True)
     kernel_extensions = List(
         Unicode(), ["jupyter_ext"],
         help="IPython extensions every kernel loads at start; jupyter_ext makes %%gpu work with "
@@ -201,7 +219,7 @@ class HostAgent(ServerApp):
         _remove_stale_runtimes(runtime.parent, os.getuid())
         self.spaces = TenantSpaces(Path(self.state_dir), runtime, self.isolate)
         self.host_kernels = cast(HostKernelManager, self.kernel_manager)
-        self.host_kernels.attach(self.allocator, self.spaces)
+        self.host_kernels.attach(self.allocator, self.spaces, raise_open_files_limit())
         self.host_identity = cast(HostTokenIdentityProvider, self.identity_provider)
         self.host_identity.token = self.host_token
         self.host_identity.accept(self.host_token)
@@ -213,6 +231,7 @@ class HostAgent(ServerApp):
         self.web_app.settings["gpupool_status"] = self.status
         self.web_app.settings["websocket_ping_interval"] = 30
         self.web_app.settings["websocket_ping_timeout"] = 30
+        self.web_app.settings["websocket_max_message_size"] = self.max_message_mb << 20
 
     def start_app(self) -> None:
         super().start_app()
@@ -242,6 +261,21 @@ class HostAgent(ServerApp):
         await super().cleanup_kernels()
         # Sockets and connection files of kernels that are all gone now.
         shutil.rmtree(self.spaces.runtime_dir, ignore_errors=True)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's open-file limit (soft) to its ceiling (hard), which its kernels
+    inherit, and return it: every kernel websocket holds about 16 files, and a soft limit of
+    1024 ran out at about 60 websockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
 
 
 def _remove_stale_runtimes(parent: Path, uid: int) -> None:
