@@ -308,12 +308,13 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def require_visible(self, kernel_id: str, alive: bool = False) -> None:
         """404, exactly as for an id that never existed, unless a client may see this kernel."""
-        if self._visible(kernel_id) or (not alive and kernel_id in self.ended):
+        dead = kernel_id in self.ended
+        if (self._visible(kernel_id) and not dead) or (not alive and dead):
             return
         raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
-        if kernel_id in self.ended and not self._visible(kernel_id):
+        if kernel_id in self.ended:
             return self.ended[kernel_id]
         model: dict[str, Any] = super().kernel_model(kernel_id)
         placement = self.placements[kernel_id]
@@ -330,7 +331,8 @@ class HostKernelManager(AsyncMappingKernelManager):
         return model
 
     def list_kernels(self) -> list[dict[str, Any]]:
-        models = [self.kernel_model(k) for k in list(self._kernels) if self._visible(k)]
+        alive = [k for k in list(self._kernels) if self._visible(k) and k not in self.ended]
+        models = [self.kernel_model(k) for k in alive]
         return models + list(self.ended.values())
 
     # -- ending ----------------------------------------------------------------------------
@@ -379,10 +381,8 @@ class HostKernelManager(AsyncMappingKernelManager):
         for ids in self.warm.ready.values():
             if kernel_id in ids:
                 ids.remove(kernel_id)
-        try:
-            await self._async_shutdown_kernel(kernel_id, now=True)
-        except Exception:
-            self.log.exception("cleaning up dead kernel %s", kernel_id)
+        # Reported dead from now on, also while its cleanup below awaits (a poll in between
+        # must not find it gone, nor alive).
         if model is not None:
             model.update(
                 execution_state="dead",
@@ -393,6 +393,10 @@ class HostKernelManager(AsyncMappingKernelManager):
             self.ended[kernel_id] = model
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
+        try:
+            await self._async_shutdown_kernel(kernel_id, now=True)
+        except Exception:
+            self.log.exception("cleaning up dead kernel %s", kernel_id)
 
     async def _async_shutdown_all(self, now: bool = False) -> None:
         """Stop every kernel, warm ones included; one that fails to stop does not stop the rest."""

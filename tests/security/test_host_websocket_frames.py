@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from conftest import start_gateway, start_host
-from kernel_ws import V1, KernelSocket, closed_by, run_code, v1_head
 from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+from kernel_ws import V1, KernelSocket, closed_by, run_code, v1_head
 
 
 def legacy_head(offsets: list[int]) -> bytes:
