@@ -381,8 +381,9 @@ class HostKernelManager(AsyncMappingKernelManager):
         for ids in self.warm.ready.values():
             if kernel_id in ids:
                 ids.remove(kernel_id)
-        # Reported dead from now on, also while its cleanup below awaits (a poll in between
-        # must not find it gone, nor alive).
+        # Reported dead, its GPUs free, from now on, also while its cleanup below awaits (a
+        # poll in between must find it neither gone nor alive).
+        self.allocator.release(kernel_id)
         if model is not None:
             model.update(
                 execution_state="dead",
