@@ -32,7 +32,7 @@ ENDED_KEPT = 256  # how many dead kernels stay visible, so a poller can learn ho
 # each with its own connection and wake-up files: at most this many files, measured with room.
 FILES_PER_WEBSOCKET = 16
 ZMQ_SOCKETS_PER_WEBSOCKET = 5  # its four channels and its kernel_info handshake
-FILES_KEPT = 1024  # for kernels, their clients, requests and the agent itself
+FILES_KEPT = 1024  # at most, for kernels, their clients, requests and the agent itself
 
 
 class HostKernelSpecManager(KernelSpecManager):
@@ -100,8 +100,9 @@ class HostKernelManager(AsyncMappingKernelManager):
         # open-file limit allows, up to ZMQ's own ceiling.
         sockets = max(1023, min(open_files, self.context.get(zmq.SOCKET_LIMIT)))
         self.context.set(zmq.MAX_SOCKETS, sockets)
-        fitting = min((open_files - FILES_KEPT) // FILES_PER_WEBSOCKET,
-                      (sockets - FILES_KEPT) // ZMQ_SOCKETS_PER_WEBSOCKET)  # fmt: skip
+        kept = min(FILES_KEPT, open_files // 4)
+        fitting = min((open_files - kept) // FILES_PER_WEBSOCKET,
+                      (sockets - kept) // ZMQ_SOCKETS_PER_WEBSOCKET)  # fmt: skip
         total = self.max_websockets or max(16, fitting)
         self.connections = Connections(
             self.max_websockets_per_kernel, self.max_websockets_per_tenant, total
