@@ -95,7 +95,10 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
             self._refuse(error, V1)
             return
         if self.multi_kernel_manager.allowed_message_types:
-            super().handle_incoming_message(incoming_msg)  # its own filter; the format is fine
+            try:  # its own filter, which parses the header; the framing is fine
+                super().handle_incoming_message(incoming_msg)
+            except PARSE_ERRORS as error:
+                self._refuse(error, V1)
             return
         stream = self.channels.get(channel)
         if stream is None:
@@ -134,7 +137,11 @@ class HostKernelWebsocketHandler(KernelWebsocketHandler):
         # 404 before the upgrade, exactly as for an id that never existed.
         km.require_visible(kernel_id, alive=True)
         tenant = km.placements[kernel_id].space.tenant
-        self.refusal = km.connections.refusal(kernel_id, tenant)
+        # A reconnect of an open session replaces that connection (jupyter_server closes the
+        # stale one): it takes no new place.
+        session = f"{kernel_id}:{self.get_argument('session_id', '')}"
+        replacing = session in ZMQChannelsWebsocketConnection._open_sessions
+        self.refusal = None if replacing else km.connections.refusal(kernel_id, tenant)
         if self.refusal:
             # Upgraded only to say why (a 1013 close), with no ZMQ socket opened for it.
             self.log.warning("kernel %s: websocket refused: %s", kernel_id, self.refusal)

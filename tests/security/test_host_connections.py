@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from kernel_ws import V1, KernelSocket, run_code
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 
 @contextlib.contextmanager
@@ -63,6 +65,14 @@ def test_caps_per_kernel_and_tenant_close_with_1013_and_spare_other_tenants(host
         assert all(isinstance(s, KernelSocket) for s in second)
         code, reason = await try_open(agent, a2)
         assert code == 1013 and "5 open, limit 5; close some tabs" in reason, reason
+        # A reconnect of an open session replaces it rather than taking a new place.
+        url = first[2].conn.request.url.replace("http", "ws", 1)  # the same session_id
+        headers = {"Authorization": f"token {agent.token}"}
+        replacing = await websocket_connect(HTTPRequest(url, headers=headers))
+        while await asyncio.wait_for(first[2].conn.read_message(), 30) is not None:
+            pass  # the stale one is closed
+        first[2] = KernelSocket(replacing, None)
+        assert (await first[2].execute("print(5)"))[0] == "5\n"
         # Tenant a at its cap: tenant b connects and runs code as ever.
         assert await run_code(agent.url, agent.token, b1, "print(7)") == "7\n"
         # A closed websocket gives its place back.
