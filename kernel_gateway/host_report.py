@@ -115,10 +115,10 @@ def kernel(value: Any, index: int) -> dict[str, Any]:
     if extra is not None:
         if not isinstance(extra, dict):
             raise bad(f"{field}.gpupool", "must be an object")
-        model["gpupool"] = {}
-        owner = text(extra.get("owner"), f"{field}.gpupool.owner", 64, optional=True)
-        if owner is not None:
-            model["gpupool"]["owner"] = owner
+        owner = extra.get("owner") or ""  # "": a kernel the host started for someone else
+        if not isinstance(owner, str) or len(owner) > 64:
+            raise bad(f"{field}.gpupool.owner", "must be a string of at most 64 characters")
+        model["gpupool"] = {"owner": owner}
     return model
 
 
