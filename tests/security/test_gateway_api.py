@@ -6,7 +6,9 @@ the API (a host that never answers is all some of these need)."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import sqlite3
 import urllib.request
 import uuid
@@ -15,6 +17,8 @@ from typing import Any
 
 import pytest
 from conftest import Gateway, free_port, start_gateway
+
+from kernel_gateway.log_redaction import RedactTokens
 
 GIB = 1 << 30
 DEEP = b"[" * 17_500 + b"]" * 17_500  # 35 KB: the body of the report
@@ -190,6 +194,23 @@ def test_a_token_in_the_url_is_never_written_to_the_log(gw):
     log = gw.log_path.read_text()
     assert wrong not in log and gw.token not in log and gw.token[:8] not in log
     assert "token=f00d…" in log and f"token={gw.token[:4]}…" in log
+
+
+def test_every_log_line_is_redacted_not_only_the_access_log():
+    """Tornado's 'Uncaught exception GET /…?token=…' and our own lines go through the filter."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RedactTokens())
+    log = logging.getLogger("tornado.application.redaction-test")
+    log.addHandler(handler)
+    try:
+        secret = "abcd" + "e" * 60
+        log.error("Uncaught exception %s", f"GET /api/kernels?x=1&token={secret} (127.0.0.1)")
+        log.warning("headers %r", {"Authorization": f"token {secret}"})
+        log.warning("session_id=x%%26token%%3D%s", secret)
+    finally:
+        log.removeHandler(handler)
+    assert secret[:5] not in out.getvalue() and out.getvalue().count("abcd…") == 3, out.getvalue()
 
 
 # -- finding 9: /metrics --------------------------------------------------------------------------
