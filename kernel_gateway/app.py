@@ -17,6 +17,7 @@ from traitlets.config import Application
 
 from . import __version__
 from .handlers import routes
+from .log_redaction import log_request, redact_all_logs
 from .state import GatewayState
 from .store import open_store
 from .tokens import new_token
@@ -51,6 +52,7 @@ class GatewayApp(Application):
         "keyfile": "GatewayApp.keyfile",
         "public-url": "GatewayApp.public_url",
         "auth-failures-per-minute": "GatewayApp.auth_failures_per_minute",
+        "metrics-token-file": "GatewayApp.metrics_token_file",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -100,6 +102,20 @@ class GatewayApp(Application):
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
 
+    metrics_token = Unicode(
+        help="Token Prometheus scrapes /metrics with (the admin token works too). Default: "
+        "$GPUPOOL_METRICS_TOKEN, else the file --metrics-token-file, else state/metrics-token."
+    ).tag(config=True)
+    metrics_token_file = Unicode(
+        "", help="File holding the /metrics scrape token (made, 0600, if missing)."
+    ).tag(config=True)
+
+    @default("metrics_token")
+    def _metrics(self) -> str:
+        return os.environ.get("GPUPOOL_METRICS_TOKEN") or secret_file(
+            Path(self.metrics_token_file or Path(self.state_dir) / "metrics-token")
+        )
+
     @default("admin_token")
     def _admin(self) -> str:
         return os.environ.get("GPUPOOL_ADMIN_TOKEN") or secret_file(
@@ -130,6 +146,8 @@ class GatewayApp(Application):
         return web.Application(
             routes(),
             gpupool=state,
+            metrics_token=self.metrics_token,
+            log_function=log_request,  # tokens in URIs redacted
             websocket_max_message_size=self.max_message_mb << 20,
             websocket_ping_interval=30,
         )
@@ -139,6 +157,7 @@ class GatewayApp(Application):
             level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s"
         )
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        redact_all_logs()
         state = self.make_state()
         tls = None
         if self.certfile:

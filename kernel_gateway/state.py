@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import host_report
 from .auth_limit import FailedAuth
 from .budgets import read_budget
 from .errors import ApiError
@@ -56,8 +57,14 @@ class GatewayState:
         """After a restart: hosts and their running kernels, as they were."""
         with self.db() as s:
             for host in s.scalars(select(Host).where(Host.lost.is_(False))).all():
+                try:  # a row saved before reports were checked must not stop the gateway
+                    gpus = host_report.gpus(host.gpus)
+                except ApiError as error:
+                    log.warning("host %s in the database is skipped until it registers again: "
+                                "%s", host.name, error.message)  # fmt: skip
+                    continue
                 view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
-                view.update(host.gpus)
+                view.update(gpus)
                 self.pool.hosts[host.id] = view
             self.unheard.update(self.pool.hosts)  # not heard from since this restart
             for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():

@@ -128,7 +128,7 @@ def test_usage_lists_intervals_with_totals_per_gpu_type(pool: tuple[Gateway, Hos
         delete(gw, token, cpu)
 
     # The counter of GPU-seconds billed, per type, and the open ones' gauge.
-    text = gw.call("GET", "/metrics").body
+    text = gw.call("GET", "/metrics", token=gw.admin_token).body
     billed = re.search(r'^gpupool_gpu_seconds_billed_total\{gpu_type="H100"\} (\S+)$', text, re.M)
     assert billed and float(billed[1]) > 0.5, text
     assert re.search(r'^gpupool_gpu_seconds_billed_total\{gpu_type="A10G"\} ', text, re.M)
