@@ -64,7 +64,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, websocket_connect
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -448,19 +449,23 @@ async def open_socket(server: Server, kernel_id: str) -> KernelSocket:
 
 
 async def kernel_info(sock: KernelSocket, timeout: float) -> None:
-    msg_id = await sock.send("shell", "kernel_info_request", {})
+    """One kernel_info round trip; a closed websocket raises ConnectionError with its code."""
     deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no kernel_info_reply within {timeout:.0f} s")
-        try:
+    try:
+        msg_id = await sock.send("shell", "kernel_info_request", {})
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no kernel_info_reply within {timeout:.0f} s")
             msg = await sock.recv(left)
-        except ConnectionError:
-            code, reason = sock.conn.close_code, sock.conn.close_reason
-            raise ConnectionError(f"the websocket closed ({code} {reason or ''})".strip()) from None
-        if msg["msg_type"] == "kernel_info_reply" and msg["parent_header"].get("msg_id") == msg_id:
-            return
+            if (
+                msg["msg_type"] == "kernel_info_reply"
+                and msg["parent_header"].get("msg_id") == msg_id
+            ):
+                return
+    except (ConnectionError, WebSocketClosedError, StreamClosedError):
+        code, reason = sock.conn.close_code, sock.conn.close_reason
+        raise ConnectionError(f"the websocket closed: {code} {reason or ''}".strip()) from None
 
 
 async def run_load(bench: Started, system: System, args: argparse.Namespace) -> Result:
@@ -597,6 +602,9 @@ async def run_load(bench: Started, system: System, args: argparse.Namespace) -> 
     for what, path in system.logs.items():
         with contextlib.suppress(OSError):
             text = path.read_text(errors="replace")
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{what.replace(' ', '-')}.log").write_text(text)
             result.log_problems[what] = text.count("Traceback") + text.count("Too many open files")
     return result
 
@@ -786,6 +794,9 @@ def main() -> None:
         "--systems", default="gpupool,jkg",
         help="what to load, in order: gpupool, jkg or both (gpupool,jkg)",
     )  # fmt: skip
+    parser.add_argument(
+        "--logs", type=Path, help="a folder to copy the servers' logs into, for reading after"
+    )
     parser.add_argument("--limit", type=float, default=1800, help="seconds for the run (1800)")
     args = parser.parse_args()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
