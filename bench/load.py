@@ -421,7 +421,7 @@ class Result:
     shutdown: list[float] = field(default_factory=list)
     shutdown_errors: Counter[str] = field(default_factory=Counter)
     protocols: Counter[str] = field(default_factory=Counter)
-    log_problems: dict[str, int] = field(default_factory=dict)
+    log_problems: dict[str, str] = field(default_factory=dict)
 
     def all(self, attr: str) -> list[float]:
         return [v for t in self.tenants for v in getattr(t, attr)]
@@ -605,7 +605,8 @@ async def run_load(bench: Started, system: System, args: argparse.Namespace) -> 
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 (args.logs / f"{what.replace(' ', '-')}.log").write_text(text)
-            result.log_problems[what] = text.count("Traceback") + text.count("Too many open files")
+            emfile = text.count("Too many open files")
+            result.log_problems[what] = f"{text.count('Traceback')} / {emfile}"
     return result
 
 
@@ -729,7 +730,7 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> N
     print()
     print(
         "| system | process | RSS before | RSS under load | RSS after | fds before / under "
-        "load / after | log: tracebacks, 'Too many open files' |"
+        "load / after | its log: tracebacks / 'Too many open files' |"
     )
     print("|---|---|--:|--:|--:|--:|--:|")
     for r in results:
