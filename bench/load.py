@@ -645,6 +645,15 @@ def command_line() -> str:
     return shlex.join([exe, script, *sys.argv[1:]])
 
 
+def measured_from() -> Path:
+    """Where the servers started here import gpu_host and kernel_gateway from: the first
+    PYTHONPATH entry that has them, else this checkout."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and (Path(entry) / "gpu_host").is_dir():
+            return Path(entry).resolve()
+    return REPO
+
+
 def first_errors(errors: Counter[str], prefix: str = "") -> str:
     shown = [(e, n) for e, n in errors.most_common() if e.startswith(prefix)][:2]
     return "; ".join(f"{n}x {e[len(prefix) :]}" for e, n in shown)
@@ -658,6 +667,8 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> N
     print(f"command: `{command_line()}`")
     print(f"machine: {machine()}")
     print(f"commit: {commit(MEASURED)}")
+    if measured_from() != REPO:
+        print(f"gpupool's code measured: from {measured_from()} (PYTHONPATH), not this checkout")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"took: {elapsed:.0f} s")
     for r in results:
