@@ -403,6 +403,7 @@ class TenantResult:
     starts: list[float] = field(default_factory=list)
     opens: list[float] = field(default_factory=list)
     rtts: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)  # each websocket's first round trip
     errors: Counter[str] = field(default_factory=Counter)
     kernels: int = 0
     sockets: int = 0
@@ -558,6 +559,8 @@ async def run_load(bench: Started, system: System, args: argparse.Namespace) -> 
                 mine.unanswered += args.round_trips - done
                 return
             mine.rtts.append(time.perf_counter() - t0)
+            if done == 0:
+                mine.firsts.append(mine.rtts[-1])
 
     log(f"{system.name}: {args.round_trips} kernel_info round trips on each websocket")
     t0 = time.perf_counter()
@@ -713,6 +716,12 @@ def report(results: list[Result], args: argparse.Namespace, elapsed: float) -> N
             f"| kernel_info round trip, {args.round_trips} per websocket, every websocket at "
             f"once | {name} | {len(rtts)} | {fms(pct(rtts, 50))} | {fms(pct(rtts, 99))} | "
             f"{fms(max(rtts, default=float('nan')))} | {errors} | {check} |"
+        )
+        firsts = r.all("firsts")
+        print(
+            f"| of which the first on each websocket | {name} | {len(firsts)} | "
+            f"{fms(pct(firsts, 50))} | {fms(pct(firsts, 99))} | "
+            f"{fms(max(firsts, default=float('nan')))} | | |"
         )
         errors = sum(r.shutdown_errors.values())
         check = f"{len(r.shutdown)} deleted"
