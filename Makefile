@@ -39,6 +39,8 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/magic.py
+	@# 64 kernels and 1,000 websockets, against jupyter-kernel-gateway in bench/.venv-jkg (made once).
+	$(BIN)/python bench/load.py
 
 clean:
-	rm -rf $(VENV) .gpupool .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) bench/.venv-jkg .gpupool .mypy_cache .ruff_cache .pytest_cache
