@@ -178,7 +178,7 @@ class GatewayApp(Application):
         state.kernels.public_url = self.public_url.rstrip("/") or url
         state.start_watch()
         info = Path(self.state_dir) / "gateway.json"
-        info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        private_file(info).write_text(json.dumps({"url": url, "pid": os.getpid()}))
         return server, url, state
 
     async def run(self) -> None:
