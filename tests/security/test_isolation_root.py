@@ -157,7 +157,7 @@ def secrets_of(stack: Gateway, tenants: dict[str, Any]) -> dict[str, str]:
     with open_store(str(state / "gateway.db"))() as s:
         for host in s.scalars(select(Host)).all():
             found[f"host {host.name}"] = host_token(
-                found.get("host-key", ""), host.token_salt or ""
+                found.get("host-key", ""), getattr(host, "token_salt", "") or ""
             )
     return found
 
