@@ -7,8 +7,9 @@ ipykernel, cloudpickle (suspend and resume), websockets and gpupool's `jupyter_e
 a pool kernel), and, at the agent's own versions, the libraries a notebook's variables are often
 made of, so that `%%gpu` can move them between the two sides.
 
-`python -m gpu_host.kernel_python` (run by `make install` as root) builds it; the agent, run as
-root, builds it on first use and then only checks it."""
+`python -m gpu_host.kernel_python` (run by `make install` as root) builds it, and builds it again
+when those versions change; the agent, run as root, builds it if missing, else only checks that
+tenants' users can run it (and brings its copy of jupyter_ext up to date)."""
 
 from __future__ import annotations
 
@@ -169,15 +170,17 @@ def _last_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"exit code {done.returncode}"
 
 
-def ensure(venv: Path = KERNEL_VENV) -> str:
-    """The venv's Python, built (or brought up to date) first where needed. Root only."""
+def ensure(venv: Path = KERNEL_VENV, refresh: bool = False) -> str:
+    """The venv's Python, built first where missing or unusable (and, with `refresh`, where its
+    packages are not those `requirements` names now); its jupyter_ext kept current. Root only."""
     if os.geteuid() != 0:
         raise KernelPythonError("only root can build the kernel Python for tenants' users")
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another agent may be building it right now
         stamp = _stamp(venv) if venv.exists() else {}
-        if venv.exists() and (stamp.get("requirements") != requirements() or not _usable(venv)):
+        outdated = refresh and stamp.get("requirements") != requirements()
+        if venv.exists() and (outdated or not _usable(venv)):
             stale = venv.with_name(f".{venv.name}-stale-{os.getpid()}")
             os.rename(venv, stale)
             shutil.rmtree(stale, ignore_errors=True)
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     venv = Path(args[0]) if args else KERNEL_VENV
     try:
-        print(f"kernel python: {ensure(venv)}")
+        print(f"kernel python: {ensure(venv, refresh=True)}")
     except KernelPythonError as error:
         sys.exit(f"kernel python: {error}")
 
