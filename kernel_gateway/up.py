@@ -71,10 +71,11 @@ async def delete_kernels(state: GatewayState) -> None:
     with state.db() as s:
         rows = s.scalars(select(Kernel).where(Kernel.state.not_in(["deleted", "dead"]))).all()
         tenants = {t.id: t for t in s.scalars(select(Tenant)).all()}
-    for kernel in rows:
-        try:
-            await state.kernels.delete(tenants[kernel.tenant_id], kernel.id)
-        except Exception as error:
+    done = await asyncio.gather(
+        *(state.kernels.delete(tenants[k.tenant_id], k.id) for k in rows), return_exceptions=True
+    )
+    for kernel, error in zip(rows, done, strict=True):
+        if isinstance(error, BaseException):
             print(f"gpupool up: could not shut down kernel {kernel.id}: {error}", flush=True)
 
 
@@ -153,9 +154,9 @@ async def run(args: argparse.Namespace) -> None:
         # Lab first (it shuts its kernels down through the gateway), then the gateway's own
         # kernels and checkpoints, while the host still answers; the host last.
         await _stop(lab)
+        server.stop()  # no new requests; the kernels' own calls to the host go on
         if host is not None and host.poll() is None:
             await delete_kernels(state)
-        server.stop()
         await _stop(host)
         print("gpupool up: stopped", flush=True)
 
