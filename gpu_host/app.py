@@ -151,6 +151,7 @@ class HostAgent(ServerApp):
         """Isolate wherever it can be (as root, with a kernel Python tenants' users can run);
         say in one line at start which it is."""
         chosen = "isolate" in self.config.HostAgent
+        why, fix = "", "run the agent as root to isolate them"
         if self.isolate and "kernel_python" not in self.config.HostAgent:
             try:
                 self.kernel_python = kernel_python.ensure()
@@ -162,13 +163,15 @@ class HostAgent(ServerApp):
                 why = str(error)
         elif not self.isolate:
             why = "--no-isolate" if chosen else "the agent does not run as root"
+            if chosen and os.geteuid() == 0:
+                fix = "leave out --no-isolate to isolate them"
         if self.isolate:
             line = f"on: each tenant's kernels run as its own user gp-TENANT ({self.kernel_python})"
         else:
             user = pwd.getpwuid(os.getuid()).pw_name
             line = (
                 f"OFF ({why}): every tenant's kernels run as {user} and can read each other's "
-                "files; run the agent as root to isolate them"
+                f"files; {fix}"
             )
         print(f"isolation: {line}", flush=True)
 
