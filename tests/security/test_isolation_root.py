@@ -39,11 +39,12 @@ pytestmark = pytest.mark.timeout(600)
 GPU_KERNEL = "python3-gpu-h100-x1"
 
 SELF = r"""
-import ipykernel, json, os, pwd
+import ipykernel, json, os, pwd, sys
 cf = ipykernel.get_connection_file()
 open("a-secret.txt", "w").write("only for a")
 print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid(),
                   "user": pwd.getpwuid(os.getuid()).pw_name, "cwd": os.getcwd(),
+                  "python": sys.executable,
                   "connection_file": cf, "connection": json.load(open(cf))}))
 """
 
@@ -165,6 +166,7 @@ def secrets_of(stack: Gateway, tenants: dict[str, Any]) -> dict[str, str]:
 def test_a_kernel_runs_as_its_own_tenant(tenants: dict[str, Any]) -> None:
     a = tenants["a"]
     assert a["uid"] != 0 and a["user"] == "gp-root-a", a
+    assert a["python"] == "/opt/gpupool/kernel-venv/bin/python", a  # the venv tenants can run
 
 
 def test_b_can_reach_nothing_of_a_nor_of_the_stack(attack: dict[str, Any]) -> None:

@@ -153,3 +153,20 @@ def test_isolating_hosts_take_any_number_of_tenants(tmp_path: Path) -> None:
             assert made.returncode == 0, made.stderr
     finally:
         gateway.stop()
+
+
+def test_a_join_token_on_the_command_line_is_warned_about(tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path)
+    agent = None
+    try:
+        (tmp_path / "host").mkdir()
+        join = f"--join-token={gateway.join_token}"
+        agent = start_host(tmp_path / "host", "--fake-gpus", "H100:1", "--no-isolate",
+                           "--gateway", gateway.url, join)  # fmt: skip
+        agent.wait_for(lambda: "read it; pass it in $GPUPOOL_JOIN_TOKEN" in agent.log(), 30,
+                       "the warning")  # fmt: skip
+        assert gateway.join_token not in agent.log_path.read_text()
+    finally:
+        if agent is not None:
+            agent.stop()
+        gateway.stop()
