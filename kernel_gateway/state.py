@@ -57,6 +57,10 @@ class GatewayState:
     def _load(self) -> None:
         """After a restart: hosts and their running kernels, as they were."""
         with self.db() as s:
+            # A database of an older gpupool kept hosts' tokens themselves: only digests stay,
+            # and each such host, refused at its next heartbeat, registers again for a new one.
+            for host in s.scalars(select(Host).where(Host.token_salt.is_(None))).all():
+                host.token, host.token_salt = digest(host.token), ""
             for host in s.scalars(select(Host).where(Host.lost.is_(False))).all():
                 view = HostView(
                     host.id, host.name, host.url, self._host_token(host), last_seen=time.time()
@@ -211,10 +215,7 @@ class GatewayState:
 
     def _host_token(self, host: Host) -> str:
         """The token to present to `host`, derived again from the host key; "" where it cannot
-        be (a database of an older gpupool kept the token itself: it is replaced by its digest
-        here, and the host, refused at its next heartbeat, registers again for a new one)."""
-        if host.token_salt is None:
-            host.token, host.token_salt = digest(host.token), ""
+        be (no salt: converted from an older database; or another host key)."""
         if not host.token_salt or not self.host_key:
             return ""
         token = host_token(self.host_key, host.token_salt)
