@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import resource
 import secrets
 import shutil
@@ -19,7 +20,7 @@ from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
-from . import __version__
+from . import __version__, kernel_python
 from .allocator import GpuAllocator
 from .auth import HostTokenIdentityProvider
 from .gateway_link import GatewayLink
@@ -59,6 +60,7 @@ gpupool host --help-all                           # every option of every part
             "host-token": "HostAgent.host_token",
             "gateway": "HostAgent.gateway_url",
             "join-token": "HostAgent.join_token",
+            "join-token-file": "HostAgent.join_token_file",
             "public-url": "HostAgent.public_url",
             "heartbeat-seconds": "HostAgent.heartbeat_seconds",
             "kernel-python": "HostAgent.kernel_python",
@@ -98,8 +100,14 @@ gpupool host --help-all                           # every option of every part
         config=True
     )
     join_token = Unicode(
-        help="The cluster join token to register with the gateway. Default: $GPUPOOL_JOIN_TOKEN."
+        help="The cluster join token to register with the gateway. Default: $GPUPOOL_JOIN_TOKEN, "
+        "else --join-token-file. On a command line every user of the machine can read it (in "
+        "/proc/PID/cmdline): prefer the variable or the file.",
     ).tag(config=True)
+    join_token_file = Unicode(
+        "", help="A file (mode 0600) holding the join token, such as the gateway's "
+        "state/join-token."
+    ).tag(config=True)  # fmt: skip
     public_url = Unicode(
         "",
         help="The URL the gateway should use to reach this agent. Default: from --ip and --port.",
@@ -111,11 +119,13 @@ gpupool host --help-all                           # every option of every part
         30.0, help="Longest wait between retries while the gateway is unreachable, in seconds."
     ).tag(config=True)
     isolate = Bool(
-        help="Run each tenant's kernels as its own unprivileged Unix user. Default: on when root."
+        help="Run each tenant's kernels as its own unprivileged Unix user. Default: on when root "
+        "(with the kernel venv, see --kernel-python); off, with one line saying so, otherwise."
     ).tag(config=True)
     kernel_python = Unicode(
         help="The Python (with ipykernel) that runs kernels. Under --isolate, tenants' users must "
-        "be able to run it. Default: this agent's Python."
+        "be able to run it. Default: under --isolate, /opt/gpupool/kernel-venv/bin/python (built "
+        "by `make install` or at the first start); else this agent's Python."
     ).tag(config=True)
     state_dir = Unicode(".gpupool/host", help="Where tenants' working folders live.").tag(
         config=True
@@ -137,7 +147,15 @@ gpupool host --help-all                           # every option of every part
 
     @default("join_token")
     def _default_join_token(self) -> str:
-        return os.environ.get("GPUPOOL_JOIN_TOKEN", "")
+        if os.environ.get("GPUPOOL_JOIN_TOKEN"):
+            return os.environ["GPUPOOL_JOIN_TOKEN"]
+        if self.join_token_file:
+            try:
+                return Path(self.join_token_file).read_text().strip()
+            except OSError as error:
+                self.log.critical("cannot read --join-token-file: %s", error)
+                self.exit(2)
+        return ""
 
     @default("isolate")
     def _default_isolate(self) -> bool:
@@ -146,6 +164,34 @@ gpupool host --help-all                           # every option of every part
     @default("kernel_python")
     def _default_kernel_python(self) -> str:
         return sys.executable
+
+    def init_isolation(self) -> None:
+        """Isolate wherever it can be (as root, with a kernel Python tenants' users can run);
+        say in one line at start which it is."""
+        chosen = "isolate" in self.config.HostAgent
+        why, fix = "", "run the agent as root to isolate them"
+        if self.isolate and "kernel_python" not in self.config.HostAgent:
+            try:
+                self.kernel_python = kernel_python.ensure()
+            except kernel_python.KernelPythonError as error:
+                if chosen:
+                    self.log.critical("cannot isolate tenants: %s", error)
+                    self.exit(2)
+                self.isolate = False
+                why = str(error)
+        elif not self.isolate:
+            why = "--no-isolate" if chosen else "the agent does not run as root"
+            if chosen and os.geteuid() == 0:
+                fix = "leave out --no-isolate to isolate them"
+        if self.isolate:
+            line = f"on: each tenant's kernels run as its own user gp-TENANT ({self.kernel_python})"
+        else:
+            user = pwd.getpwuid(os.getuid()).pw_name
+            line = (
+                f"OFF ({why}): every tenant's kernels run as {user} and can read each other's "
+                f"files; {fix}"
+            )
+        print(f"isolation: {line}", flush=True)
 
     @default("kernel_manager_class")
     def _default_km(self) -> type:
@@ -196,6 +242,12 @@ gpupool host --help-all                           # every option of every part
     def init_configurables(self) -> None:
         # Kernels must never be slowed or dropped for printing fast.
         self.config.ZMQChannelsWebsocketConnection.limit_rate = False
+        if "join_token" in self.config.HostAgent:
+            self.log.warning(
+                "the join token is on the command line, where every user of this machine can "
+                "read it; pass it in $GPUPOOL_JOIN_TOKEN or --join-token-file instead"
+            )
+        self.init_isolation()
         self.config.HostKernelSpecManager.kernel_python = self.kernel_python
         self.config.HostKernelSpecManager.kernel_extensions = list(self.kernel_extensions)
         try:
@@ -227,7 +279,9 @@ gpupool host --help-all                           # every option of every part
     def init_webapp(self) -> None:
         super().init_webapp()
         url = self.public_url or f"http://{self.ip or '127.0.0.1'}:{self.port}"
-        self.status = HostStatus(self.inventory, self.allocator, self.host_kernels, url)
+        self.status = HostStatus(
+            self.inventory, self.allocator, self.host_kernels, url, isolates=self.isolate
+        )
         self.web_app.settings["gpupool_status"] = self.status
         self.web_app.settings["websocket_ping_interval"] = 30
         self.web_app.settings["websocket_ping_timeout"] = 30
@@ -235,6 +289,8 @@ gpupool host --help-all                           # every option of every part
 
     def start_app(self) -> None:
         super().start_app()
+        # The port is bound only now: with --port 0, the one the system chose is the real one.
+        self.status.url = self.public_url or f"http://{self.ip or '127.0.0.1'}:{self.port}"
         IOLoop.current().add_callback(self._start_background)
         print(f"host: {self.status.url}", flush=True)
         if not os.environ.get("GPUPOOL_HOST_TOKEN") and "host_token" not in self.config.HostAgent:

@@ -244,7 +244,9 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
 ) -> None:
     gw, _ = pool
     state = str(gw.state_dir)
-    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", state)
+    # The pool's host runs with --no-isolate: a further tenant there must be accepted as shared.
+    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", state,
+                   "--allow-shared-host")  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().splitlines()[-1]
     kernel_id = create(gw, token, H100_X1)
