@@ -25,11 +25,17 @@ from .state import GatewayState
 log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
+STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
+REPLACED = "a newer connection of the same session replaced this one"
 
 
 class ChannelsHandler(WebSocketHandler):
     upstream: WebSocketClientConnection | None = None
     relay: asyncio.Task[None] | None = None
+    # The newest connection of each (kernel id, session id); see _take_session.
+    sessions: dict[tuple[str, str], ChannelsHandler] = {}
+    session_key: tuple[str, str] | None = None
+    replaced = False
 
     @property
     def state(self) -> GatewayState:
@@ -66,7 +72,30 @@ class ChannelsHandler(WebSocketHandler):
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
         live = self.state.kernels._live(kernel_id)
         live.connections += 1
-        self.relay = asyncio.get_running_loop().create_task(self._relay())
+        older = self._take_session()
+        self.relay = asyncio.get_running_loop().create_task(self._relay(older))
+
+    def _take_session(self) -> asyncio.Task[None] | None:
+        """A session id is the identity of the kernel's sockets at the host, which only one live
+        connection may hold, so a client's reconnect with the same session id replaces the
+        older connection, here, before either reaches the host: the host cannot tell which of
+        two relayed connections its client opened last. The older relay's task is returned for
+        the new one to wait on. (Stock JupyterLab in gateway mode keeps the connection Chromium
+        dropped for want of a subprotocol open to this gateway, and reconnects at once.)"""
+        session = self.get_query_argument("session_id", "")
+        if not session:
+            return None
+        self.session_key = (self.kernel_id, session)
+        older = self.sessions.get(self.session_key)
+        self.sessions[self.session_key] = self
+        if older is None:
+            return None
+        log.info("kernel %s: a new connection of a session replaces the older one", self.kernel_id)
+        older.replaced = True
+        if older.upstream is not None:
+            older.upstream.close()
+        older.close(1000, REPLACED)
+        return older.relay
 
     async def _wait_running(self) -> Any:
         kernels = self.state.kernels
@@ -78,7 +107,9 @@ class ChannelsHandler(WebSocketHandler):
                 return kernel
             await changed.wait()
 
-    async def _relay(self) -> None:
+    async def _relay(self, older: asyncio.Task[None] | None) -> None:
+        if older is not None:  # one connection of a session at a time reaches the host
+            await asyncio.wait([older], timeout=STALE_WAIT)
         # Connect to the kernel whenever it runs; a suspended kernel loses its host kernel but
         # keeps this websocket, and the next message resumes it.
         while await self._relay_once():
@@ -87,6 +118,8 @@ class ChannelsHandler(WebSocketHandler):
     async def _relay_once(self) -> bool:
         """Relay until the host side ends; True when the kernel was suspended meanwhile."""
         kernel = await self._wait_running()
+        if self.replaced or self.ws_connection is None:
+            return False
         if kernel.state != "running":
             self.close(1011, f"the kernel ended: {kernel.reason}"[:120])
             return False
@@ -99,15 +132,24 @@ class ChannelsHandler(WebSocketHandler):
         if session:
             url += f"?session_id={session}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
+        connecting = asyncio.ensure_future(websocket_connect(
+            HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
+            subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
+            max_message_size=limit,
+        ))  # fmt: skip
         try:
-            upstream = await websocket_connect(
-                HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
-                subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
-                max_message_size=limit,
-            )
+            # Shielded: a connection that completes after this client left is closed, not left
+            # open at the host holding the session's identity.
+            upstream = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(_close_unused)
+            raise
         except Exception as error:
             log.warning("cannot reach kernel %s on %s: %s", self.kernel_id, host.name, error)
             self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
+            return False
+        if self.replaced or self.ws_connection is None:
+            upstream.close()
             return False
         upstream.stream.set_nodelay(True)
         # Held messages first, in order: what arrives during these awaits is appended to the
@@ -161,6 +203,8 @@ class ChannelsHandler(WebSocketHandler):
         self.pending.append(message)
 
     def on_close(self) -> None:
+        if self.session_key is not None and self.sessions.get(self.session_key) is self:
+            del self.sessions[self.session_key]
         if getattr(self, "kernel_id", None):
             self.state.kernels._live(self.kernel_id).connections -= 1
         if self.upstream is not None:
@@ -170,3 +214,8 @@ class ChannelsHandler(WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return True  # token auth, not cookies: a page on another origin cannot use it
+
+
+def _close_unused(connecting: asyncio.Future[WebSocketClientConnection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
