@@ -26,16 +26,19 @@ log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
-REPLACED = "a newer connection of the same session replaced this one"
+REPLACED = "another connection of the same session is in use"
 
 
 class ChannelsHandler(WebSocketHandler):
     upstream: WebSocketClientConnection | None = None
     relay: asyncio.Task[None] | None = None
-    # The newest connection of each (kernel id, session id); see _take_session.
-    sessions: dict[tuple[str, str], ChannelsHandler] = {}
+    # Per (kernel id, session id): the connection relayed to the host, and the others; see _own.
+    owners: dict[tuple[str, str], ChannelsHandler] = {}
+    waiting: dict[tuple[str, str], list[ChannelsHandler]] = {}
     session_key: tuple[str, str] | None = None
     replaced = False
+    older: ChannelsHandler | None = None  # the connection this one took its session from
+    connecting: asyncio.Future[WebSocketClientConnection] | None = None  # to the host
 
     @property
     def state(self) -> GatewayState:
@@ -72,30 +75,47 @@ class ChannelsHandler(WebSocketHandler):
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
         live = self.state.kernels._live(kernel_id)
         live.connections += 1
-        older = self._take_session()
-        self.relay = asyncio.get_running_loop().create_task(self._relay(older))
-
-    def _take_session(self) -> asyncio.Task[None] | None:
-        """A session id is the identity of the kernel's sockets at the host, which only one live
-        connection may hold, so a client's reconnect with the same session id replaces the
-        older connection, here, before either reaches the host: the host cannot tell which of
-        two relayed connections its client opened last. The older relay's task is returned for
-        the new one to wait on. (Stock JupyterLab in gateway mode keeps the connection Chromium
-        dropped for want of a subprotocol open to this gateway, and reconnects at once.)"""
+        self.owned = asyncio.Event()
         session = self.get_query_argument("session_id", "")
-        if not session:
-            return None
-        self.session_key = (self.kernel_id, session)
-        older = self.sessions.get(self.session_key)
-        self.sessions[self.session_key] = self
-        if older is None:
-            return None
-        log.info("kernel %s: a new connection of a session replaces the older one", self.kernel_id)
-        older.replaced = True
-        if older.upstream is not None:
-            older.upstream.close()
-        older.close(1000, REPLACED)
-        return older.relay
+        self.session_key = (kernel_id, session) if session else None
+        if self.session_key is None or self.session_key not in self.owners:
+            self._own()
+        else:
+            self.waiting.setdefault(self.session_key, []).append(self)
+        self.relay = asyncio.get_running_loop().create_task(self._relay())
+
+    def _own(self) -> None:
+        """Make this the session's connection to the host. A session id is the identity of the
+        kernel's sockets at the host, which one connection at a time may hold; a second one
+        waits here, unrelayed, until its client sends a message, and then takes the session
+        over: the connection a client uses is the one it sends on. Neither the newest nor the
+        oldest will do: stock JupyterLab in gateway mode keeps open to this gateway the
+        connection that Chromium dropped (for want of a subprotocol) and opens another at once,
+        with the same session id, and the two may arrive here in either order."""
+        if self.session_key is None:
+            self.owned.set()
+            return
+        older = self.owners.get(self.session_key)
+        self.owners[self.session_key] = self
+        self._stop_waiting()
+        if older is not None:
+            log.info("kernel %s: a session's other connection takes it over", self.kernel_id)
+            older._give_up()
+            self.older = older
+        self.owned.set()
+
+    def _stop_waiting(self) -> None:
+        waiting = self.waiting.get(self.session_key or ("", ""), [])
+        if self in waiting:
+            waiting.remove(self)
+            if not waiting:
+                del self.waiting[self.session_key or ("", "")]
+
+    def _give_up(self) -> None:
+        self.replaced = True
+        if self.upstream is not None:
+            self.upstream.close()
+        self.close(1000, REPLACED)
 
     async def _wait_running(self) -> Any:
         kernels = self.state.kernels
@@ -107,9 +127,14 @@ class ChannelsHandler(WebSocketHandler):
                 return kernel
             await changed.wait()
 
-    async def _relay(self, older: asyncio.Task[None] | None) -> None:
-        if older is not None:  # one connection of a session at a time reaches the host
-            await asyncio.wait([older], timeout=STALE_WAIT)
+    async def _relay(self) -> None:
+        await self.owned.wait()
+        if self.older is not None:
+            # The host must see the older connection's request before this one's: its relay and
+            # any connection it has under way (which is closed when it completes) end first.
+            older = [self.older.relay, self.older.connecting]
+            await asyncio.wait([task for task in older if task is not None], timeout=STALE_WAIT)
+            self.older = None
         # Connect to the kernel whenever it runs; a suspended kernel loses its host kernel but
         # keeps this websocket, and the next message resumes it.
         while await self._relay_once():
@@ -132,7 +157,7 @@ class ChannelsHandler(WebSocketHandler):
         if session:
             url += f"?session_id={session}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
-        connecting = asyncio.ensure_future(websocket_connect(
+        self.connecting = connecting = asyncio.ensure_future(websocket_connect(
             HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
             subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
             max_message_size=limit,
@@ -145,6 +170,8 @@ class ChannelsHandler(WebSocketHandler):
             connecting.add_done_callback(_close_unused)
             raise
         except Exception as error:
+            if self.replaced:
+                return False
             log.warning("cannot reach kernel %s on %s: %s", self.kernel_id, host.name, error)
             self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
             return False
@@ -184,6 +211,11 @@ class ChannelsHandler(WebSocketHandler):
         return False
 
     def on_message(self, message: str | bytes) -> None:
+        if not self.owned.is_set():
+            self._own()
+        elif self.session_key in self.waiting:  # connections of this session never used
+            for other in self.waiting.pop(self.session_key):
+                other._give_up()
         kernels = self.state.kernels
         live = kernels._live(self.kernel_id)
         live.touch()
@@ -203,8 +235,13 @@ class ChannelsHandler(WebSocketHandler):
         self.pending.append(message)
 
     def on_close(self) -> None:
-        if self.session_key is not None and self.sessions.get(self.session_key) is self:
-            del self.sessions[self.session_key]
+        key = self.session_key
+        if key is not None and self.owners.get(key) is self:
+            del self.owners[key]
+            for other in self.waiting.pop(key, []):
+                other._give_up()
+        elif key is not None:
+            self._stop_waiting()
         if getattr(self, "kernel_id", None):
             self.state.kernels._live(self.kernel_id).connections -= 1
         if self.upstream is not None:
