@@ -10,6 +10,13 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# tests/ui/ drive Debian's chromium through Playwright (no browser download); as root,
+	@# install it when missing, else those tests skip.
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends chromium \
+			|| { apt-get update && apt-get install -y --no-install-recommends chromium; } \
+			|| echo "chromium could not be installed; the browser tests will skip."; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"

@@ -3,6 +3,7 @@ frame checked before it is parsed, and caps on open websockets per kernel, tenan
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 import zmq
@@ -21,6 +22,7 @@ NOT_V1 = 1007  # websocket close code: the message's data is not what the protoc
 TOO_BIG = 1009  # websocket close code: a message over the size limit
 TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
 MAX_PARTS = 4096  # a message's parts: header, parent, metadata, content and its buffers
+STALE_WAIT = 10.0  # seconds a session's new connection waits for the one it replaces to end
 
 
 def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
@@ -67,14 +69,42 @@ PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, Rec
 
 class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
     """Counts every message a client sends (shell, control, stdin) as kernel activity, checks
-    each message's framing before anything parses it, reads nothing after a close, and hands
-    a v1 message to its kernel socket at once."""
+    each message's framing before anything parses it, reads nothing after a close, hands a v1
+    message to its kernel socket at once, and keeps one connection per session."""
+
+    replaced = False  # a newer connection of the same session took this one's place
+    ended: asyncio.Event  # its websocket request is over: refused, or opened and closed
 
     def _refuse(self, error: Exception, framing: str) -> None:
         self.log.warning("kernel %s: a client sent a message that is not %s: %s",
                          self.kernel_id, framing, error)  # fmt: skip
         reason = f"not a {framing} message ({error}); nothing was sent"
         self.websocket_handler.close(NOT_V1, reason.encode()[:123].decode(errors="ignore"))
+
+    async def _register_session(self) -> None:
+        """The session id is the ZMQ identity of the connection's kernel sockets, so two live
+        connections of one session leave one of them deaf (the kernel's ROUTER socket routes
+        replies to whichever took the identity first). jupyter_server closes the older one, but
+        that does nothing while the older one is still before its upgrade (waiting, as this one,
+        for the kernel's info): both open, and the client's live one may be the deaf one. Here
+        the older one is marked so that it never opens, and this one waits until it has ended."""
+        self.ended = asyncio.Event()
+        cast("HostKernelWebsocketHandler", self.websocket_handler).host_connection = self
+        self.session_key = f"{self.kernel_id}:{self.session.session}"
+        stale_handler = self._open_sessions.get(self.session_key)
+        if self.kernel_id in self.multi_kernel_manager:
+            self._open_sessions[self.session_key] = self.websocket_handler
+        stale = getattr(stale_handler, "connection", None)
+        if stale_handler is None or not isinstance(stale, HostWebsocketConnection):
+            return
+        self.log.warning("Replacing stale connection: %s", self.session_key)
+        stale.replaced = True
+        stale_handler.close(1000, "a newer connection of the same session replaced this one")
+        try:
+            await asyncio.wait_for(stale.ended.wait(), STALE_WAIT)
+        except asyncio.TimeoutError:
+            self.log.warning("kernel %s: the connection this one replaces has not ended after "
+                             "%.0f s; going on", self.kernel_id, STALE_WAIT)  # fmt: skip
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         ws = self.websocket_handler.ws_connection
@@ -130,6 +160,7 @@ class SizeNamingProtocol(WebSocketProtocol13):
 
 class HostKernelWebsocketHandler(KernelWebsocketHandler):
     refusal: str | None = None  # why this websocket is closed as soon as it opens
+    host_connection: HostWebsocketConnection | None = None  # once its session is registered
 
     @ws_authenticated
     async def get(self, kernel_id: str) -> None:
@@ -154,6 +185,13 @@ class HostKernelWebsocketHandler(KernelWebsocketHandler):
             await super().get(kernel_id)  # returns when the websocket has closed
         finally:
             km.connections.remove(kernel_id, tenant)
+            if self.host_connection is not None:
+                self.host_connection.ended.set()
+
+    async def pre_get(self) -> None:
+        await super().pre_get()  # makes self.connection and registers its session
+        if self.host_connection is not None and self.host_connection.replaced:
+            raise web.HTTPError(409, "a newer connection of the same session replaced this one")
 
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()

@@ -25,11 +25,20 @@ from .state import GatewayState
 log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
+STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
+REPLACED = "another connection of the same session is in use"
 
 
 class ChannelsHandler(WebSocketHandler):
     upstream: WebSocketClientConnection | None = None
     relay: asyncio.Task[None] | None = None
+    # Per (kernel id, session id): the connection relayed to the host, and the others; see _own.
+    owners: dict[tuple[str, str], ChannelsHandler] = {}
+    waiting: dict[tuple[str, str], list[ChannelsHandler]] = {}
+    session_key: tuple[str, str] | None = None
+    replaced = False
+    older: ChannelsHandler | None = None  # the connection this one took its session from
+    connecting: asyncio.Future[WebSocketClientConnection] | None = None  # to the host
 
     @property
     def state(self) -> GatewayState:
@@ -66,7 +75,47 @@ class ChannelsHandler(WebSocketHandler):
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
         live = self.state.kernels._live(kernel_id)
         live.connections += 1
+        self.owned = asyncio.Event()
+        session = self.get_query_argument("session_id", "")
+        self.session_key = (kernel_id, session) if session else None
+        if self.session_key is None or self.session_key not in self.owners:
+            self._own()
+        else:
+            self.waiting.setdefault(self.session_key, []).append(self)
         self.relay = asyncio.get_running_loop().create_task(self._relay())
+
+    def _own(self) -> None:
+        """Make this the session's connection to the host. A session id is the identity of the
+        kernel's sockets at the host, which one connection at a time may hold; a second one
+        waits here, unrelayed, until its client sends a message, and then takes the session
+        over: the connection a client uses is the one it sends on. Neither the newest nor the
+        oldest will do: stock JupyterLab in gateway mode keeps open to this gateway the
+        connection that Chromium dropped (for want of a subprotocol) and opens another at once,
+        with the same session id, and the two may arrive here in either order."""
+        if self.session_key is None:
+            self.owned.set()
+            return
+        older = self.owners.get(self.session_key)
+        self.owners[self.session_key] = self
+        self._stop_waiting()
+        if older is not None:
+            log.info("kernel %s: a session's other connection takes it over", self.kernel_id)
+            older._give_up()
+            self.older = older
+        self.owned.set()
+
+    def _stop_waiting(self) -> None:
+        waiting = self.waiting.get(self.session_key or ("", ""), [])
+        if self in waiting:
+            waiting.remove(self)
+            if not waiting:
+                del self.waiting[self.session_key or ("", "")]
+
+    def _give_up(self) -> None:
+        self.replaced = True
+        if self.upstream is not None:
+            self.upstream.close()
+        self.close(1000, REPLACED)
 
     async def _wait_running(self) -> Any:
         kernels = self.state.kernels
@@ -79,6 +128,13 @@ class ChannelsHandler(WebSocketHandler):
             await changed.wait()
 
     async def _relay(self) -> None:
+        await self.owned.wait()
+        if self.older is not None:
+            # The host must see the older connection's request before this one's: its relay and
+            # any connection it has under way (which is closed when it completes) end first.
+            older = [self.older.relay, self.older.connecting]
+            await asyncio.wait([task for task in older if task is not None], timeout=STALE_WAIT)
+            self.older = None
         # Connect to the kernel whenever it runs; a suspended kernel loses its host kernel but
         # keeps this websocket, and the next message resumes it.
         while await self._relay_once():
@@ -87,6 +143,8 @@ class ChannelsHandler(WebSocketHandler):
     async def _relay_once(self) -> bool:
         """Relay until the host side ends; True when the kernel was suspended meanwhile."""
         kernel = await self._wait_running()
+        if self.replaced or self.ws_connection is None:
+            return False
         if kernel.state != "running":
             self.close(1011, f"the kernel ended: {kernel.reason}"[:120])
             return False
@@ -99,15 +157,26 @@ class ChannelsHandler(WebSocketHandler):
         if session:
             url += f"?session_id={session}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
+        self.connecting = connecting = asyncio.ensure_future(websocket_connect(
+            HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
+            subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
+            max_message_size=limit,
+        ))  # fmt: skip
         try:
-            upstream = await websocket_connect(
-                HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
-                subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
-                max_message_size=limit,
-            )
+            # Shielded: a connection that completes after this client left is closed, not left
+            # open at the host holding the session's identity.
+            upstream = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(_close_unused)
+            raise
         except Exception as error:
+            if self.replaced:
+                return False
             log.warning("cannot reach kernel %s on %s: %s", self.kernel_id, host.name, error)
             self.close(1011, "the kernel's host cannot be reached; reconnect to try again")
+            return False
+        if self.replaced or self.ws_connection is None:
+            upstream.close()
             return False
         upstream.stream.set_nodelay(True)
         # Held messages first, in order: what arrives during these awaits is appended to the
@@ -143,6 +212,11 @@ class ChannelsHandler(WebSocketHandler):
         return False
 
     def on_message(self, message: str | bytes) -> None:
+        if not self.owned.is_set():
+            self._own()
+        elif self.session_key in self.waiting:  # connections of this session never used
+            for other in self.waiting.pop(self.session_key):
+                other._give_up()
         kernels = self.state.kernels
         live = kernels._live(self.kernel_id)
         live.touch()
@@ -162,6 +236,13 @@ class ChannelsHandler(WebSocketHandler):
         self.pending.append(message)
 
     def on_close(self) -> None:
+        key = self.session_key
+        if key is not None and self.owners.get(key) is self:
+            del self.owners[key]
+            for other in self.waiting.pop(key, []):
+                other._give_up()
+        elif key is not None:
+            self._stop_waiting()
         if getattr(self, "kernel_id", None):
             self.state.kernels._live(self.kernel_id).connections -= 1
         if self.upstream is not None:
@@ -171,3 +252,8 @@ class ChannelsHandler(WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return True  # token auth, not cookies: a page on another origin cannot use it
+
+
+def _close_unused(connecting: asyncio.Future[WebSocketClientConnection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
