@@ -109,6 +109,7 @@ class HostKernelManager(AsyncMappingKernelManager):
         )
         self.placements: dict[str, KernelPlacement] = {}
         self.ended: dict[str, dict[str, Any]] = {}
+        self._cleanups: dict[str, asyncio.Future[None]] = {}  # dead kernels' cleanups under way
         # One shell-channel client per kernel for the agent's own requests (readiness, hand-over).
         self.shells: dict[str, AsyncKernelClient] = {}
         self.warm = WarmPool(allocator, self._start_warm, self._stop, self.warm_per_shape)
@@ -353,8 +354,16 @@ class HostKernelManager(AsyncMappingKernelManager):
     async def _async_shutdown_kernel(
         self, kernel_id: str, now: bool | None = False, restart: bool | None = False
     ) -> None:
-        if kernel_id not in self._kernels and self.ended.pop(kernel_id, None) is not None:
-            return  # a dead kernel: forgetting it is all there is to do
+        if kernel_id in self.ended:  # a dead kernel: forgetting it is all there is to do
+            cleanup = self._cleanups.get(kernel_id)
+            if cleanup is not None:  # a DELETE while its cleanup runs waits for it
+                await asyncio.wait([cleanup])  # (its failure is logged where it is awaited)
+            self.ended.pop(kernel_id, None)
+            if kernel_id not in self._kernels:
+                return
+        await self._end(kernel_id, now=bool(now), restart=bool(restart))
+
+    async def _end(self, kernel_id: str, now: bool, restart: bool) -> None:
         try:
             await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
         finally:
@@ -395,10 +404,14 @@ class HostKernelManager(AsyncMappingKernelManager):
             self.ended[kernel_id] = model
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
+        cleanup = asyncio.ensure_future(self._end(kernel_id, now=True, restart=False))
+        self._cleanups[kernel_id] = cleanup
         try:
-            await self._async_shutdown_kernel(kernel_id, now=True)
+            await cleanup
         except Exception:
             self.log.exception("cleaning up dead kernel %s", kernel_id)
+        finally:
+            self._cleanups.pop(kernel_id, None)
 
     async def _async_shutdown_all(self, now: bool = False) -> None:
         """Stop every kernel, warm ones included; one that fails to stop does not stop the rest."""

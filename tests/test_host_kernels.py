@@ -108,7 +108,7 @@ def test_killed_kernel_is_reported_dead_and_frees_its_gpu(host):
     assert "SIGKILL" in dead["reason"]
     assert any(k["id"] == kernel_id for k in host.call("GET", "/api/host").body["kernels"])
     device = next(d for d in host.call("GET", "/api/gpus").body if d["uuid"] == gpu)
-    assert kernel_id not in device["kernels"]
+    assert kernel_id not in device["kernels"], (device, host.call("GET", "/api/gpus").body)
     assert host.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
     assert host.call("GET", f"/api/kernels/{kernel_id}").status == 404
 
