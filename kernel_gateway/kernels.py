@@ -40,7 +40,9 @@ class Live:
     last_client_message: float = 0.0  # only what a client sent, not the kernel's own output
     suspending_since: float | None = None  # while its namespace is saved for an idle suspend
     connections: int = 0
-    suspended: bool = False  # read on every client message, so kept here rather than in the row
+    # Read on every client message, so kept here as well as in the row (state "suspended"),
+    # from which `_live` derives it when the gateway first sees the kernel.
+    suspended: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
@@ -97,9 +99,15 @@ class GatewayKernels:
     # -- reading ---------------------------------------------------------------------------
 
     def _live(self, kernel_id: str) -> Live:
-        if kernel_id not in self.live:
-            self.live[kernel_id] = Live()
-        return self.live[kernel_id]
+        live = self.live.get(kernel_id)
+        if live is None:
+            # First seen by this process, after a restart too: what the next client message
+            # needs (whether it resumes the kernel) comes from the row, not from a default.
+            with self.db() as s:
+                kernel = s.get(Kernel, kernel_id)
+            live = Live(suspended=kernel is not None and kernel.state == "suspended")
+            self.live[kernel_id] = live
+        return live
 
     def get(self, tenant: Tenant, kernel_id: str) -> Kernel:
         """The tenant's kernel, or 404 exactly as for an id that never existed."""
