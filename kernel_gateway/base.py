@@ -52,6 +52,8 @@ def tenant_of(state: GatewayState, token: str, address: str) -> Tenant:
 
 
 class GatewayHandler(web.RequestHandler):
+    in_flight_for: int | None = None  # the tenant this request counts against while answered
+
     @property
     def state(self) -> GatewayState:
         state: GatewayState = self.settings["gpupool"]
@@ -65,7 +67,16 @@ class GatewayHandler(web.RequestHandler):
         return token_of(self)
 
     def tenant(self) -> Tenant:
-        return tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
+        tenant = tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
+        if self.in_flight_for is None:  # counted once, until finished (429 past the cap)
+            self.state.limits.begin_request(tenant)
+            self.in_flight_for = tenant.id
+        return tenant
+
+    def on_finish(self) -> None:
+        if self.in_flight_for is not None:
+            self.state.limits.end_request(self.in_flight_for)
+            self.in_flight_for = None
 
     def require_admin(self) -> None:
         token = self.given_token()

@@ -199,9 +199,10 @@ class TenantHandler(GatewayHandler):
         self.require_admin()
         self.reply(self.state.update_tenant(name, self.body()))
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
+        """Revoke: tokens, open websockets, kernels and their billing all end (state.py)."""
         self.require_admin()
-        self.state.revoke_tenant(name)
+        await self.state.end_tenant(name)
         self.set_status(204)
         self.finish()
 

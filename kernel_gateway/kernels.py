@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .budgets import Budgets
 from .errors import ApiError
-from .ledger import BUDGET, CULLED, DIED, HOST_LOST, SHUT_DOWN, SUSPENDED, Ledger, iso
+from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger, iso
 from .metrics import START_SECONDS
 from .pool import HostView, Pool
 from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
@@ -470,6 +470,56 @@ class GatewayKernels:
         self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
         if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
             await self._discard_checkpoint(tenant.name, kernel)
+
+    async def end_tenant(self, tenant: Tenant, why: str) -> int:
+        """Shut down every kernel of the tenant's (its tenant was revoked): billing ends now,
+        their host kernels stop and their checkpoints go; how many there were."""
+        with self.db() as s:
+            rows = s.scalars(
+                select(Kernel).where(
+                    Kernel.tenant_id == tenant.id, Kernel.state.not_in(["deleted", "dead"])
+                )
+            ).all()
+        now = time.time()
+        stops = []
+        for kernel in rows:
+            host = self.pool.hosts.get(kernel.host_id or "")
+            if kernel.state == "running" and host is not None and kernel.host_kernel_id:
+                stops.append(self._stop_on_host(host, kernel.host_kernel_id))
+        await asyncio.gather(*stops)  # (a start in flight is stopped when its host answers)
+        for kernel in rows:
+            self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+            if kernel.checkpoint:
+                await self._discard_checkpoint(tenant.name, kernel)
+        return len(rows)
+
+    async def check_on_host(self, kernel_id: str) -> Kernel:
+        """Ask the host about a running kernel whose connection just ended: one the host
+        reports dead, or no longer knows, is marked dead (billing ends) with the host's reason.
+        An unreachable host decides nothing here: missed heartbeats do (`host_lost`)."""
+        kernel = self._row(kernel_id)
+        host = self.pool.hosts.get(kernel.host_id or "")
+        if kernel.state != "running" or host is None or not kernel.host_kernel_id:
+            return kernel
+        now = time.time()
+        try:
+            reported = await self.host_call(host, "GET", f"/api/kernels/{kernel.host_kernel_id}")
+        except HTTPClientError as error:
+            reported = {"execution_state": "dead", "reason": "the host no longer runs it"}
+            if error.code != 404:
+                return kernel
+        except Exception as error:
+            log.info("kernel %s: its host %s cannot be reached: %s", kernel_id, host.name, error)
+            return kernel
+        latest = self._row(kernel_id)
+        if reported.get("execution_state") != "dead" or latest.state != "running":
+            return latest
+        if latest.host_kernel_id != kernel.host_kernel_id:
+            return latest  # restarted elsewhere meanwhile
+        seen = latest.last_seen_alive or now
+        died = min(max(_stamp(reported.get("last_activity")) or now, seen), now)
+        self._end(kernel_id, f"on host {host.name}: {reported.get('reason')}", ended=died)
+        return self._row(kernel_id)
 
     async def _discard_checkpoint(self, tenant_name: str, kernel: Kernel) -> None:
         """Delete a checkpoint that no kernel will resume from."""

@@ -12,100 +12,27 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pytest
-from conftest import Gateway, HostAgent, start_gateway, start_host
-from kernel_ws import KernelSocket, run_code
+from conftest import Gateway
+from kernel_ws import KernelSocket
+from pool_processes import (
+    H100_X1,
+    assert_billed_once,
+    gateway,
+    heard,
+    intervals,
+    join,
+    model,
+    owned_on,
+    restart,
+    run,
+    started,
+    state_of,
+)
 
-H100_X1 = "python3-gpu-h100-x1"
-HOST_TIMEOUT = 10.0  # long enough for a host held stopped for a few seconds not to be lost
-CELL_TIMEOUT = 60.0  # a cell that does not answer by then hangs: the test fails, it never waits
-
-
-@pytest.fixture
-def started() -> Iterator[list[Any]]:
-    """Gateways and hosts a test starts, stopped at its end whatever happened."""
-    things: list[Any] = []
-    yield things
-    for thing in reversed(things):
-        if thing.proc.poll() is None:
-            os.kill(thing.proc.pid, signal.SIGCONT)  # a test may leave a host stopped
-        thing.stop()
-
-
-def gateway(tmp_path: Path, started: list[Any], port: int = 0) -> Gateway:
-    gw = start_gateway(
-        tmp_path, "--host-timeout", str(HOST_TIMEOUT), state=tmp_path / "gw", port=port
-    )
-    started.append(gw)
-    return gw
-
-
-def join(tmp_path: Path, started: list[Any], gw: Gateway) -> HostAgent:
-    folder = tmp_path / "host"
-    folder.mkdir()
-    agent = start_host(
-        folder, "--fake-gpus", "H100:2", "--no-isolate", "--gateway", gw.url,
-        f"--join-token={gw.join_token}", "--heartbeat-seconds", "0.5",
-    )  # fmt: skip
-    started.append(agent)
-    gw.wait_for(lambda: heard(gw, agent), 15, "the host to register")
-    return agent
-
-
-def heard(gw: Gateway, agent: HostAgent) -> bool:
-    reply = gw.call("GET", "/api/hosts", token=gw.admin_token)
-    return reply.status == 200 and any(h["url"] == agent.url and not h["lost"] for h in reply.body)
-
-
-def restart(tmp_path: Path, started: list[Any], gw: Gateway) -> Gateway:
-    """Kill the gateway (no clean shutdown) and start a new one on its port and database."""
-    port = urlsplit(gw.url).port
-    assert port
-    gw.proc.kill()
-    gw.proc.wait(10)
-    again = gateway(tmp_path, started, port=port)
-    again.token = gw.token
-    return again
-
-
-def model(gw: Gateway, kernel_id: str) -> dict[str, Any]:
-    reply = gw.call("GET", f"/api/kernels/{kernel_id}")
-    assert reply.status == 200, reply.body
-    return dict(reply.body)
-
-
-def state_of(gw: Gateway, kernel_id: str) -> str:
-    return str(model(gw, kernel_id)["gpupool"]["state"])
-
-
-def run(gw: Gateway, kernel_id: str, code: str) -> str:
-    return asyncio.run(asyncio.wait_for(run_code(gw.url, gw.token, kernel_id, code), CELL_TIMEOUT))
-
-
-def intervals(gw: Gateway, kernel_id: str) -> list[dict[str, Any]]:
-    reply = gw.call("GET", f"/api/usage?kernel={kernel_id}")
-    assert reply.status == 200, reply.body
-    return list(reply.body["intervals"])
-
-
-def assert_billed_once(gw: Gateway, kernel_id: str) -> None:
-    """At most one interval open, and no two intervals of the kernel overlap."""
-    rows = intervals(gw, kernel_id)
-    assert sum(1 for r in rows if r["open"]) <= 1, rows
-    for earlier, later in zip(rows, rows[1:], strict=False):
-        assert earlier["end"] is not None and earlier["end"] <= later["start"], rows
-
-
-def owned_on(agent: HostAgent, kernel_id: str) -> list[str]:
-    """The host kernels alive there for this gateway kernel."""
-    return [k["id"] for k in agent.call("GET", "/api/kernels").body
-            if (k.get("gpupool") or {}).get("owner") == kernel_id
-            and k["execution_state"] != "dead"]  # fmt: skip
+__all__ = ["started"]  # the fixture
 
 
 def start_in_background(gw: Gateway, body: dict[str, Any]) -> None:
