@@ -481,14 +481,22 @@ class GatewayKernels:
                 )
             ).all()
         now = time.time()
+        running = [k for k in rows if k.state == "running" and k.host_kernel_id]
+        # Those waiting first, so that none starts meanwhile (one starting is stopped when its
+        # host answers); running ones once stopped, so their GPUs go to no one before that.
+        for kernel in rows:
+            if kernel not in running:
+                self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
         stops = []
-        for kernel in rows:
+        for kernel in running:
             host = self.pool.hosts.get(kernel.host_id or "")
-            if kernel.state == "running" and host is not None and kernel.host_kernel_id:
-                stops.append(self._stop_on_host(host, kernel.host_kernel_id))
-        await asyncio.gather(*stops)  # (a start in flight is stopped when its host answers)
-        for kernel in rows:
+            if host is not None:
+                self.stopping.add(str(kernel.host_kernel_id))  # not "died" in a heartbeat
+                stops.append(self._stop_orphan(host, str(kernel.host_kernel_id)))
+        await asyncio.gather(*stops)
+        for kernel in running:
             self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+        for kernel in rows:
             if kernel.checkpoint:
                 await self._discard_checkpoint(tenant.name, kernel)
         return len(rows)
@@ -716,6 +724,8 @@ class GatewayKernels:
                 select(Kernel).where(Kernel.host_id == host.id, Kernel.state == "running")
             ).all()
         for kernel in ours:
+            if kernel.host_kernel_id in self.stopping:
+                continue  # being stopped by the gateway, which ends it with its own reason
             reported = by_host_id.get(kernel.host_kernel_id or "")
             if reported is None and kernel.id not in self.missed:
                 # A report composed just before the host started this kernel can arrive after
