@@ -32,9 +32,12 @@ def started() -> Iterator[list[Any]]:
         thing.stop()
 
 
-def gateway(tmp_path: Path, started: list[Any], *extra: str, port: int = 0) -> Gateway:
+def gateway(
+    tmp_path: Path, started: list[Any], *extra: str, port: int = 0,
+    host_timeout: float = HOST_TIMEOUT,
+) -> Gateway:  # fmt: skip
     gw = start_gateway(
-        tmp_path, "--host-timeout", str(HOST_TIMEOUT), *extra, state=tmp_path / "gw", port=port
+        tmp_path, "--host-timeout", str(host_timeout), *extra, state=tmp_path / "gw", port=port
     )
     started.append(gw)
     return gw

@@ -1,6 +1,6 @@
-"""A kernel whose process dies on its host is marked dead at the gateway: its billing ends, its
-open websockets close saying it ended and why, and the next connection is refused with the
-reason, rather than waiting on a kernel that is gone."""
+"""A kernel whose process dies on its host, or whose host stops answering, is marked dead at the
+gateway: its billing ends, its open websockets close saying it ended and why, and the next
+connection is refused with the reason, rather than waiting on a kernel that is gone."""
 
 from __future__ import annotations
 
@@ -64,3 +64,30 @@ def test_a_kernel_that_dies_is_reported_dead_and_no_longer_billed(
         assert db.execute("select state from kernels where id = ?", (kernel_id,)).fetchone() == (
             "dead",
         )
+
+
+def test_a_kernel_whose_host_stops_answering_closes_its_websockets(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    gw = gateway(tmp_path, started, host_timeout=2.0)
+    agent = join(tmp_path, started, gw)
+    gw.token = gw.tenant("a")
+    kernel_id = str(gw.create(name=H100_X1)["id"])
+
+    async def frozen_under_an_open_websocket() -> tuple[Any, str]:
+        sock = await KernelSocket.open(gw.url, gw.token, kernel_id)
+        await sock.kernel_info()
+        os.kill(agent.proc.pid, signal.SIGSTOP)  # its connections stay open, and silent
+        try:
+            while await asyncio.wait_for(sock.conn.read_message(), 20) is not None:
+                pass
+        finally:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+        return sock.conn.close_code, sock.conn.close_reason or ""
+
+    code, reason = asyncio.run(frozen_under_an_open_websocket())
+    assert code == 1011 and "kernel ended" in reason and "stopped answering" in reason, reason
+    dead = model(gw, kernel_id)
+    assert dead["gpupool"]["state"] == "dead", dead
+    [row] = intervals(gw, kernel_id)
+    assert row["end_reason"] == "host_lost" and row["end"] is not None, row
