@@ -111,8 +111,9 @@ def _end_at_gateway(state_dir: Path, name: str) -> str:
     except urllib.error.HTTPError as error:
         return (f"the gateway at {url} answered {error.code} when asked to end the tenant's "
                 f"websockets and kernels; {later}, or run this again.")  # fmt: skip
-    except (OSError, ValueError) as error:
-        return f"no gateway answers at {url} ({error}); {later}."
+    except (OSError, ValueError) as error:  # not running, or its certificate is not trusted
+        return (f"could not reach the gateway at {url} ({error}); if it runs, send it DELETE "
+                f"/api/admin/tenants/{name} with the admin token; otherwise {later}.")  # fmt: skip
     return f"the gateway at {url} closed its websockets and shut its kernels down."
 
 
