@@ -28,6 +28,7 @@ from .tokens import digest, new_token
 log = logging.getLogger(__name__)
 MAX_GPUS_PER_KERNEL = 8
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
+STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -82,7 +83,9 @@ class GatewayKernels:
         self.live: dict[str, Live] = {}
         self.queue: list[str] = []
         self.missed: set[str] = set()  # running kernels missing from their host's last report
-        self.stopping: set[str] = set()  # host kernel ids of orphans being stopped
+        # Host kernel ids the gateway is stopping (shut down, culled, revoked, orphans): their
+        # end is the gateway's to record, not a heartbeat's or a relay's.
+        self.stopping: set[str] = set()
         # Its own client: tornado's shared one runs 10 requests at a time, so a burst of starts
         # would queue (and time out) behind each other, and deletes behind them.
         self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
@@ -447,15 +450,19 @@ class GatewayKernels:
         asyncio.get_running_loop().create_task(self.dispatch())
 
     async def _stop_on_host(self, host: HostView, host_kernel_id: str) -> None:
+        self.stopping.add(host_kernel_id)
         try:
             await self.host_call(host, "DELETE", f"/api/kernels/{host_kernel_id}")
         except Exception as error:  # already gone (404), or the host went away: nothing to stop
             log.info("could not stop kernel %s on %s: %s", host_kernel_id, host.name, error)
+        finally:
+            self.stopping.discard(host_kernel_id)
 
     async def delete(self, tenant: Tenant, kernel_id: str) -> None:
         kernel = self.get(tenant, kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state == "running" and host is not None and kernel.host_kernel_id:
+            self.stopping.add(kernel.host_kernel_id)
             try:
                 await self.host_call(host, "DELETE", f"/api/kernels/{kernel.host_kernel_id}")
             except HTTPClientError as error:
@@ -467,6 +474,8 @@ class GatewayKernels:
                 log.warning(
                     "host %s unreachable while deleting %s: %s", host.name, kernel_id, error
                 )
+            finally:
+                self.stopping.discard(kernel.host_kernel_id)
         self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
         if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
             await self._discard_checkpoint(tenant.name, kernel)
@@ -491,8 +500,7 @@ class GatewayKernels:
         for kernel in running:
             host = self.pool.hosts.get(kernel.host_id or "")
             if host is not None:
-                self.stopping.add(str(kernel.host_kernel_id))  # not "died" in a heartbeat
-                stops.append(self._stop_orphan(host, str(kernel.host_kernel_id)))
+                stops.append(self._stop_on_host(host, str(kernel.host_kernel_id)))
         await asyncio.gather(*stops)
         for kernel in running:
             self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
@@ -509,6 +517,12 @@ class GatewayKernels:
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state != "running" or host is None or not kernel.host_kernel_id:
             return kernel
+        if kernel.host_kernel_id in self.stopping:  # the gateway ends it: wait for its reason
+            try:
+                await asyncio.wait_for(self._live(kernel_id).changed.wait(), STOP_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            return self._row(kernel_id)
         now = time.time()
         try:
             reported = await self.host_call(host, "GET", f"/api/kernels/{kernel.host_kernel_id}")

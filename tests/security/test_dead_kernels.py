@@ -91,3 +91,28 @@ def test_a_kernel_whose_host_stops_answering_closes_its_websockets(
     assert dead["gpupool"]["state"] == "dead", dead
     [row] = intervals(gw, kernel_id)
     assert row["end_reason"] == "host_lost" and row["end"] is not None, row
+
+
+def test_a_kernel_shut_down_under_an_open_websocket_is_not_taken_for_dead(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    """The relay sees its host connection end while the owner's shutdown is under way: it says
+    the kernel was shut down, and the ledger too, rather than that it died."""
+    gw = gateway(tmp_path, started)
+    join(tmp_path, started, gw)
+    gw.token = gw.tenant("a")
+    kernel_id = str(gw.create(name=H100_X1)["id"])
+
+    async def shut_down_under_an_open_websocket() -> tuple[Any, str]:
+        sock = await KernelSocket.open(gw.url, gw.token, kernel_id)
+        await sock.kernel_info()
+        reply = await asyncio.to_thread(gw.call, "DELETE", f"/api/kernels/{kernel_id}")
+        assert reply.status == 204, reply.body
+        while await asyncio.wait_for(sock.conn.read_message(), 20) is not None:
+            pass
+        return sock.conn.close_code, sock.conn.close_reason or ""
+
+    code, reason = asyncio.run(shut_down_under_an_open_websocket())
+    assert code == 1011 and reason == "the kernel ended: shut down by its owner", reason
+    [row] = intervals(gw, kernel_id)
+    assert row["end_reason"] == "shut_down", row
