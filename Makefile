@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@# `torch` from PyPI is a CUDA build of several GB, so without that wheel those tests skip.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0+cpu" \
 		|| echo "PyTorch's CPU build is not available here; the torch tests will skip."
+	@# As root, hosts isolate tenants: their kernels need a Python tenants' users can run.
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python -m gpu_host.kernel_python \
+		|| echo "No kernel venv: hosts run as root will not isolate tenants (see above)."; fi
 	touch $(STAMP)
 
 lint: install
@@ -39,6 +42,8 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/magic.py
+	@# 64 kernels and 1,000 websockets, against jupyter-kernel-gateway in bench/.venv-jkg (made once).
+	$(BIN)/python bench/load.py
 
 clean:
-	rm -rf $(VENV) .gpupool .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) bench/.venv-jkg .gpupool .mypy_cache .ruff_cache .pytest_cache

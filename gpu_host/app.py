@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -16,9 +18,9 @@ from typing import Any, cast
 from jupyter_server import serverapp
 from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
-from . import __version__
+from . import __version__, kernel_python
 from .allocator import GpuAllocator
 from .auth import HostTokenIdentityProvider
 from .gateway_link import GatewayLink
@@ -40,6 +42,15 @@ class HostAgent(ServerApp):
         "keeps some warm, and serves them over the Jupyter kernels API to the gateway."
     )
     default_services = ("api", "kernels", "kernelspecs")  # type: ignore[assignment]
+    examples = """
+gpupool host --fake-gpus H100:2                   # a host with two fake H100s, for trying out
+gpupool host --gateway https://gw:8888 --public-url http://10.0.0.5:8889
+                                                  # join a gateway ($GPUPOOL_JOIN_TOKEN)
+gpupool host --help-all                           # every option of every part
+"""
+    subcommands: dict[str, Any] = {}  # jupyter_server's (list, stop, password) are not ours
+    # Every class an option above or `--help-all` may name (traitlets looks each one up here).
+    classes = [*ServerApp.classes, HostKernelManager, HostKernelSpecManager]
 
     aliases = Dict(
         {
@@ -49,11 +60,15 @@ class HostAgent(ServerApp):
             "host-token": "HostAgent.host_token",
             "gateway": "HostAgent.gateway_url",
             "join-token": "HostAgent.join_token",
+            "join-token-file": "HostAgent.join_token_file",
             "public-url": "HostAgent.public_url",
             "heartbeat-seconds": "HostAgent.heartbeat_seconds",
             "kernel-python": "HostAgent.kernel_python",
             "state-dir": "HostAgent.state_dir",
             "warm-per-shape": "HostKernelManager.warm_per_shape",
+            "max-message-mb": "HostAgent.max_message_mb",
+            "max-websockets-per-kernel": "HostKernelManager.max_websockets_per_kernel",
+            "max-websockets-per-tenant": "HostKernelManager.max_websockets_per_tenant",
         }
     )
     flags = Dict(
@@ -85,8 +100,14 @@ class HostAgent(ServerApp):
         config=True
     )
     join_token = Unicode(
-        help="The cluster join token to register with the gateway. Default: $GPUPOOL_JOIN_TOKEN."
+        help="The cluster join token to register with the gateway. Default: $GPUPOOL_JOIN_TOKEN, "
+        "else --join-token-file. On a command line every user of the machine can read it (in "
+        "/proc/PID/cmdline): prefer the variable or the file.",
     ).tag(config=True)
+    join_token_file = Unicode(
+        "", help="A file (mode 0600) holding the join token, such as the gateway's "
+        "state/join-token."
+    ).tag(config=True)  # fmt: skip
     public_url = Unicode(
         "",
         help="The URL the gateway should use to reach this agent. Default: from --ip and --port.",
@@ -98,15 +119,22 @@ class HostAgent(ServerApp):
         30.0, help="Longest wait between retries while the gateway is unreachable, in seconds."
     ).tag(config=True)
     isolate = Bool(
-        help="Run each tenant's kernels as its own unprivileged Unix user. Default: on when root."
+        help="Run each tenant's kernels as its own unprivileged Unix user. Default: on when root "
+        "(with the kernel venv, see --kernel-python); off, with one line saying so, otherwise."
     ).tag(config=True)
     kernel_python = Unicode(
         help="The Python (with ipykernel) that runs kernels. Under --isolate, tenants' users must "
-        "be able to run it. Default: this agent's Python."
+        "be able to run it. Default: under --isolate, /opt/gpupool/kernel-venv/bin/python (built "
+        "by `make install` or at the first start); else this agent's Python."
     ).tag(config=True)
     state_dir = Unicode(".gpupool/host", help="Where tenants' working folders live.").tag(
         config=True
     )
+    max_message_mb = Int(
+        10,
+        help="Largest websocket message a client may send to a kernel, in MiB; a bigger one "
+        "closes its websocket with 1009, naming this limit.",
+    ).tag(config=True)
     kernel_extensions = List(
         Unicode(), ["jupyter_ext"],
         help="IPython extensions every kernel loads at start; jupyter_ext makes %%gpu work with "
@@ -119,7 +147,15 @@ class HostAgent(ServerApp):
 
     @default("join_token")
     def _default_join_token(self) -> str:
-        return os.environ.get("GPUPOOL_JOIN_TOKEN", "")
+        if os.environ.get("GPUPOOL_JOIN_TOKEN"):
+            return os.environ["GPUPOOL_JOIN_TOKEN"]
+        if self.join_token_file:
+            try:
+                return Path(self.join_token_file).read_text().strip()
+            except OSError as error:
+                self.log.critical("cannot read --join-token-file: %s", error)
+                self.exit(2)
+        return ""
 
     @default("isolate")
     def _default_isolate(self) -> bool:
@@ -128,6 +164,34 @@ class HostAgent(ServerApp):
     @default("kernel_python")
     def _default_kernel_python(self) -> str:
         return sys.executable
+
+    def init_isolation(self) -> None:
+        """Isolate wherever it can be (as root, with a kernel Python tenants' users can run);
+        say in one line at start which it is."""
+        chosen = "isolate" in self.config.HostAgent
+        why, fix = "", "run the agent as root to isolate them"
+        if self.isolate and "kernel_python" not in self.config.HostAgent:
+            try:
+                self.kernel_python = kernel_python.ensure()
+            except kernel_python.KernelPythonError as error:
+                if chosen:
+                    self.log.critical("cannot isolate tenants: %s", error)
+                    self.exit(2)
+                self.isolate = False
+                why = str(error)
+        elif not self.isolate:
+            why = "--no-isolate" if chosen else "the agent does not run as root"
+            if chosen and os.geteuid() == 0:
+                fix = "leave out --no-isolate to isolate them"
+        if self.isolate:
+            line = f"on: each tenant's kernels run as its own user gp-TENANT ({self.kernel_python})"
+        else:
+            user = pwd.getpwuid(os.getuid()).pw_name
+            line = (
+                f"OFF ({why}): every tenant's kernels run as {user} and can read each other's "
+                f"files; {fix}"
+            )
+        print(f"isolation: {line}", flush=True)
 
     @default("kernel_manager_class")
     def _default_km(self) -> type:
@@ -178,6 +242,12 @@ class HostAgent(ServerApp):
     def init_configurables(self) -> None:
         # Kernels must never be slowed or dropped for printing fast.
         self.config.ZMQChannelsWebsocketConnection.limit_rate = False
+        if "join_token" in self.config.HostAgent:
+            self.log.warning(
+                "the join token is on the command line, where every user of this machine can "
+                "read it; pass it in $GPUPOOL_JOIN_TOKEN or --join-token-file instead"
+            )
+        self.init_isolation()
         self.config.HostKernelSpecManager.kernel_python = self.kernel_python
         self.config.HostKernelSpecManager.kernel_extensions = list(self.kernel_extensions)
         try:
@@ -201,7 +271,7 @@ class HostAgent(ServerApp):
         _remove_stale_runtimes(runtime.parent, os.getuid())
         self.spaces = TenantSpaces(Path(self.state_dir), runtime, self.isolate)
         self.host_kernels = cast(HostKernelManager, self.kernel_manager)
-        self.host_kernels.attach(self.allocator, self.spaces)
+        self.host_kernels.attach(self.allocator, self.spaces, raise_open_files_limit())
         self.host_identity = cast(HostTokenIdentityProvider, self.identity_provider)
         self.host_identity.token = self.host_token
         self.host_identity.accept(self.host_token)
@@ -209,13 +279,18 @@ class HostAgent(ServerApp):
     def init_webapp(self) -> None:
         super().init_webapp()
         url = self.public_url or f"http://{self.ip or '127.0.0.1'}:{self.port}"
-        self.status = HostStatus(self.inventory, self.allocator, self.host_kernels, url)
+        self.status = HostStatus(
+            self.inventory, self.allocator, self.host_kernels, url, isolates=self.isolate
+        )
         self.web_app.settings["gpupool_status"] = self.status
         self.web_app.settings["websocket_ping_interval"] = 30
         self.web_app.settings["websocket_ping_timeout"] = 30
+        self.web_app.settings["websocket_max_message_size"] = self.max_message_mb << 20
 
     def start_app(self) -> None:
         super().start_app()
+        # The port is bound only now: with --port 0, the one the system chose is the real one.
+        self.status.url = self.public_url or f"http://{self.ip or '127.0.0.1'}:{self.port}"
         IOLoop.current().add_callback(self._start_background)
         print(f"host: {self.status.url}", flush=True)
         if not os.environ.get("GPUPOOL_HOST_TOKEN") and "host_token" not in self.config.HostAgent:
@@ -242,6 +317,21 @@ class HostAgent(ServerApp):
         await super().cleanup_kernels()
         # Sockets and connection files of kernels that are all gone now.
         shutil.rmtree(self.spaces.runtime_dir, ignore_errors=True)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's open-file limit (soft) to its ceiling (hard), which its kernels
+    inherit, and return it: every kernel websocket holds about 16 files, and a soft limit of
+    1024 ran out at about 60 websockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
 
 
 def _remove_stale_runtimes(parent: Path, uid: int) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any, cast
 
+import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_server._tz import isoformat, utcnow
@@ -18,6 +19,7 @@ from tornado import web
 from traitlets import Float, Int, List, Unicode
 
 from .allocator import AllocationError, GpuAllocator, Shape
+from .connections import Connections
 from .kernel_request import KernelRequest
 from .placement import KernelPlacement
 from .provisioner import kernel_env
@@ -26,6 +28,11 @@ from .warm_pool import WarmKey, WarmPool
 
 KERNEL_NAME = "python3"
 ENDED_KEPT = 256  # how many dead kernels stay visible, so a poller can learn how they ended
+# A kernel websocket holds its TCP socket and four ZMQ sockets (shell, control, stdin, IOPub),
+# each with its own connection and wake-up files: at most this many files, measured with room.
+FILES_PER_WEBSOCKET = 16
+ZMQ_SOCKETS_PER_WEBSOCKET = 5  # its four channels and its kernel_info handshake
+FILES_KEPT = 1024  # at most, for kernels, their clients, requests and the agent itself
 
 
 class HostKernelSpecManager(KernelSpecManager):
@@ -72,11 +79,34 @@ class HostKernelManager(AsyncMappingKernelManager):
     checkpoint_timeout = Float(
         600.0, help="Longest wait, in seconds, for a kernel to save or restore its namespace."
     ).tag(config=True)
+    max_websockets_per_kernel = Int(
+        128, help="Open websockets one kernel may have; more are closed with 1013."
+    ).tag(config=True)
+    max_websockets_per_tenant = Int(
+        512, help="Open websockets one tenant's kernels on this host may have, all together."
+    ).tag(config=True)
+    max_websockets = Int(
+        0,
+        help="Open websockets on this host, all tenants together. Default (0): as many as "
+        "the open-file limit and ZMQ's socket limit allow.",
+    ).tag(config=True)
 
-    def attach(self, allocator: GpuAllocator, spaces: TenantSpaces) -> None:
-        """Give the manager this machine's GPUs and tenant spaces; called once at start."""
+    def attach(self, allocator: GpuAllocator, spaces: TenantSpaces, open_files: int) -> None:
+        """Give the manager this machine's GPUs and tenant spaces and the agent's open-file
+        limit; called once at start, before any kernel or ZMQ socket exists."""
         self.allocator = allocator
         self.spaces = spaces
+        # ZMQ refuses sockets past 1023 by default ("Too many open files"): allow what the
+        # open-file limit allows, up to ZMQ's own ceiling.
+        sockets = max(1023, min(open_files, self.context.get(zmq.SOCKET_LIMIT)))
+        self.context.set(zmq.MAX_SOCKETS, sockets)
+        kept = min(FILES_KEPT, open_files // 4)
+        fitting = min((open_files - kept) // FILES_PER_WEBSOCKET,
+                      (sockets - kept) // ZMQ_SOCKETS_PER_WEBSOCKET)  # fmt: skip
+        total = self.max_websockets or max(16, fitting)
+        self.connections = Connections(
+            self.max_websockets_per_kernel, self.max_websockets_per_tenant, total
+        )
         self.placements: dict[str, KernelPlacement] = {}
         self.ended: dict[str, dict[str, Any]] = {}
         # One shell-channel client per kernel for the agent's own requests (readiness, hand-over).
@@ -96,6 +126,14 @@ class HostKernelManager(AsyncMappingKernelManager):
         await self.warm.close()
 
     # -- starting --------------------------------------------------------------------------
+
+    def pre_start_kernel(self, kernel_name: str | None, kwargs: Any) -> tuple[Any, str, str]:
+        km, name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
+        # jupyter_client's restarter would start a kernel that died again under the same id,
+        # with none of its variables, racing the death watch: a pool kernel that dies is
+        # reported dead (its GPUs freed, its billing stopped), never silently replaced.
+        km.autorestart = False
+        return km, name, kernel_id
 
     def _warm_key(self, shape: Shape, tenant: str | None) -> WarmKey:
         return WarmKey(shape, (tenant or "default") if self.spaces.isolate else None)
@@ -209,6 +247,10 @@ class HostKernelManager(AsyncMappingKernelManager):
         reply = await client.execute(code, silent=True, store_history=False, reply=True, timeout=10)
         if reply["content"]["status"] != "ok":
             raise web.HTTPError(500, "could not hand the warm kernel to its owner")
+        # A restart launches the kernel again with the arguments it was started with: the
+        # owner's, not the warm pool's.
+        launch: dict[str, Any] = cast(Any, self.get_kernel(placement.kernel_id))._launch_args
+        launch["env"] = {**(launch.get("env") or {}), **requested}
         # The reply comes before the idle status; the client must not see a busy kernel.
         self.get_kernel(placement.kernel_id).execution_state = "idle"  # type: ignore[attr-defined]
 
@@ -267,12 +309,13 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def require_visible(self, kernel_id: str, alive: bool = False) -> None:
         """404, exactly as for an id that never existed, unless a client may see this kernel."""
-        if self._visible(kernel_id) or (not alive and kernel_id in self.ended):
+        dead = kernel_id in self.ended
+        if (self._visible(kernel_id) and not dead) or (not alive and dead):
             return
         raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
-        if kernel_id in self.ended and not self._visible(kernel_id):
+        if kernel_id in self.ended:
             return self.ended[kernel_id]
         model: dict[str, Any] = super().kernel_model(kernel_id)
         placement = self.placements[kernel_id]
@@ -289,7 +332,8 @@ class HostKernelManager(AsyncMappingKernelManager):
         return model
 
     def list_kernels(self) -> list[dict[str, Any]]:
-        models = [self.kernel_model(k) for k in list(self._kernels) if self._visible(k)]
+        alive = [k for k in list(self._kernels) if self._visible(k) and k not in self.ended]
+        models = [self.kernel_model(k) for k in alive]
         return models + list(self.ended.values())
 
     # -- ending ----------------------------------------------------------------------------
@@ -338,10 +382,9 @@ class HostKernelManager(AsyncMappingKernelManager):
         for ids in self.warm.ready.values():
             if kernel_id in ids:
                 ids.remove(kernel_id)
-        try:
-            await self._async_shutdown_kernel(kernel_id, now=True)
-        except Exception:
-            self.log.exception("cleaning up dead kernel %s", kernel_id)
+        # Reported dead, its GPUs free, from now on, also while its cleanup below awaits (a
+        # poll in between must find it neither gone nor alive).
+        self.allocator.release(kernel_id)
         if model is not None:
             model.update(
                 execution_state="dead",
@@ -352,6 +395,10 @@ class HostKernelManager(AsyncMappingKernelManager):
             self.ended[kernel_id] = model
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
+        try:
+            await self._async_shutdown_kernel(kernel_id, now=True)
+        except Exception:
+            self.log.exception("cleaning up dead kernel %s", kernel_id)
 
     async def _async_shutdown_all(self, now: bool = False) -> None:
         """Stop every kernel, warm ones included; one that fails to stop does not stop the rest."""

@@ -123,7 +123,9 @@ def checkpoint(shell: Any, path: str) -> Answer:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
     try:
         with os.fdopen(os.open(partial, flags, 0o600), "wb") as out:
-            pickle.dump({"format": FORMAT, "python": list(sys.version_info[:3])}, out)
+            # The next cell's number too: a resumed notebook goes on counting from there.
+            head = {"format": FORMAT, "python": list(sys.version_info[:3])}
+            pickle.dump({**head, "execution_count": shell.execution_count}, out)
             for name, value in list(shell.user_ns.items()):
                 if _skipped(name, value, shell):
                     continue
@@ -210,6 +212,9 @@ def restore(shell: Any, path: str) -> Answer:
                 continue
             shell.user_ns[name] = value
             restored.append(name)
+    count = header.get("execution_count")
+    if isinstance(count, int) and count > shell.execution_count:
+        shell.execution_count = count
     _warn_in_next_cell(shell, {**lost, **failed})
     return Answer(restored=restored, failed=failed, kernel_seconds=time.perf_counter() - start)
 

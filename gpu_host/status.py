@@ -14,12 +14,18 @@ from .kernels import HostKernelManager
 
 class HostStatus:
     def __init__(
-        self, inventory: Inventory, allocator: GpuAllocator, kernels: HostKernelManager, url: str
+        self,
+        inventory: Inventory,
+        allocator: GpuAllocator,
+        kernels: HostKernelManager,
+        url: str,
+        isolates: bool = False,
     ) -> None:
         self.inventory = inventory
         self.allocator = allocator
         self.kernels = kernels
         self.url = url
+        self.isolates = isolates  # each tenant's kernels run as its own Unix user
         self.name = socket.gethostname()
 
     def gpus(self) -> list[dict[str, Any]]:
@@ -43,6 +49,7 @@ class HostStatus:
             "name": self.name,
             "url": self.url,
             "version": __version__,
+            "isolates": self.isolates,
             "source": self.inventory.source,
             "time": time.time(),
             "gpus": self.gpus(),

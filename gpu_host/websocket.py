@@ -1,4 +1,5 @@
-"""jupyter_server's kernel websocket, with Nagle off, no IOPub rate limit and client activity."""
+"""jupyter_server's kernel websocket, with Nagle off, no IOPub rate limit, client activity, every
+frame checked before it is parsed, and caps on open websockets per kernel, tenant and host."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from jupyter_server.auth.decorator import ws_authenticated
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from tornado import web
+from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 if TYPE_CHECKING:
     from .kernels import HostKernelManager
 
 V1 = "v1.kernel.websocket.jupyter.org"
 NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
-MAX_PARTS = 4096  # a v1 message's parts: header, parent, metadata, content and its buffers
+TOO_BIG = 1009  # websocket close code: a message over the size limit
+TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
+MAX_PARTS = 4096  # a message's parts: header, parent, metadata, content and its buffers
 
 
 def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
@@ -41,25 +45,60 @@ def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
     return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
 
 
+def check_legacy_binary(message: bytes) -> None:
+    """Check a binary message of the legacy framing (no subprotocol) before jupyter_server's
+    parser sees it: a 4-byte big-endian part count, that many 4-byte offsets, then the parts.
+    That parser trusts the count (2**31 of them grows the host by gigabytes and stops it for
+    every tenant); here it must fit the message and the offsets must rise within it."""
+    view = memoryview(message)
+    count = int.from_bytes(view[:4], "big") if len(view) >= 4 else 0
+    if count > MAX_PARTS:
+        raise ValueError(f"it has more than {MAX_PARTS} parts")
+    if not 1 <= count <= len(view) // 4 - 1:  # the message (JSON), then its buffers
+        raise ValueError("its part count does not fit the message")
+    offsets = [int.from_bytes(view[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(count)]
+    if offsets[0] < 4 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("its offsets do not fit the message")
+
+
+# What a legacy message that passed its framing check can still fail with while it is parsed.
+PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError)
+
+
 class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
-    """Counts every message a client sends (shell, control, stdin) as kernel activity, and
-    hands a v1 message to its kernel socket at once."""
+    """Counts every message a client sends (shell, control, stdin) as kernel activity, checks
+    each message's framing before anything parses it, reads nothing after a close, and hands
+    a v1 message to its kernel socket at once."""
+
+    def _refuse(self, error: Exception, framing: str) -> None:
+        self.log.warning("kernel %s: a client sent a message that is not %s: %s",
+                         self.kernel_id, framing, error)  # fmt: skip
+        reason = f"not a {framing} message ({error}); nothing was sent"
+        self.websocket_handler.close(NOT_V1, reason.encode()[:123].decode(errors="ignore"))
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
+        ws = self.websocket_handler.ws_connection
+        if ws is None or ws.is_closing() or not self.channels:
+            return  # frames that were already on their way when the websocket closed
         self.kernel_manager.last_activity = utcnow()
-        if self.subprotocol != V1 or not self.channels:
-            super().handle_incoming_message(incoming_msg)
+        if self.subprotocol != V1:
+            try:
+                if isinstance(incoming_msg, bytes):
+                    check_legacy_binary(incoming_msg)
+                super().handle_incoming_message(incoming_msg)
+            except PARSE_ERRORS as error:
+                self._refuse(error, "Jupyter (legacy framing)")
             return
         try:
             channel, parts = split_v1(incoming_msg)
         except ValueError as error:
-            self.log.warning("kernel %s: a client sent a message that is not v1: %s",
-                             self.kernel_id, error)  # fmt: skip
-            reason = f"not a {V1} message ({error}); nothing was sent"
-            self.websocket_handler.close(NOT_V1, reason.encode()[:123].decode(errors="ignore"))
+            self._refuse(error, V1)
             return
         if self.multi_kernel_manager.allowed_message_types:
-            super().handle_incoming_message(incoming_msg)  # its own filter; the format is fine
+            try:  # its own filter, which parses the header; the framing is fine
+                super().handle_incoming_message(incoming_msg)
+            except PARSE_ERRORS as error:
+                self._refuse(error, V1)
             return
         stream = self.channels.get(channel)
         if stream is None:
@@ -78,17 +117,70 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         self.session.send_raw(stream, parts)
 
 
+class SizeNamingProtocol(WebSocketProtocol13):
+    """Tornado's websocket protocol, whose close for a message over the size limit names the
+    host's limit (a client behind the gateway would otherwise not know whose limit it was)."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if code == TOO_BIG:
+            mib = self.params.max_message_size / 2**20
+            reason = f"a message was over {mib:g} MiB, the host's limit; send less per message"
+        super().close(code, reason)
+
+
 class HostKernelWebsocketHandler(KernelWebsocketHandler):
+    refusal: str | None = None  # why this websocket is closed as soon as it opens
+
     @ws_authenticated
     async def get(self, kernel_id: str) -> None:
+        km = cast("HostKernelManager", self.kernel_manager)
         # 404 before the upgrade, exactly as for an id that never existed.
-        cast("HostKernelManager", self.kernel_manager).require_visible(kernel_id, alive=True)
-        await super().get(kernel_id)
+        km.require_visible(kernel_id, alive=True)
+        tenant = km.placements[kernel_id].space.tenant
+        # A reconnect of an open session replaces that connection (jupyter_server closes the
+        # stale one): it takes no new place.
+        session = f"{kernel_id}:{self.get_argument('session_id', '')}"
+        replacing = session in ZMQChannelsWebsocketConnection._open_sessions
+        self.refusal = None if replacing else km.connections.refusal(kernel_id, tenant)
+        if self.refusal:
+            # Upgraded only to say why (a 1013 close), with no ZMQ socket opened for it.
+            self.log.warning("kernel %s: websocket refused: %s", kernel_id, self.refusal)
+            self.kernel_id = kernel_id
+            await WebSocketHandler.get(self, kernel_id)
+            return
+        # Counted from before the kernel_info handshake: a burst of opens cannot pass the cap.
+        km.connections.add(kernel_id, tenant)
+        try:
+            await super().get(kernel_id)  # returns when the websocket has closed
+        finally:
+            km.connections.remove(kernel_id, tenant)
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if isinstance(protocol, WebSocketProtocol13):
+            return SizeNamingProtocol(self, False, protocol.params)
+        return protocol
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        if self.refusal:
+            return V1 if V1 in subprotocols else None
+        return cast("str | None", super().select_subprotocol(subprotocols))
 
     async def open(self, kernel_id: str) -> None:
         # Nagle's algorithm holds small frames back for up to 40 ms: a cell's reply is small.
         self.set_nodelay(True)
+        if self.refusal:
+            self.close(TRY_LATER, self.refusal)
+            return
         await super().open(kernel_id)
+
+    def on_message(self, message: Any) -> None:
+        if not self.refusal:
+            super().on_message(message)
+
+    def on_close(self) -> None:
+        if not self.refusal:
+            super().on_close()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         import json

@@ -61,6 +61,10 @@ class GatewayApi:
     def start_kernel(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         return dict(self.call("POST", "/api/kernels", {"name": name, "env": env or {}}))
 
+    def kernelspec(self, name: str) -> dict[str, Any]:
+        """The pool's kernelspec `name`; GatewayError 404, naming those offered, if none."""
+        return dict(self.call("GET", f"/api/kernelspecs/{urllib.parse.quote(name, safe='')}"))
+
     def kernel(self, kernel_id: str) -> dict[str, Any] | None:
         """The kernel's model, or None once it is gone."""
         try:

@@ -120,6 +120,18 @@ class GpuMagics(Magics):
     def ensure(self, shape: Shape, fresh: bool = False, deadline: float | None = None) -> Companion:
         """The companion kernel of this shape, started if there is none."""
         current = self.companion
+        api = GatewayApi.from_env(self.gateway_url, self.token)
+        if current is not None and current.kernel_id is not None and current.shape != shape:
+            # Asked first: a shape the pool does not have must not cost the kernel its variables.
+            try:
+                api.kernelspec(shape.kernel_name)
+            except GatewayError as error:
+                if error.status != 404:
+                    raise
+                raise GatewayError(
+                    404, f"{error} The {current.shape} GPU kernel is kept, with its "
+                    "variables.",
+                ) from None  # fmt: skip
         if (
             current is not None
             and current.kernel_id is not None
@@ -132,7 +144,6 @@ class GpuMagics(Magics):
         if self.companion is None or self.companion.kernel_id is None or fresh:
             self.companion = None
             env = {"KERNEL_IDLE_TIMEOUT": str(self.idle_timeout)} if self.idle_timeout else {}
-            api = GatewayApi.from_env(self.gateway_url, self.token)
             companion = Companion(api, shape, env)
             companion.start(Progress(), deadline)
             self.companion = companion

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -12,11 +13,14 @@ from pathlib import Path
 
 from tornado import web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 from traitlets import Enum, Float, Int, Unicode, default
 from traitlets.config import Application
 
 from . import __version__
 from .handlers import routes
+from .log_redaction import log_request, redact_all_logs
+from .private_files import private_file, private_folder
 from .state import GatewayState
 from .store import open_store
 from .tenant_limits import DEFAULT_REQUESTS, DEFAULT_WEBSOCKETS
@@ -27,12 +31,20 @@ def secret_file(path: Path) -> str:
     """A token kept in a 0600 file, made on first use, so restarts keep the same one."""
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     token = new_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def listen_error(ip: str, port: int, error: OSError) -> str:
+    """One line for a port that cannot be listened on."""
+    if error.errno == errno.EADDRINUSE:
+        return (f"port {port} of {ip} is already in use (another gpupool?); stop that one or "
+                "choose another port with --port.")  # fmt: skip
+    return f"cannot listen on {ip}:{port}: {error.strerror or error}."
 
 
 class GatewayApp(Application):
@@ -54,6 +66,7 @@ class GatewayApp(Application):
         "auth-failures-per-minute": "GatewayApp.auth_failures_per_minute",
         "max-tenant-websockets": "GatewayApp.max_tenant_websockets",
         "max-tenant-requests": "GatewayApp.max_tenant_requests",
+        "metrics-token-file": "GatewayApp.metrics_token_file",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -69,6 +82,10 @@ class GatewayApp(Application):
     ).tag(config=True)
     join_token = Unicode(
         help="Host join token. Default: $GPUPOOL_JOIN_TOKEN or state/join-token."
+    ).tag(config=True)
+    host_key = Unicode(
+        help="Key the hosts' tokens are derived from, so the database keeps only their digests. "
+        "Default: $GPUPOOL_HOST_KEY or state/host-key."
     ).tag(config=True)
     host_timeout = Float(15.0, help="Seconds without a heartbeat before a host is lost.").tag(
         config=True
@@ -111,11 +128,29 @@ class GatewayApp(Application):
         "that it answers 429 with Retry-After; 0: no limit.",
     ).tag(config=True)  # fmt: skip
 
+    metrics_token = Unicode(
+        help="Token Prometheus scrapes /metrics with (the admin token works too). Default: "
+        "$GPUPOOL_METRICS_TOKEN, else the file --metrics-token-file, else state/metrics-token."
+    ).tag(config=True)
+    metrics_token_file = Unicode(
+        "", help="File holding the /metrics scrape token (made, 0600, if missing)."
+    ).tag(config=True)
+
+    @default("metrics_token")
+    def _metrics(self) -> str:
+        return os.environ.get("GPUPOOL_METRICS_TOKEN") or secret_file(
+            Path(self.metrics_token_file or Path(self.state_dir) / "metrics-token")
+        )
+
     @default("admin_token")
     def _admin(self) -> str:
         return os.environ.get("GPUPOOL_ADMIN_TOKEN") or secret_file(
             Path(self.state_dir) / "admin-token"
         )
+
+    @default("host_key")
+    def _host_key(self) -> str:
+        return os.environ.get("GPUPOOL_HOST_KEY") or secret_file(Path(self.state_dir) / "host-key")
 
     @default("join_token")
     def _join(self) -> str:
@@ -124,8 +159,13 @@ class GatewayApp(Application):
         )
 
     def make_state(self) -> GatewayState:
+        private_folder(Path(self.state_dir))
+        if not self.db_url:
+            private_file(Path(self.state_dir) / "gateway.db")
         db = open_store(self.db_url or str(Path(self.state_dir) / "gateway.db"))
-        state = GatewayState(db, self.admin_token, self.join_token, self.host_timeout)
+        state = GatewayState(
+            db, self.admin_token, self.join_token, self.host_timeout, host_key=self.host_key
+        )
         kernels = state.kernels
         kernels.idle_default, kernels.idle_action = self.idle_timeout, self.idle_action
         kernels.idle_min, kernels.idle_max = self.idle_min, self.idle_max
@@ -147,6 +187,8 @@ class GatewayApp(Application):
         return web.Application(
             routes(),
             gpupool=state,
+            metrics_token=self.metrics_token,
+            log_function=log_request,  # tokens in URIs redacted
             websocket_max_message_size=self.max_message_mb << 20,
             websocket_ping_interval=30,
         )
@@ -156,26 +198,31 @@ class GatewayApp(Application):
             level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s"
         )
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        redact_all_logs()
+        # The port first: a gateway that cannot listen must not take over the state folder.
+        sockets = bind_sockets(self.port, self.ip)
         state = self.make_state()
         tls = None
         if self.certfile:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.certfile, self.keyfile or None)
         server = HTTPServer(self.make_app(state), max_body_size=1 << 20, ssl_options=tls)
-        sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(
-            self.port, self.ip
-        )
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         url = f"{'https' if tls else 'http'}://{self.ip}:{port}"
         state.kernels.public_url = self.public_url.rstrip("/") or url
         state.start_watch()
         info = Path(self.state_dir) / "gateway.json"
-        info.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        private_file(info).write_text(json.dumps({"url": url, "pid": os.getpid()}))
         return server, url, state
 
     async def run(self) -> None:
-        server, url, _state = await self.serve()
+        try:
+            server, url, _state = await self.serve()
+        except OSError as error:
+            raise SystemExit(
+                f"gpupool gateway: {listen_error(self.ip, self.port, error)}"
+            ) from None
         print(f"gateway: {url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

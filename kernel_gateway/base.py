@@ -1,18 +1,54 @@
-"""What every gateway handler shares: JSON errors, body limits, and identity from the token."""
+"""What every gateway handler shares: who may call it, checked before any of the body is read;
+the body bounded in size and JSON depth before it is parsed; and JSON errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from tornado import httputil, web
+from tornado.http1connection import HTTP1Connection
 
 from .errors import ApiError
+from .log_redaction import request_summary
 from .state import GatewayState
 from .store import Tenant
+from .tokens import same
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_HOST_REPORT_BYTES = 1 << 20  # a busy host's heartbeat lists every kernel it runs
+MAX_JSON_DEPTH = 32  # deeper nesting than any request of ours, far from Python's recursion limit
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply `raw`'s arrays and objects nest, counted without parsing it."""
+    depth = most = 0
+    for c in JSON_STRING.sub(b"", raw).translate(None, NOT_BRACKETS):
+        depth += 1 if c in b"[{" else -1
+        most = max(most, depth)
+    return most
+
+
+def read_json_object(raw: bytes, limit: int) -> dict[str, Any]:
+    """A request body as a JSON object, refused (413, 400) before parsing when too big or deep."""
+    if len(raw) > limit:
+        raise ApiError(413, f"the request body is over {limit} bytes; send less.")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(
+            400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep; "
+            "no request of this API needs that.",
+        )  # fmt: skip
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    return data
 
 
 def token_of(handler: web.RequestHandler) -> str:
@@ -51,7 +87,21 @@ def tenant_of(state: GatewayState, token: str, address: str) -> Tenant:
     return tenant
 
 
+def allowed_methods(handler: type[web.RequestHandler]) -> list[str]:
+    """The methods a handler class answers, as a 405's Allow header lists them."""
+    return [
+        m for m in handler.SUPPORTED_METHODS
+        if getattr(handler, m.lower(), None) is not web.RequestHandler._unimplemented_method
+    ]  # fmt: skip
+
+
+@web.stream_request_body  # so that prepare() runs before any of the body is read
 class GatewayHandler(web.RequestHandler):
+    # Who may call the route: tenant, admin, metrics (the scrape token or admin), join (a host
+    # registering), host (its own heartbeat) or anyone. Checked in prepare(), before the body.
+    who = "tenant"
+    max_body = MAX_BODY_BYTES
+    caller: Tenant | None = None
     in_flight_for: int | None = None  # the tenant this request counts against while answered
 
     @property
@@ -63,10 +113,51 @@ class GatewayHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
 
+    def prepare(self) -> None:
+        self.authenticate()
+        self._chunks: list[bytes] = []
+        self._received = 0
+        length = self.request.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            raise ApiError(413, f"the request body is over {self.max_body} bytes; send less.")
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            connection.set_max_body_size(self.max_body)  # chunked bodies too
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received <= self.max_body:
+            self._chunks.append(chunk)
+
+    def authenticate(self) -> None:
+        if self.who == "tenant":
+            self.caller = self.tenant()
+        elif self.who == "admin":
+            self.require_admin()
+        elif self.who == "metrics":
+            token = self.given_token()
+            metrics_token = self.settings.get("metrics_token") or ""
+            if not (metrics_token and token and same(token, metrics_token)):
+                self.require_admin("this needs the gateway's metrics (scrape) or admin token.")
+        elif self.who == "join":
+            token, join = self.given_token(), self.state.join_token
+            if not token or not join or not same(token, join):
+                raise ApiError(401, "registering a host needs the cluster join token.")
+        elif self.who == "host":
+            view = self.state.pool.hosts.get(self.path_kwargs.get("host_id", ""))
+            token = self.given_token()
+            # (GatewayState.heartbeat checks it again, the same way.)
+            if view is None or view.lost or not token or not same(token, view.token):
+                raise ApiError(404, "this gateway does not know that host; register again.")
+        else:
+            assert self.who == "anyone", self.who
+
     def given_token(self) -> str:
         return token_of(self)
 
     def tenant(self) -> Tenant:
+        if self.caller is not None:
+            return self.caller
         tenant = tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
         if self.in_flight_for is None:  # counted once, until finished (429 past the cap)
             self.state.limits.begin_request(tenant)
@@ -78,25 +169,17 @@ class GatewayHandler(web.RequestHandler):
             self.state.limits.end_request(self.in_flight_for)
             self.in_flight_for = None
 
-    def require_admin(self) -> None:
+    def require_admin(self, message: str = "this needs the gateway's admin token.") -> None:
         token = self.given_token()
         if not self.state.is_admin(token):
-            message = "this needs the gateway's admin token."
             if not token:
                 raise ApiError(401, message)
             raise wrong_token(self.state, self.request.remote_ip or "", message)
 
     def body(self) -> dict[str, Any]:
-        raw = self.request.body or b"{}"
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes.")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON.") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object.")
-        return data
+        if self._received > self.max_body:
+            raise ApiError(413, f"the request body is over {self.max_body} bytes; send less.")
+        return read_json_object(b"".join(self._chunks), self.max_body)
 
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -110,6 +193,7 @@ class GatewayHandler(web.RequestHandler):
             if error.retry_after is not None:
                 self.set_header("Retry-After", str(max(1, round(error.retry_after))))
         elif isinstance(error, web.HTTPError) and status_code == 405:
+            self.set_header("Allow", ", ".join(allowed_methods(type(self))))
             message = (
                 f"{self.request.method} is not allowed on {self.request.path[:200]}; "
                 "see /api/openapi.json."
@@ -128,6 +212,9 @@ class GatewayHandler(web.RequestHandler):
         reason = reason or httputil.responses.get(status_code, "Error")
         self.set_status(status_code, reason)
         self.finish(json.dumps({"reason": reason, "message": message}))
+
+    def _request_summary(self) -> str:  # what tornado's own log lines show of the request
+        return request_summary(self)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ApiError):

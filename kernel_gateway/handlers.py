@@ -7,13 +7,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .base import GatewayHandler
+from .base import MAX_HOST_REPORT_BYTES, GatewayHandler
 from .errors import ApiError
+from .host_report import read_heartbeat, read_registration
 from .ledger import read_time, to_csv
 from .metrics import render_metrics
 from .openapi import OPENAPI
 from .shapes import CPU, Shape, shape_of_name
-from .tokens import same
 
 KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
 MAX_ENV_KEYS = 256
@@ -54,8 +54,10 @@ class KernelspecsHandler(GatewayHandler):
         queue = self.state.kernels.queue
         shapes = offered_shapes(types)
         specs = {}
+        cpu_hosts = len(pool.placeable())
         for shape in shapes:
             entry = types.get(shape.gpu_type or "", {})
+            per_gpu = round(entry.get("memory", 0) / 1024**3)
             waiting = sum(
                 1 for k in queue if self.state.kernels._row(k).gpu_type == shape.gpu_type
             ) if shape.gpu_count else 0  # fmt: skip
@@ -71,9 +73,12 @@ class KernelspecsHandler(GatewayHandler):
                         "gpupool": {
                             "gpu_type": shape.gpu_type,
                             "gpu_count": shape.gpu_count,
-                            "memory_gb": round(entry.get("memory", 0) / 1024**3),
+                            # GPU memory the kernel gets: all of its GPUs together.
+                            "memory_gb": per_gpu * shape.gpu_count,
+                            "memory_gb_per_gpu": per_gpu,
                             "usd_per_hour": shape.usd_per_hour,
-                            "free": entry.get("free", 0),
+                            # GPUs of that type free now; for CPU, hosts that can start one now.
+                            "free": entry.get("free", 0) if shape.gpu_count else cpu_hosts,
                             "queue": waiting,
                         }
                     },
@@ -157,32 +162,36 @@ class GpusHandler(GatewayHandler):
 
 
 class RegisterHostHandler(GatewayHandler):
+    who = "join"
+    max_body = MAX_HOST_REPORT_BYTES
+
     def post(self) -> None:
-        token = self.given_token()
-        if not token or not self.state.join_token or not same(token, self.state.join_token):
-            raise ApiError(401, "registering a host needs the cluster join token.")
-        self.reply(self.state.register_host(self.body()))
+        self.reply(self.state.register_host(read_registration(self.body())))
 
 
 class HeartbeatHandler(GatewayHandler):
+    who = "host"
+    max_body = MAX_HOST_REPORT_BYTES
+
     def post(self, host_id: str) -> None:
-        self.state.heartbeat(host_id, self.given_token(), self.body())
+        self.state.heartbeat(host_id, self.given_token(), read_heartbeat(self.body()))
         self.reply({})
 
 
 class HostsHandler(GatewayHandler):
+    who = "admin"
+
     def get(self) -> None:
-        self.require_admin()
         self.reply(self.state.hosts())
 
 
 class TenantsHandler(GatewayHandler):
+    who = "admin"
+
     def get(self) -> None:
-        self.require_admin()
         self.reply(self.state.tenants())
 
     def post(self) -> None:
-        self.require_admin()
         body = self.body()
         name = body.get("name")
         if not isinstance(name, str):
@@ -195,21 +204,22 @@ class TenantsHandler(GatewayHandler):
 
 
 class TenantHandler(GatewayHandler):
+    who = "admin"
+
     def patch(self, name: str) -> None:
-        self.require_admin()
         self.reply(self.state.update_tenant(name, self.body()))
 
     async def delete(self, name: str) -> None:
         """Revoke: tokens, open websockets, kernels and their billing all end (state.py)."""
-        self.require_admin()
         await self.state.end_tenant(name)
         self.set_status(204)
         self.finish()
 
 
 class TokensHandler(GatewayHandler):
+    who = "admin"
+
     def post(self) -> None:
-        self.require_admin()
         tenant = self.body().get("tenant")
         if not isinstance(tenant, str):
             raise ApiError(400, 'send {"tenant": NAME} to make a new token for that tenant.')
@@ -257,12 +267,16 @@ class UsageHandler(GatewayHandler):
 
 
 class MetricsHandler(GatewayHandler):
+    who = "metrics"
+
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(render_metrics(self.state))
 
 
 class OpenApiHandler(GatewayHandler):
+    who = "anyone"
+
     def get(self) -> None:
         self.reply(OPENAPI)
 

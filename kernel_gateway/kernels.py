@@ -27,6 +27,7 @@ from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
 MAX_GPUS_PER_KERNEL = 8
+UNREACHABLE = "could not be reached"  # in a kernel's reason: its host did not answer a start
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
 STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
@@ -220,6 +221,11 @@ class GatewayKernels:
                 pass  # it goes on starting; the client sees "starting" and may connect already
             kernel = self._row(kernel.id)
         if kernel.state == "dead":
+            if UNREACHABLE in kernel.reason:  # the host's fault, not the request's: try later
+                raise ApiError(
+                    503, f"the kernel could not start: {kernel.reason}. Nothing was billed; ask "
+                    "the pool's operator to check that host, then try again.", retry_after=30,
+                )  # fmt: skip
             raise ApiError(500, f"the kernel could not start: {kernel.reason}")
         return self.model(kernel)
 
@@ -346,7 +352,7 @@ class GatewayKernels:
             return
         except Exception as error:
             host.reserved.pop(kernel.id, None)
-            self._end(kernel.id, f"host {host.name} could not be reached: {error}")
+            self._end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
             return
         host.reserved.pop(kernel.id, None)
         if self._row(kernel.id).state != "starting":

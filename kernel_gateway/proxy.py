@@ -174,12 +174,13 @@ class ChannelsHandler(WebSocketHandler):
             except WebSocketClosedError:
                 break
         self.upstream = None
-        if upstream.close_code == 1009:
-            self.close(1009, f"a kernel message was over {limit >> 20} MiB, the gateway's limit")
-            return False
-        if upstream.close_code == 1007:  # the host could not read what this client sent
-            reason = upstream.close_reason or "a message was malformed"
-            self.close(1007, reason.encode()[:123].decode(errors="ignore"))  # a close's limit
+        # The host refused what this client sent (1007: malformed, 1009: over the host's size
+        # limit, 1013: at its connection cap): its own words, which name the limit.
+        default = {1007: "a message was malformed", 1009: "a message was over the host's size "
+                   "limit", 1013: "the host has too many connections; try again later"}  # fmt: skip
+        if upstream.close_code in default:
+            reason = upstream.close_reason or default[upstream.close_code]
+            self.close(upstream.close_code, reason.encode()[:123].decode(errors="ignore"))
             return False
         if self.ws_connection is None:
             return False

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import host_report
 from .auth_limit import FailedAuth
 from .budgets import read_budget
 from .errors import ApiError
@@ -20,7 +21,7 @@ from .kernels import GatewayKernels
 from .pool import HostView, Pool
 from .store import Host, Kernel, Tenant, Token
 from .tenant_limits import TenantLimits
-from .tokens import digest, new_token, same
+from .tokens import digest, host_token, new_token, same
 
 log = logging.getLogger(__name__)
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -38,12 +39,14 @@ class GatewayState:
         join_token: str,
         host_timeout: float,
         serving: bool = True,
+        host_key: str = "",
     ) -> None:
         """`serving`: this process is the gateway, so it takes over the state left by the last
         one (queue, ledger repair); `gpupool tenant` only edits tenants, beside a live one."""
         self.db = db
         self.admin_token = admin_token
         self.join_token = join_token
+        self.host_key = host_key  # hosts' tokens are derived from it (tokens.host_token)
         self.host_timeout = host_timeout
         self.failed_auth = FailedAuth(per_minute=100)  # the app sets it from its option
         self.limits = TenantLimits()  # the app sets its caps from its options
@@ -58,9 +61,21 @@ class GatewayState:
     def _load(self) -> None:
         """After a restart: hosts and their running kernels, as they were."""
         with self.db() as s:
+            # A database of an older gpupool kept hosts' tokens themselves: only digests stay,
+            # and each such host, refused at its next heartbeat, registers again for a new one.
+            for host in s.scalars(select(Host).where(Host.token_salt.is_(None))).all():
+                host.token, host.token_salt = digest(host.token), ""
             for host in s.scalars(select(Host).where(Host.lost.is_(False))).all():
-                view = HostView(host.id, host.name, host.url, host.token, last_seen=time.time())
-                view.update(host.gpus)
+                try:  # a row saved before reports were checked must not stop the gateway
+                    gpus = host_report.gpus(host.gpus)
+                except ApiError as error:
+                    log.warning("host %s in the database is skipped until it registers again: "
+                                "%s", host.name, error.message)  # fmt: skip
+                    continue
+                view = HostView(
+                    host.id, host.name, host.url, self._host_token(host), last_seen=time.time()
+                )
+                view.update(gpus)
                 self.pool.hosts[host.id] = view
             self.unheard.update(self.pool.hosts)  # not heard from since this restart
             for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
@@ -235,6 +250,20 @@ class GatewayState:
 
     # -- hosts -----------------------------------------------------------------------------
 
+    def _host_token(self, host: Host) -> str:
+        """The token to present to `host`, derived again from the host key; "" where it cannot
+        be (no salt: converted from an older database; or another host key)."""
+        if not host.token_salt or not self.host_key:
+            return ""
+        token = host_token(self.host_key, host.token_salt)
+        return token if same(digest(token), host.token) else ""
+
+    def shared_hosts(self) -> list[str]:
+        """The names of the hosts (not lost) that run every tenant's kernels as one user."""
+        with self.db() as s:
+            hosts = s.scalars(select(Host).where(Host.lost.is_(False))).all()
+        return [h.name for h in hosts if h.isolates is not True]
+
     def register_host(self, body: dict[str, Any]) -> dict[str, str]:
         url, gpus = body.get("url"), body.get("gpus")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -242,14 +271,20 @@ class GatewayState:
         if not isinstance(gpus, list):
             raise ApiError(400, "a host registers with its list of gpus.")
         name = str(body.get("name") or url)[:255]
-        token = new_token()
+        isolates = body.get("isolates") if isinstance(body.get("isolates"), bool) else None
+        if not self.host_key:
+            raise ApiError(503, "this gateway has no host key to make host tokens with.")
+        salt = new_token()
+        token = host_token(self.host_key, salt)
         with self.db() as s:
             # The same agent coming back (same URL) keeps its id, so its kernels re-attach.
             host = s.scalars(select(Host).where(Host.url == url)).first()
             if host is None:
-                host = Host(id=str(uuid.uuid4()), name=name, url=url, token=token, gpus=gpus)
+                host = Host(id=str(uuid.uuid4()), name=name, url=url, token="", gpus=gpus)
                 s.add(host)
-            host.token, host.gpus, host.lost, host.last_seen = token, gpus, False, time.time()
+            host.token, host.token_salt = digest(token), salt
+            host.gpus, host.lost, host.last_seen = gpus, False, time.time()
+            host.isolates = isolates
             s.commit()
             host_id = host.id
         # The same view object is kept when a host comes back: starts in flight (`reserved`, and

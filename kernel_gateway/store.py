@@ -58,8 +58,12 @@ class Host(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     url: Mapped[str] = mapped_column(String(1024))
-    # The gateway must present this token to the host, so it is kept, not just its digest.
+    # The sha256 digest of the host's token; the token itself is derived again from the
+    # gateway's host key and `token_salt` (tokens.host_token), never stored.
     token: Mapped[str] = mapped_column(String(128))
+    token_salt: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Whether the host runs each tenant's kernels as its own Unix user (None: it did not say).
+    isolates: Mapped[bool | None] = mapped_column(nullable=True)
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     lost: Mapped[bool] = mapped_column(default=False)
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

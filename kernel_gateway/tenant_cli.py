@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--max-gpus", type=int, default=None)
     create.add_argument("--max-kernels", type=int, default=None)
     create.add_argument(
+        "--allow-shared-host", action="store_true",
+        help="create it even though a host runs every tenant's kernels as one Unix user, where "
+        "tenants can read each other's files and kernels",
+    )  # fmt: skip
+    create.add_argument(
         "--budget-usd", type=float, default=None, help="US dollars of GPU time per calendar month"
     )
     budget = sub.add_parser(
@@ -60,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         if args.action == "create":
+            shared = state.shared_hosts()
+            if shared and state.tenants() and not args.allow_shared_host:
+                sys.exit(
+                    f"gpupool tenant: host {shared[0]} runs every tenant's kernels as one Unix "
+                    "user, so a second tenant could read the first one's files and kernels; run "
+                    "that host as root to isolate tenants, or pass --allow-shared-host to accept "
+                    "this."
+                )
             tenant, secret = state.create_tenant(
                 args.name, args.max_gpus, args.max_kernels, budget_usd=args.budget_usd
             )

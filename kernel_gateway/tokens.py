@@ -19,3 +19,9 @@ def digest(token: str) -> str:
 
 def same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def host_token(key: str, salt: str) -> str:
+    """A host's token, derived from the gateway's host key and the host's salt: the database
+    keeps the salt and the token's digest, so reading it gives nothing to present to a host."""
+    return hmac.new(key.encode(), salt.encode(), hashlib.sha256).hexdigest()

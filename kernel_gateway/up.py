@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .app import GatewayApp
+from sqlalchemy import select
+
+from .app import GatewayApp, listen_error
 from .errors import ApiError
+from .private_files import private_log
+from .state import GatewayState
+from .store import Kernel, Tenant
 
 DEMO_TENANT = "demo"
+ISOLATED_HOMES = Path("/var/lib/gpupool")
 
 
 async def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
@@ -29,7 +37,7 @@ async def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -
             raise SystemExit(f"gpupool up: a part stopped before saying {prefix!r}; see above.")
         if line.startswith(prefix + ": "):
             return line.split(": ", 1)[1].strip()
-        if line.startswith("gpus: "):
+        if line.startswith(("gpus: ", "isolation: ", "kernel python: ")):
             print(line.strip(), flush=True)
     raise SystemExit(f"gpupool up: no {prefix!r} line within {timeout:.0f} s.")
 
@@ -37,22 +45,56 @@ async def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -
 def _drain(proc: subprocess.Popen[str], log_path: Path) -> None:
     """Keep a child's output in its log file (so its errors can be read) and its pipe empty."""
     assert proc.stdout is not None
-    with open(log_path, "a") as log:
+    with os.fdopen(private_log(log_path), "a") as log:
         for line in proc.stdout:
             log.write(line)
             log.flush()
 
 
+def host_state_dir(state_dir: Path) -> Path:
+    """Where the local host keeps its tenants' working folders. As root (isolating), tenants'
+    users must be able to pass through every folder above theirs, which the private state
+    folder forbids: then a folder of /var/lib/gpupool, one per state folder, is used."""
+    if os.geteuid() != 0:
+        return state_dir / "host"
+    name = "up-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    folder = ISOLATED_HOMES / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (ISOLATED_HOMES, folder):
+        path.chmod(0o711)  # tenants pass through to their own folder, and list nothing
+    return folder
+
+
+async def delete_kernels(state: GatewayState) -> None:
+    """Shut down, through the gateway, every kernel not ended yet (suspended ones too, with
+    their checkpoints), while the host still answers."""
+    with state.db() as s:
+        rows = s.scalars(select(Kernel).where(Kernel.state.not_in(["deleted", "dead"]))).all()
+        tenants = {t.id: t for t in s.scalars(select(Tenant)).all()}
+    done = await asyncio.gather(
+        *(state.kernels.delete(tenants[k.tenant_id], k.id) for k in rows), return_exceptions=True
+    )
+    for kernel, error in zip(rows, done, strict=True):
+        if isinstance(error, BaseException):
+            print(f"gpupool up: could not shut down kernel {kernel.id}: {error}", flush=True)
+
+
 async def run(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir).resolve()
+    made_state = not state_dir.exists()
     gateway = GatewayApp(ip="127.0.0.1", port=args.port, state_dir=str(state_dir))
-    server, url, state = await gateway.serve()
-    children: list[subprocess.Popen[str]] = []
+    try:
+        server, url, state = await gateway.serve()
+    except OSError as error:
+        if made_state:  # nothing of a start that did not happen is left behind
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise SystemExit(f"gpupool up: {listen_error('127.0.0.1', args.port, error)}") from None
+    host: subprocess.Popen[str] | None = None
+    lab: subprocess.Popen[str] | None = None
     try:
         host_args = [
             sys.executable, "-m", "gpu_host", "--port", str(args.host_port), "--gateway", url,
-            "--join-token", gateway.join_token, "--no-isolate", "--heartbeat-seconds", "2",
-            "--state-dir", str(state_dir / "host"),
+            "--heartbeat-seconds", "2", "--state-dir", str(host_state_dir(state_dir)),
         ]  # fmt: skip
         host_args += (
             ["--fake-gpus", args.fake_gpus]
@@ -60,10 +102,17 @@ async def run(args: argparse.Namespace) -> None:
             else ["--fallback-fake-gpus", "H100:2"]
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+        # Secrets go in the environment, which only their process's user may read, never on a
+        # command line, which every user can (/proc/PID/cmdline). The host's own token is
+        # unused here: set, it is not printed (so not in host.log).
+        host_env = {**env, "GPUPOOL_JOIN_TOKEN": gateway.join_token,
+                    "GPUPOOL_HOST_TOKEN": secrets.token_hex(32)}  # fmt: skip
+        # Each child in its own session: a terminal's Ctrl-C reaches this process alone, which
+        # then stops them in order (Lab, the gateway's kernels, the host).
         host = subprocess.Popen(host_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)  # fmt: skip
-        children.append(host)
-        await _read_line(host, "host", 60)
+                                text=True, env=host_env, start_new_session=True,
+                                umask=0o077)  # fmt: skip
+        await _read_line(host, "host", 180)
         asyncio.get_running_loop().run_in_executor(None, _drain, host, state_dir / "host.log")
         deadline = time.monotonic() + 30
         while not state.pool.live() and time.monotonic() < deadline:
@@ -74,14 +123,14 @@ async def run(args: argparse.Namespace) -> None:
             token = state.new_token_for(DEMO_TENANT)
         if not args.no_lab:
             lab_token = secrets.token_urlsafe(24)
+            lab_env = {**env, "JUPYTER_TOKEN": lab_token, "JUPYTER_GATEWAY_AUTH_TOKEN": token}
             lab = subprocess.Popen(
                 [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={args.lab_port}",
-                 "--ip=127.0.0.1", f"--IdentityProvider.token={lab_token}", f"--gateway-url={url}",
-                 f"--GatewayClient.auth_token={token}", "--GatewayClient.request_timeout=120",
+                 "--ip=127.0.0.1", f"--gateway-url={url}", "--GatewayClient.request_timeout=120",
                  f"--ServerApp.root_dir={Path.cwd()}", "--allow-root"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=lab_env,
+                start_new_session=True,
             )  # fmt: skip
-            children.append(lab)
             lab_url = f"http://127.0.0.1:{args.lab_port}/lab?token={lab_token}"
             await _wait_http(f"http://127.0.0.1:{args.lab_port}/api/status?token={lab_token}", lab)
             asyncio.get_running_loop().run_in_executor(None, _drain, lab, state_dir / "lab.log")
@@ -92,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        children = [p for p in (host, lab) if p is not None]
         while not stop.is_set():
             if any(p.poll() is not None for p in children):
                 print("gpupool up: a part stopped unexpectedly; stopping the rest.", flush=True)
@@ -101,16 +151,25 @@ async def run(args: argparse.Namespace) -> None:
             except asyncio.TimeoutError:
                 pass
     finally:
-        for proc in reversed(children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(children):
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        server.stop()
+        # Lab first (it shuts its kernels down through the gateway), then the gateway's own
+        # kernels and checkpoints, while the host still answers; the host last.
+        await _stop(lab)
+        server.stop()  # no new requests; the kernels' own calls to the host go on
+        if host is not None and host.poll() is None:
+            await delete_kernels(state)
+        await _stop(host)
         print("gpupool up: stopped", flush=True)
+
+
+async def _stop(proc: subprocess.Popen[str] | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 90) -> None:

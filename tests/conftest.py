@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kernel_gateway.up import host_state_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,3 +262,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gateway = start_stack(tmp_path_factory.mktemp("stack"))
     yield gateway
     gateway.stop()
+    # As root, `gpupool up` keeps its host's tenant folders outside the state folder.
+    shutil.rmtree(host_state_dir(gateway.state_dir.resolve()), ignore_errors=True)

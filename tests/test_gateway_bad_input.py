@@ -326,7 +326,6 @@ def test_too_many_wrong_tokens_from_one_address_get_429(tmp_path):
         # Hosts are never counted or blocked.
         host = gateway.call("POST", "/api/hosts/register", {}, token="wrong-join")
         check_error(host, 401, "join token")
-        assert gateway.call("GET", "/metrics", token="").status == 200
     finally:
         gateway.stop()
 

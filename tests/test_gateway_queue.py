@@ -67,7 +67,7 @@ def model(gw: Gateway, kernel_id: str) -> dict[str, Any]:
 
 
 def metric(gw: Gateway, name: str) -> float:
-    text = gw.call("GET", "/metrics").body
+    text = gw.call("GET", "/metrics", token=gw.admin_token).body
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert match, f"{name} not in /metrics:\n{text}"
     return float(match[1])

@@ -567,3 +567,24 @@ def test_missing_cloudpickle_is_explained() -> None:
         companion.check_versions()
     companion.remote = agent.versions()
     companion.check_versions()
+
+
+def test_a_shape_the_pool_lacks_keeps_the_companion(stack: Gateway, tmp_path: Path) -> None:
+    """`%%gpu -t A100` on a pool without A100 says so before anything else: the H100 companion
+    and the variables that live only there stay."""
+    cells = [
+        "%load_ext jupyter_ext",
+        "%%gpu --no-pull\nonly_there = 41",
+        "%%gpu -t A100\nprint('never runs')",
+        "%%gpu --no-pull\nprint('still there:', only_there + 1)",
+        "%gpu release",
+    ]
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    done = execute(nb, stack, tmp_path).cells
+    refused = text_of(done[2])
+    assert error_of(done[2]) is not None and error_of(done[2]).ename == "GatewayError", refused
+    assert "python3-gpu-a100-x1" in refused and "the pool offers" in refused, refused
+    assert "kernel is kept" in refused and "variables are lost" not in refused, refused
+    assert "still there: 42" in text_of(done[3]), text_of(done[3])
+    no_kernels_left(stack)

@@ -10,6 +10,8 @@ from pathlib import Path
 from conftest import start_gateway, start_host
 from kernel_ws import KernelSocket, run_code
 
+from kernel_gateway.up import host_state_dir
+
 IDLE = {"KERNEL_IDLE_TIMEOUT": "3"}
 
 
@@ -36,7 +38,8 @@ async def run(sock: KernelSocket, code: str) -> tuple[str, str]:
 
 
 def checkpoint_files(stack) -> set[Path]:
-    return set(stack.state_dir.rglob("checkpoints/*.pkl"))
+    # Where `gpupool up` keeps its host's tenant folders (outside the state folder as root).
+    return set(host_state_dir(stack.state_dir.resolve()).rglob("checkpoints/*.pkl"))
 
 
 def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):

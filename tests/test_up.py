@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import HostAgent, Reply, _read_lines, free_port
 from kernel_ws import run_code
+
+from kernel_gateway.store import Kernel, open_store
+from kernel_gateway.up import host_state_dir
 
 
 def process_table() -> dict[int, tuple[int, str]]:
@@ -150,3 +155,85 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def start_up(folder: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    """`gpupool up --no-lab` in `folder`, in its own process group (as from a terminal)."""
+    log_path = folder / f"up-{time.monotonic_ns()}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab", "--fake-gpus", "H100:2",
+         *extra],
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        env=env, cwd=folder, start_new_session=True,
+    )  # fmt: skip
+    return proc, log_path
+
+
+def test_up_on_a_busy_port_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, log_path = start_up(tmp_path, "--port", str(port))
+        assert proc.wait(60) != 0
+    out = log_path.read_text()
+    assert "Traceback" not in out and f"port {port} of 127.0.0.1 is already in use" in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / ".gpupool").exists()
+
+
+def test_up_with_host_port_0_registers_the_port_it_got(tmp_path: Path) -> None:
+    proc, log_path = start_up(tmp_path, "--port", str(free_port()), "--host-port", "0")
+    try:
+        lines = _read_lines(proc, log_path, ("gateway", "token"))
+        gateway = Client(lines["gateway"], lines["token"])
+        admin = (tmp_path / ".gpupool" / "admin-token").read_text().strip()
+        [host] = Client(lines["gateway"], admin).call("GET", "/api/hosts").body
+        assert not host["url"].endswith(":0"), host
+        reply = gateway.call("POST", "/api/kernels", {"name": "python3-gpu-h100-x1"})
+        assert reply.status == 201, reply.body
+        out = asyncio.run(run_code(gateway.url, gateway.token, reply.body["id"], "print(6 * 7)"))
+        assert out.strip() == "42"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        shutil.rmtree(host_state_dir((tmp_path / ".gpupool").resolve()), ignore_errors=True)
+
+
+def test_ctrl_c_shuts_kernels_down_through_the_gateway_before_the_host(tmp_path: Path) -> None:
+    """The gateway deletes every kernel, a suspended one's checkpoint included, while the host
+    still answers; only then does the host stop."""
+    proc, log_path = start_up(tmp_path, "--port", str(free_port()))
+    state = (tmp_path / ".gpupool").resolve()
+    try:
+        lines = _read_lines(proc, log_path, ("gateway", "token"))
+        gateway = Client(lines["gateway"], lines["token"])
+        ids = []
+        for env in ({"KERNEL_IDLE_TIMEOUT": "1"}, {}):
+            reply = gateway.call(
+                "POST", "/api/kernels", {"name": "python3-gpu-h100-x1", "env": env}
+            )
+            assert reply.status == 201, reply.body
+            ids.append(reply.body["id"])
+            asyncio.run(run_code(gateway.url, gateway.token, ids[-1], "kept = list(range(10))"))
+        deadline = time.monotonic() + 60
+        while gateway.call("GET", f"/api/kernels/{ids[0]}").body["gpupool"]["state"] != "suspended":
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        with open_store(str(state / "gateway.db"))() as s:
+            checkpoint = Path(s.get(Kernel, ids[0]).checkpoint["path"])
+        assert checkpoint.exists()
+
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+        out = log_path.read_text() + (state / "host.log").read_text()
+        assert "unreachable while deleting" not in out, out[-3000:]
+        assert not checkpoint.exists(), out[-3000:]
+        with open_store(str(state / "gateway.db"))() as s:
+            assert {s.get(Kernel, k).state for k in ids} == {"deleted"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(host_state_dir(state), ignore_errors=True)

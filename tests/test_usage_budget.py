@@ -128,7 +128,7 @@ def test_usage_lists_intervals_with_totals_per_gpu_type(pool: tuple[Gateway, Hos
         delete(gw, token, cpu)
 
     # The counter of GPU-seconds billed, per type, and the open ones' gauge.
-    text = gw.call("GET", "/metrics").body
+    text = gw.call("GET", "/metrics", token=gw.admin_token).body
     billed = re.search(r'^gpupool_gpu_seconds_billed_total\{gpu_type="H100"\} (\S+)$', text, re.M)
     assert billed and float(billed[1]) > 0.5, text
     assert re.search(r'^gpupool_gpu_seconds_billed_total\{gpu_type="A10G"\} ', text, re.M)
@@ -244,7 +244,9 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
 ) -> None:
     gw, _ = pool
     state = str(gw.state_dir)
-    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", state)
+    # The pool's host runs with --no-isolate: a further tenant there must be accepted as shared.
+    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", state,
+                   "--allow-shared-host")  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().splitlines()[-1]
     kernel_id = create(gw, token, H100_X1)
