@@ -23,6 +23,7 @@ from .log_redaction import log_request, redact_all_logs
 from .private_files import private_file, private_folder
 from .state import GatewayState
 from .store import open_store
+from .tenant_limits import DEFAULT_REQUESTS, DEFAULT_WEBSOCKETS
 from .tokens import new_token
 
 
@@ -63,6 +64,8 @@ class GatewayApp(Application):
         "keyfile": "GatewayApp.keyfile",
         "public-url": "GatewayApp.public_url",
         "auth-failures-per-minute": "GatewayApp.auth_failures_per_minute",
+        "max-tenant-websockets": "GatewayApp.max_tenant_websockets",
+        "max-tenant-requests": "GatewayApp.max_tenant_requests",
         "metrics-token-file": "GatewayApp.metrics_token_file",
     }
 
@@ -116,6 +119,14 @@ class GatewayApp(Application):
         "minute; past that its wrong tokens get 429 (right ones are served); 0: no limit.",
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
+    max_tenant_websockets = Int(
+        DEFAULT_WEBSOCKETS, help="Kernel websockets one tenant may hold open at once; past that "
+        "a new one is closed with 1013 and a sentence saying so; 0: no limit.",
+    ).tag(config=True)  # fmt: skip
+    max_tenant_requests = Int(
+        DEFAULT_REQUESTS, help="HTTP requests of one tenant the gateway answers at once; past "
+        "that it answers 429 with Retry-After; 0: no limit.",
+    ).tag(config=True)  # fmt: skip
 
     metrics_token = Unicode(
         help="Token Prometheus scrapes /metrics with (the admin token works too). Default: "
@@ -164,6 +175,12 @@ class GatewayApp(Application):
                 "limit) to 1000000."
             )
         state.failed_auth.per_minute = self.auth_failures_per_minute
+        for flag, cap in (("--max-tenant-websockets", self.max_tenant_websockets),
+                          ("--max-tenant-requests", self.max_tenant_requests)):  # fmt: skip
+            if not 0 <= cap <= 1_000_000:
+                raise SystemExit(f"{flag} is {cap}; use 0 (no limit) to 1000000.")
+        state.limits.websockets = self.max_tenant_websockets
+        state.limits.requests = self.max_tenant_requests
         return state
 
     def make_app(self, state: GatewayState) -> web.Application:

@@ -102,6 +102,7 @@ class GatewayHandler(web.RequestHandler):
     who = "tenant"
     max_body = MAX_BODY_BYTES
     caller: Tenant | None = None
+    in_flight_for: int | None = None  # the tenant this request counts against while answered
 
     @property
     def state(self) -> GatewayState:
@@ -157,7 +158,16 @@ class GatewayHandler(web.RequestHandler):
     def tenant(self) -> Tenant:
         if self.caller is not None:
             return self.caller
-        return tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
+        tenant = tenant_of(self.state, self.given_token(), self.request.remote_ip or "")
+        if self.in_flight_for is None:  # counted once, until finished (429 past the cap)
+            self.state.limits.begin_request(tenant)
+            self.in_flight_for = tenant.id
+        return tenant
+
+    def on_finish(self) -> None:
+        if self.in_flight_for is not None:
+            self.state.limits.end_request(self.in_flight_for)
+            self.in_flight_for = None
 
     def require_admin(self, message: str = "this needs the gateway's admin token.") -> None:
         token = self.given_token()

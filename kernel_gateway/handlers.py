@@ -209,8 +209,9 @@ class TenantHandler(GatewayHandler):
     def patch(self, name: str) -> None:
         self.reply(self.state.update_tenant(name, self.body()))
 
-    def delete(self, name: str) -> None:
-        self.state.revoke_tenant(name)
+    async def delete(self, name: str) -> None:
+        """Revoke: tokens, open websockets, kernels and their billing all end (state.py)."""
+        await self.state.end_tenant(name)
         self.set_status(204)
         self.finish()
 

@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .budgets import Budgets
 from .errors import ApiError
-from .ledger import BUDGET, CULLED, DIED, HOST_LOST, SHUT_DOWN, SUSPENDED, Ledger, iso
+from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger, iso
 from .metrics import START_SECONDS
 from .pool import HostView, Pool
 from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_GPUS_PER_KERNEL = 8
 UNREACHABLE = "could not be reached"  # in a kernel's reason: its host did not answer a start
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
+STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -41,7 +42,9 @@ class Live:
     last_client_message: float = 0.0  # only what a client sent, not the kernel's own output
     suspending_since: float | None = None  # while its namespace is saved for an idle suspend
     connections: int = 0
-    suspended: bool = False  # read on every client message, so kept here rather than in the row
+    # Read on every client message, so kept here as well as in the row (state "suspended"),
+    # from which `_live` derives it when the gateway first sees the kernel.
+    suspended: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
@@ -81,7 +84,9 @@ class GatewayKernels:
         self.live: dict[str, Live] = {}
         self.queue: list[str] = []
         self.missed: set[str] = set()  # running kernels missing from their host's last report
-        self.stopping: set[str] = set()  # host kernel ids of orphans being stopped
+        # Host kernel ids the gateway is stopping (shut down, culled, revoked, orphans): their
+        # end is the gateway's to record, not a heartbeat's or a relay's.
+        self.stopping: set[str] = set()
         # Its own client: tornado's shared one runs 10 requests at a time, so a burst of starts
         # would queue (and time out) behind each other, and deletes behind them.
         self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
@@ -98,9 +103,15 @@ class GatewayKernels:
     # -- reading ---------------------------------------------------------------------------
 
     def _live(self, kernel_id: str) -> Live:
-        if kernel_id not in self.live:
-            self.live[kernel_id] = Live()
-        return self.live[kernel_id]
+        live = self.live.get(kernel_id)
+        if live is None:
+            # First seen by this process, after a restart too: what the next client message
+            # needs (whether it resumes the kernel) comes from the row, not from a default.
+            with self.db() as s:
+                kernel = s.get(Kernel, kernel_id)
+            live = Live(suspended=kernel is not None and kernel.state == "suspended")
+            self.live[kernel_id] = live
+        return live
 
     def get(self, tenant: Tenant, kernel_id: str) -> Kernel:
         """The tenant's kernel, or 404 exactly as for an id that never existed."""
@@ -445,15 +456,19 @@ class GatewayKernels:
         asyncio.get_running_loop().create_task(self.dispatch())
 
     async def _stop_on_host(self, host: HostView, host_kernel_id: str) -> None:
+        self.stopping.add(host_kernel_id)
         try:
             await self.host_call(host, "DELETE", f"/api/kernels/{host_kernel_id}")
         except Exception as error:  # already gone (404), or the host went away: nothing to stop
             log.info("could not stop kernel %s on %s: %s", host_kernel_id, host.name, error)
+        finally:
+            self.stopping.discard(host_kernel_id)
 
     async def delete(self, tenant: Tenant, kernel_id: str) -> None:
         kernel = self.get(tenant, kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state == "running" and host is not None and kernel.host_kernel_id:
+            self.stopping.add(kernel.host_kernel_id)
             try:
                 await self.host_call(host, "DELETE", f"/api/kernels/{kernel.host_kernel_id}")
             except HTTPClientError as error:
@@ -465,9 +480,74 @@ class GatewayKernels:
                 log.warning(
                     "host %s unreachable while deleting %s: %s", host.name, kernel_id, error
                 )
+            finally:
+                self.stopping.discard(kernel.host_kernel_id)
         self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
         if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
             await self._discard_checkpoint(tenant.name, kernel)
+
+    async def end_tenant(self, tenant: Tenant, why: str) -> int:
+        """Shut down every kernel of the tenant's (its tenant was revoked): billing ends now,
+        their host kernels stop and their checkpoints go; how many there were."""
+        with self.db() as s:
+            rows = s.scalars(
+                select(Kernel).where(
+                    Kernel.tenant_id == tenant.id, Kernel.state.not_in(["deleted", "dead"])
+                )
+            ).all()
+        now = time.time()
+        running = [k for k in rows if k.state == "running" and k.host_kernel_id]
+        # Those waiting first, so that none starts meanwhile (one starting is stopped when its
+        # host answers); running ones once stopped, so their GPUs go to no one before that.
+        for kernel in rows:
+            if kernel not in running:
+                self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+        stops = []
+        for kernel in running:
+            host = self.pool.hosts.get(kernel.host_id or "")
+            if host is not None:
+                stops.append(self._stop_on_host(host, str(kernel.host_kernel_id)))
+        await asyncio.gather(*stops)
+        for kernel in running:
+            self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+        for kernel in rows:
+            if kernel.checkpoint:
+                await self._discard_checkpoint(tenant.name, kernel)
+        return len(rows)
+
+    async def check_on_host(self, kernel_id: str) -> Kernel:
+        """Ask the host about a running kernel whose connection just ended: one the host
+        reports dead, or no longer knows, is marked dead (billing ends) with the host's reason.
+        An unreachable host decides nothing here: missed heartbeats do (`host_lost`)."""
+        kernel = self._row(kernel_id)
+        host = self.pool.hosts.get(kernel.host_id or "")
+        if kernel.state != "running" or host is None or not kernel.host_kernel_id:
+            return kernel
+        if kernel.host_kernel_id in self.stopping:  # the gateway ends it: wait for its reason
+            try:
+                await asyncio.wait_for(self._live(kernel_id).changed.wait(), STOP_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            return self._row(kernel_id)
+        now = time.time()
+        try:
+            reported = await self.host_call(host, "GET", f"/api/kernels/{kernel.host_kernel_id}")
+        except HTTPClientError as error:
+            reported = {"execution_state": "dead", "reason": "the host no longer runs it"}
+            if error.code != 404:
+                return kernel
+        except Exception as error:
+            log.info("kernel %s: its host %s cannot be reached: %s", kernel_id, host.name, error)
+            return kernel
+        latest = self._row(kernel_id)
+        if reported.get("execution_state") != "dead" or latest.state != "running":
+            return latest
+        if latest.host_kernel_id != kernel.host_kernel_id:
+            return latest  # restarted elsewhere meanwhile
+        seen = latest.last_seen_alive or now
+        died = min(max(_stamp(reported.get("last_activity")) or now, seen), now)
+        self._end(kernel_id, f"on host {host.name}: {reported.get('reason')}", ended=died)
+        return self._row(kernel_id)
 
     async def _discard_checkpoint(self, tenant_name: str, kernel: Kernel) -> None:
         """Delete a checkpoint that no kernel will resume from."""
@@ -664,6 +744,8 @@ class GatewayKernels:
                 select(Kernel).where(Kernel.host_id == host.id, Kernel.state == "running")
             ).all()
         for kernel in ours:
+            if kernel.host_kernel_id in self.stopping:
+                continue  # being stopped by the gateway, which ends it with its own reason
             reported = by_host_id.get(kernel.host_kernel_id or "")
             if reported is None and kernel.id not in self.missed:
                 # A report composed just before the host started this kernel can arrive after

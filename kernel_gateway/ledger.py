@@ -42,7 +42,8 @@ BUDGET = "budget"  # its tenant reached the month's budget
 SUSPENDED = "suspended"  # idle: the namespace was saved and the GPUs given back
 CULLED = "culled"  # idle, with the `cull` action
 RECOVERED = "recovered"  # found open for a kernel that no longer held GPUs, after a restart
-END_REASONS = (SHUT_DOWN, DIED, HOST_LOST, BUDGET, SUSPENDED, CULLED, RECOVERED)
+REVOKED = "revoked"  # its tenant was revoked by the admin
+END_REASONS = (SHUT_DOWN, DIED, HOST_LOST, BUDGET, SUSPENDED, CULLED, RECOVERED, REVOKED)
 # States in which a kernel holds its GPUs (DESIGN.md: starting, running, resuming); an open
 # interval of a kernel in any other state after a restart is closed by `repair`.
 HOLDING_STATES = ("starting", "running", "resuming")

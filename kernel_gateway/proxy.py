@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
+from tornado import web
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import (
     WebSocketClientConnection,
@@ -21,12 +23,34 @@ from tornado.websocket import (
 from .base import tenant_of, token_of
 from .errors import ApiError
 from .state import GatewayState
+from .store import Tenant
 
 log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
 REPLACED = "another connection of the same session is in use"
+MAX_SESSION_ID = 256  # characters of ?session_id= (Lab sends a 36-character uuid)
+
+
+def close_reason(text: str) -> str:
+    """A websocket close reason: at most 123 bytes of UTF-8, cut on a character."""
+    return text.encode()[:123].decode(errors="ignore")
+
+
+def read_session_id(handler: web.RequestHandler) -> str:
+    """The client's ?session_id=, checked before the websocket opens; 400 when it is not text."""
+    rule = (
+        f"session_id must be at most {MAX_SESSION_ID} printable ASCII characters, such as a uuid."
+    )
+    try:
+        session = handler.get_query_argument("session_id", "") or ""
+    except web.HTTPError:  # not UTF-8 once decoded, such as %ff%fe
+        raise ApiError(400, rule + ".") from None
+    # ASCII: jupyter_client encodes the session as ASCII, and a host would fail with a 500.
+    if len(session) > MAX_SESSION_ID or not (session.isascii() and session.isprintable()):
+        raise ApiError(400, rule + ".")
+    return session
 
 
 class ChannelsHandler(WebSocketHandler):
@@ -39,6 +63,10 @@ class ChannelsHandler(WebSocketHandler):
     replaced = False
     older: ChannelsHandler | None = None  # the connection this one took its session from
     connecting: asyncio.Future[WebSocketClientConnection] | None = None  # to the host
+    watch: asyncio.Task[None] | None = None
+    counted: bool = False  # counted among its tenant's open websockets
+    tenant: Tenant
+    session_id: str = ""
 
     @property
     def state(self) -> GatewayState:
@@ -51,6 +79,7 @@ class ChannelsHandler(WebSocketHandler):
             kernel = self.state.kernels.get(tenant, kernel_id)
             if kernel.state == "dead":
                 raise ApiError(404, f"kernel {kernel_id} is dead: {kernel.reason}")
+            self.session_id = read_session_id(self)
         except ApiError as error:
             self.set_status(error.status)
             self.set_header("Content-Type", "application/json")
@@ -65,6 +94,7 @@ class ChannelsHandler(WebSocketHandler):
             self.finish(json.dumps({"reason": "Bad Request", "message": message}))
             return
         self.kernel_id = kernel_id
+        self.tenant = tenant
         self.pending: list[str | bytes] = []
         await super().get(kernel_id)
 
@@ -73,16 +103,33 @@ class ChannelsHandler(WebSocketHandler):
 
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
+        refusal = self.state.limits.open_socket(self.tenant, self)
+        if refusal is not None:
+            self.close(1013, close_reason(refusal))  # 1013: try again later
+            return
+        self.counted = True
         live = self.state.kernels._live(kernel_id)
         live.connections += 1
         self.owned = asyncio.Event()
-        session = self.get_query_argument("session_id", "")
-        self.session_key = (kernel_id, session) if session else None
+        self.session_key = (kernel_id, self.session_id) if self.session_id else None
         if self.session_key is None or self.session_key not in self.owners:
             self._own()
         else:
             self.waiting.setdefault(self.session_key, []).append(self)
         self.relay = asyncio.get_running_loop().create_task(self._relay())
+        self.watch = asyncio.get_running_loop().create_task(self._watch_end())
+
+    async def _watch_end(self) -> None:
+        """A kernel that ends (dies, shut down, revoked) while its host keeps this relay's
+        connection open: end the relay, which closes this websocket saying why."""
+        kernels = self.state.kernels
+        while self.ws_connection is not None:
+            changed = kernels._live(self.kernel_id).changed
+            if kernels._row(self.kernel_id).state in ("dead", "deleted"):
+                if self.upstream is not None:
+                    self.upstream.close()
+                return
+            await changed.wait()
 
     def _own(self) -> None:
         """Make this the session's connection to the host. A session id is the identity of the
@@ -146,16 +193,15 @@ class ChannelsHandler(WebSocketHandler):
         if self.replaced or self.ws_connection is None:
             return False
         if kernel.state != "running":
-            self.close(1011, f"the kernel ended: {kernel.reason}"[:120])
+            self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
             return False
         host = self.state.pool.hosts.get(kernel.host_id or "")
         if host is None:
             self.close(1011, "the kernel's host is not connected to the gateway; try again soon")
             return False
         url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel.host_kernel_id}/channels"
-        session = self.get_query_argument("session_id", "")
-        if session:
-            url += f"?session_id={session}"
+        if self.session_id:
+            url += f"?session_id={quote(self.session_id, safe='')}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
         self.connecting = connecting = asyncio.ensure_future(websocket_connect(
             HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
@@ -206,8 +252,15 @@ class ChannelsHandler(WebSocketHandler):
             return False
         if self.ws_connection is None:
             return False
-        if self.state.kernels._row(self.kernel_id).state in ("suspended", "queued", "starting"):
+        # Ended by the host: suspended, or died (the host says so, or no longer knows it).
+        kernel = await self.state.kernels.check_on_host(self.kernel_id)
+        if kernel.state in ("suspended", "queued", "starting"):
             return True
+        if self.ws_connection is None:
+            return False
+        if kernel.state != "running":
+            self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
+            return False
         self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")
         return False
 
@@ -243,12 +296,15 @@ class ChannelsHandler(WebSocketHandler):
                 other._give_up()
         elif key is not None:
             self._stop_waiting()
-        if getattr(self, "kernel_id", None):
+        if self.counted:
+            self.counted = False
+            self.state.limits.closed_socket(self.tenant.id, self)
             self.state.kernels._live(self.kernel_id).connections -= 1
         if self.upstream is not None:
             self.upstream.close()
-        if self.relay is not None and not self.relay.done():
-            self.relay.cancel()
+        for task in (self.relay, self.watch):
+            if task is not None and not task.done():
+                task.cancel()
 
     def check_origin(self, origin: str) -> bool:
         return True  # token auth, not cookies: a page on another origin cannot use it

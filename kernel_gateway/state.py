@@ -20,6 +20,7 @@ from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
 from .store import Host, Kernel, Tenant, Token
+from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 # After a restart, a host not yet heard from may be in its retry backoff (gpu_host's
 # --gateway-max-backoff, 30 s by default, +-20%): it is lost only after this much more.
 RESTART_GRACE_SECONDS = 40.0
+REVOKED_CLOSE = "this tenant was revoked by the gateway's admin; ask them for a new token."
 
 
 class GatewayState:
@@ -47,6 +49,7 @@ class GatewayState:
         self.host_key = host_key  # hosts' tokens are derived from it (tokens.host_token)
         self.host_timeout = host_timeout
         self.failed_auth = FailedAuth(per_minute=100)  # the app sets it from its option
+        self.limits = TenantLimits()  # the app sets its caps from its options
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self._watch: asyncio.Task[None] | None = None
@@ -208,15 +211,42 @@ class GatewayState:
             pass
         return next(t for t in self.tenants() if t["name"] == name)
 
-    def revoke_tenant(self, name: str) -> None:
+    def revoke_tenant(self, name: str) -> Tenant:
+        """Revoke the tenant and its tokens in the database; `end_tenant` does the rest."""
         with self.db() as s:
             tenant = s.scalars(select(Tenant).where(Tenant.name == name)).first()
             if tenant is None:
-                raise ApiError(404, f"no tenant named {name!r}.")
+                raise ApiError(404, f"no tenant named {name[:40]!r}.")
             tenant.revoked = True
             for token in s.scalars(select(Token).where(Token.tenant_id == tenant.id)).all():
                 token.revoked = True
             s.commit()
+        return tenant
+
+    async def end_tenant(self, name: str) -> dict[str, Any]:
+        """Revocation ends everything of the tenant's: its tokens stop working, its open kernel
+        websockets close, its kernels shut down and their billing ends."""
+        tenant = self.revoke_tenant(name)
+        sockets = list(self.limits.sockets.get(tenant.id, ()))
+        for socket in sockets:
+            socket.close(1008, REVOKED_CLOSE)  # 1008: policy violation
+        ended = await self.kernels.end_tenant(tenant, "shut down: its tenant was revoked")
+        log.warning("revoked tenant %s: closed %d websocket(s), shut down %d kernel(s)",
+                    tenant.name, len(sockets), ended)  # fmt: skip
+        return {"name": tenant.name, "websockets_closed": len(sockets), "kernels_shut_down": ended}
+
+    async def _end_revoked(self) -> None:
+        """At start: kernels of tenants revoked while no gateway ran (`gpupool tenant revoke`
+        beside a stopped gateway) are shut down, as a live gateway would have."""
+        with self.db() as s:
+            names = s.scalars(
+                select(Tenant.name)
+                .join(Kernel, Kernel.tenant_id == Tenant.id)
+                .where(Tenant.revoked.is_(True), Kernel.state.not_in(["deleted", "dead"]))
+                .distinct()
+            ).all()
+        for name in names:
+            await self.end_tenant(name)
 
     # -- hosts -----------------------------------------------------------------------------
 
@@ -305,6 +335,7 @@ class GatewayState:
         self._watch = loop.create_task(self._watch_hosts())
         self._idle = loop.create_task(IdleWatcher(self.kernels).run())
         self._budget_watch = loop.create_task(self._watch_budgets())
+        self._revoked = loop.create_task(self._end_revoked())
 
     async def _watch_budgets(self) -> None:
         """Stop the GPU billing of tenants that reach their budget while their kernels run."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import ApiError
 from .ledger import usd
@@ -38,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     budget.add_argument("name")
     budget.add_argument("usd", help="dollars per calendar month (UTC), or 'none' for no budget")
     sub.add_parser("list", parents=[common], help="list tenants and their token prefixes")
-    revoke = sub.add_parser("revoke", parents=[common], help="revoke a tenant and all its tokens")
+    revoke = sub.add_parser(
+        "revoke", parents=[common],
+        help="revoke a tenant: its tokens, open websockets and kernels (and their billing) end",
+    )  # fmt: skip
     revoke.add_argument("name")
     token = sub.add_parser(
         "token", parents=[common], help="make another token for a tenant; prints it once"
@@ -80,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"tenant {args.name} has {limit}; spent {usd(entry['spent_this_month_usd'])} "
                   f"in {entry['month']}")  # fmt: skip
         elif args.action == "revoke":
-            state.revoke_tenant(args.name)
+            state.revoke_tenant(args.name)  # its tokens stop working now, gateway or not
             print(f"revoked tenant {args.name} and all its tokens")
+            print(_end_at_gateway(Path(args.state_dir), args.name))
         else:
             for t in state.tenants():
                 tokens = ", ".join(k["prefix"] + "…" for k in t["tokens"] if not k["revoked"])
@@ -93,6 +102,32 @@ def main(argv: list[str] | None = None) -> None:
                       f"tokens: {tokens or 'none'}")  # fmt: skip
     except ApiError as error:
         sys.exit(f"gpupool tenant: {error.message}")
+
+
+def _end_at_gateway(state_dir: Path, name: str) -> str:
+    """Ask the gateway running on this state folder to close the tenant's websockets and shut
+    its kernels down (its admin route); a gateway that is not running does it at its start."""
+    later = "its kernels are shut down when the gateway next starts here"
+    try:
+        url = json.loads((state_dir / "gateway.json").read_text())["url"]
+        admin = os.environ.get("GPUPOOL_ADMIN_TOKEN") or (
+            (state_dir / "admin-token").read_text().strip()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no gateway has run in {state_dir}/ yet; {later}."
+    request = urllib.request.Request(
+        f"{url}/api/admin/tenants/{quote(name, safe='')}", method="DELETE",
+        headers={"Authorization": f"token {admin}"},
+    )  # fmt: skip
+    try:
+        urllib.request.urlopen(request, timeout=120).close()
+    except urllib.error.HTTPError as error:
+        return (f"the gateway at {url} answered {error.code} when asked to end the tenant's "
+                f"websockets and kernels; {later}, or run this again.")  # fmt: skip
+    except (OSError, ValueError) as error:  # not running, or its certificate is not trusted
+        return (f"could not reach the gateway at {url} ({error}); if it runs, send it DELETE "
+                f"/api/admin/tenants/{name} with the admin token; otherwise {later}.")  # fmt: skip
+    return f"the gateway at {url} closed its websockets and shut its kernels down."
 
 
 def _dollars(text: str) -> float | None:
