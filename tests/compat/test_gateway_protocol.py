@@ -116,7 +116,9 @@ def test_kernelspecs_list_format(stack):
     cpu = specs["python3"]["spec"]["metadata"]["gpupool"]
     assert cpu["gpu_type"] is None and cpu["gpu_count"] == 0 and cpu["usd_per_hour"] == 0
     h100 = specs["python3-gpu-h100-x2"]["spec"]["metadata"]["gpupool"]
-    assert (h100["gpu_type"], h100["gpu_count"], h100["memory_gb"]) == ("H100", 2, 80)
+    # memory_gb: what the kernel gets, both GPUs together (issue 10); per GPU beside it.
+    assert (h100["gpu_type"], h100["gpu_count"], h100["memory_gb"]) == ("H100", 2, 160)
+    assert h100["memory_gb_per_gpu"] == 80
     assert h100["usd_per_hour"] == pytest.approx(7.90) and h100["free"] == 2
     a10g = specs["python3-gpu-a10g-x1"]["spec"]["metadata"]["gpupool"]
     assert (a10g["gpu_type"], a10g["gpu_count"], a10g["memory_gb"]) == ("A10G", 1, 24)
