@@ -129,6 +129,12 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def pre_start_kernel(self, kernel_name: str | None, kwargs: Any) -> tuple[Any, str, str]:
         km, name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
+        # jupyter_client lists a kernel as soon as its process runs, and jupyter_server gives
+        # it an activity time only a turn of the event loop later: a heartbeat or kernel list
+        # in between read an unset `last_activity` and failed as a whole (TraitError), so
+        # that 64 starts at once made the gateway take this host for lost. Set from the start.
+        km.execution_state = "starting"
+        km.last_activity = utcnow()
         # jupyter_client's restarter would start a kernel that died again under the same id,
         # with none of its variables, racing the death watch: a pool kernel that dies is
         # reported dead (its GPUs freed, its billing stopped), never silently replaced.
@@ -333,8 +339,20 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def list_kernels(self) -> list[dict[str, Any]]:
         alive = [k for k in list(self._kernels) if self._visible(k) and k not in self.ended]
-        models = [self.kernel_model(k) for k in alive]
+        models = [self._model_or_unknown(k) for k in alive]
         return models + list(self.ended.values())
+
+    def _model_or_unknown(self, kernel_id: str) -> dict[str, Any]:
+        """A kernel's model; one that cannot be read (in a state no one foresaw) is listed as
+        "unknown" rather than failing the whole list: the gateway takes a kernel missing from
+        two heartbeats for gone, and a heartbeat that fails as a whole for a lost host."""
+        try:
+            return self.kernel_model(kernel_id)
+        except Exception as error:
+            self.log.warning("kernel %s: its state could not be read (%r); listed as unknown",
+                             kernel_id, error)  # fmt: skip
+            return {"id": kernel_id, "name": KERNEL_NAME, "execution_state": "unknown",
+                    "connections": 0}  # fmt: skip
 
     # -- ending ----------------------------------------------------------------------------
 
