@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import free_port
 from jupyter_server.services.kernels.kernelmanager import ServerKernelManager
 from test_gateway_link import JOIN, RecordingGateway, wait
 
-from conftest import free_port
 from gpu_host.allocator import GpuAllocator
 from gpu_host.gpus import FakeInventory
 from gpu_host.kernels import HostKernelManager, HostKernelSpecManager
