@@ -133,8 +133,8 @@ class HostKernelManager(AsyncMappingKernelManager):
         # it an activity time only a turn of the event loop later: a heartbeat or kernel list
         # in between read an unset `last_activity` and failed as a whole (TraitError), so
         # that 64 starts at once made the gateway take this host for lost. Set from the start.
-        km.execution_state = "starting"
-        km.last_activity = utcnow()
+        km.execution_state = "starting"  # type: ignore[attr-defined]
+        km.last_activity = utcnow()  # type: ignore[attr-defined]
         # jupyter_client's restarter would start a kernel that died again under the same id,
         # with none of its variables, racing the death watch: a pool kernel that dies is
         # reported dead (its GPUs freed, its billing stopped), never silently replaced.
