@@ -3,8 +3,8 @@
 glibc's malloc keeps what the process freed for later use instead of returning it, most of all
 in the arenas of other threads (ZMQ's I/O thread allocates each socket's queues): after 1,000
 websockets had closed, and their Python objects were gone, the host still held 731 of its 893
-MiB. `malloc_trim(0)` returns the free pages of every arena; it runs a few seconds after
-websockets close or kernels end, at most once in that time, in a worker thread. Where malloc
+MiB. `malloc_trim(0)` returns the free pages of every arena; it runs a second after websockets
+close or kernels end, at most once a second, in a worker thread. Where malloc
 is not glibc's (musl, macOS), nothing is done."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TRIM_DELAY = 5.0  # seconds after the first close of a burst: one trim for the whole burst
+TRIM_DELAY = 1.0  # seconds after the first close of a burst: one trim for much of it
 
 
 def _malloc_trim() -> Callable[[int], Any] | None:

@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
 import zmq
+from jupyter_core.utils import ensure_async
 from jupyter_server._tz import utcnow
 from jupyter_server.auth.decorator import ws_authenticated
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
@@ -94,7 +95,7 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
                 self.kernel_manager.reason = str(error)
                 raise web.HTTPError(500, str(error)) from error
         deadline = time.monotonic() + self.kernel_info_timeout
-        while not await self.kernel_manager.is_alive():
+        while not await ensure_async(self.kernel_manager.is_alive()):
             if time.monotonic() > deadline:
                 raise TimeoutError("Kernel never reached an 'alive' state.")
             await asyncio.sleep(0.1)
