@@ -238,6 +238,7 @@ class HostKernelWebsocketHandler(KernelWebsocketHandler):
             km.memory.soon()
             if self.host_connection is not None:
                 self.host_connection.ended.set()
+                self.host_connection = None  # a handler kept for replay must not keep it
 
     async def pre_get(self) -> None:
         await super().pre_get()  # makes self.connection and registers its session
