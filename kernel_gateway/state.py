@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from . import host_report
 from .auth_limit import FailedAuth
@@ -28,6 +29,7 @@ TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 # After a restart, a host not yet heard from may be in its retry backoff (gpu_host's
 # --gateway-max-backoff, 30 s by default, +-20%): it is lost only after this much more.
 RESTART_GRACE_SECONDS = 40.0
+PROBE_SECONDS = 5.0  # a host whose heartbeats are late has this long to answer a probe
 REVOKED_CLOSE = "this tenant was revoked by the gateway's admin; ask them for a new token."
 
 
@@ -55,6 +57,7 @@ class GatewayState:
         self._watch: asyncio.Task[None] | None = None
         self._budget_watch: asyncio.Task[None] | None = None
         self.unheard = self.pool.unheard
+        self.probing: set[str] = set()  # hosts whose heartbeats are late, being asked directly
         if serving:
             self._load()
 
@@ -353,8 +356,36 @@ class GatewayState:
             now = time.time()
             for view in list(self.pool.hosts.values()):
                 grace = RESTART_GRACE_SECONDS if view.id in self.unheard else 0.0
-                if not view.lost and now - view.last_seen > self.host_timeout + grace:
-                    self.lose_host(view)
+                late = not view.lost and now - view.last_seen > self.host_timeout + grace
+                if late and view.id not in self.probing:
+                    self.probing.add(view.id)
+                    asyncio.get_running_loop().create_task(self._probe(view))
+
+    async def _probe(self, view: HostView) -> None:
+        """A host whose heartbeats are late is asked once more before it is lost: a burst of
+        websockets can hold its heartbeats (or this gateway's reading of them) past the timeout
+        while it serves every kernel, and losing it would end them all. A host that is gone or
+        frozen does not answer; one that answers is kept, and its heartbeats taken up again."""
+        wait = min(PROBE_SECONDS, self.host_timeout)
+        probe = HTTPRequest(view.url.rstrip("/") + "/api", connect_timeout=wait,
+                            request_timeout=wait)  # fmt: skip
+        seen = view.last_seen
+        try:
+            # Any HTTP answer will do (599 is tornado's own: no answer came).
+            reply = await AsyncHTTPClient().fetch(probe, raise_error=False)
+            if reply.code == 599:
+                raise reply.error or TimeoutError("no answer")
+        except Exception as error:
+            if not view.lost and view.last_seen == seen:  # no heartbeat meanwhile either
+                log.info("host %s did not answer a probe either: %s", view.name, error)
+                self.lose_host(view)
+        else:
+            if not view.lost:
+                log.warning("host %s: no heartbeat for %.0f s, but it answers; kept", view.name,
+                            time.time() - view.last_seen)  # fmt: skip
+                view.last_seen = time.time()
+        finally:
+            self.probing.discard(view.id)
 
     def lose_host(self, view: HostView) -> None:
         log.warning(

@@ -586,3 +586,27 @@ def test_gpupool_tenant_beside_a_live_gateway_touches_only_tenants(tmp_path: Pat
     with db() as s:
         assert s.get(Kernel, "0f0e0d0c-0000-4000-8000-00000000abcd").state == "starting"
         assert {t.name for t in s.query(Tenant)} == {"a", "bob"}
+
+
+def test_a_host_late_with_heartbeats_but_answering_is_kept(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    """Heartbeats held up (a host or gateway busy with a burst of websockets) do not lose a host
+    that still answers: every kernel on it would end. A host that stops answering is lost."""
+    gw = gateway(tmp_path, started)
+    folder = tmp_path / "slow-host"
+    folder.mkdir()
+    agent = start_host(
+        folder, "--fake-gpus", "H100:2", "--no-isolate", "--gateway", gw.url,
+        f"--join-token={gw.join_token}", "--heartbeat-seconds", "60",
+    )  # fmt: skip
+    started.append(agent)
+    gw.wait_for(lambda: any(not h["lost"] for h in hosts(gw)), 15, "the host to register")
+    kernel_id = running_kernel(gw)
+    time.sleep(HOST_TIMEOUT * 3)  # no heartbeat all along: each late check probes the host
+    assert [h["lost"] for h in hosts(gw)] == [False]
+    assert state_of(gw, kernel_id) != "dead"
+
+    os.kill(agent.proc.pid, signal.SIGSTOP)  # frozen: it answers nothing
+    gw.wait_for(lambda: hosts(gw)[0]["lost"], HOST_TIMEOUT + 10, "the frozen host to be lost")
+    assert state_of(gw, kernel_id) == "dead"
