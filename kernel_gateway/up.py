@@ -42,11 +42,16 @@ async def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -
     raise SystemExit(f"gpupool up: no {prefix!r} line within {timeout:.0f} s.")
 
 
-def _drain(proc: subprocess.Popen[str], log_path: Path) -> None:
-    """Keep a child's output in its log file (so its errors can be read) and its pipe empty."""
+def _drain(proc: subprocess.Popen[str], log_path: Path, hide: tuple[str, ...] = ()) -> None:
+    """Keep a child's output in its log file (so its errors can be read) and its pipe empty.
+    The secrets in `hide` show as their first 4 characters: Lab logs the whole environment of
+    every kernel it asks the gateway for (`GatewayKernelManager started kernel: ..., args:`),
+    its own token and the tenant's among it."""
     assert proc.stdout is not None
     with os.fdopen(private_log(log_path), "a") as log:
         for line in proc.stdout:
+            for secret in hide:
+                line = line.replace(secret, secret[:4] + "…")
             log.write(line)
             log.flush()
 
@@ -133,7 +138,9 @@ async def run(args: argparse.Namespace) -> None:
             )  # fmt: skip
             lab_url = f"http://127.0.0.1:{args.lab_port}/lab?token={lab_token}"
             await _wait_http(f"http://127.0.0.1:{args.lab_port}/api/status?token={lab_token}", lab)
-            asyncio.get_running_loop().run_in_executor(None, _drain, lab, state_dir / "lab.log")
+            asyncio.get_running_loop().run_in_executor(
+                None, _drain, lab, state_dir / "lab.log", (lab_token, token)
+            )
             print(f"lab: {lab_url}", flush=True)
         print(f"gateway: {url}", flush=True)
         print(f"token: {token}", flush=True)

@@ -92,13 +92,14 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str) -> None:
         assert specs.body["kernelspecs"]["python3-gpu-h100-x1"]["spec"]["metadata"]["gpupool"]
         assert get(f"{gateway_url}/api/kernelspecs", token).status == 200
 
-        # A GPU kernel started through Lab runs, pinned.
+        # A GPU kernel started through Lab as its browser does (a session) runs, pinned.
         reply = Client(lab_base, lab_token).call(
-            "POST", "/api/kernels", {"name": "python3-gpu-h100-x1"}
-        )
+            "POST", "/api/sessions",
+            {"path": "gpu.ipynb", "type": "notebook", "kernel": {"name": "python3-gpu-h100-x1"}},
+        )  # fmt: skip
         assert reply.status == 201, (reply.body, log_path.read_text())
         pin = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
-        out = asyncio.run(run_code(lab_base, lab_token, reply.body["id"], pin))
+        out = asyncio.run(run_code(lab_base, lab_token, reply.body["kernel"]["id"], pin))
         assert out.startswith("GPU-"), out
 
         # `gpupool tenant create` in the same folder: a token alone on its last line, good at once.
@@ -149,6 +150,11 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str) -> None:
         assert not left, f"still running after Ctrl-C: {left}\n{log_path.read_text()[-3000:]}"
         assert time.monotonic() - began < 30
         assert "gpupool up: stopped" in log_path.read_text()
+        # Lab logged the environment of the kernel it started (its token and the tenant's
+        # among it): the logs keep no secret (issue 10).
+        for name in ("lab.log", "host.log"):
+            text = (state / name).read_text()
+            assert text and lab_token not in text and token not in text, name
         assert proc.returncode == 0, log_path.read_text()[-3000:]
         assert not os.path.exists(runtime)  # the host shut down and removed its runtime folder
     finally:
