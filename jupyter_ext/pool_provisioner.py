@@ -44,10 +44,13 @@ class GpupoolProvisioner(LocalProvisioner):  # type: ignore[misc]
     gateway_kernel_id: str = ""
     _api: GatewayApi | None = None
 
-    def _gateway(self) -> GatewayApi:
+    def _gateway(self, env: Any = None) -> GatewayApi:
+        """The gateway, as the kernel's environment (else this process's) or the login file
+        names it; found once, at the first start."""
         if self._api is None:
+            env = env or {}
             try:
-                url, token = credentials.resolve()
+                url, token = credentials.resolve(env.get(URL_ENV, ""), env.get(TOKEN_ENV, ""))
             except credentials.CredentialsError as error:
                 raise RuntimeError(str(error)) from None
             self._api = GatewayApi(url, token)
@@ -57,11 +60,11 @@ class GpupoolProvisioner(LocalProvisioner):  # type: ignore[misc]
         return RuntimeError(credentials.explain(error, self._gateway().url))
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        api = self._gateway()
+        env_in = kwargs.get("env") or os.environ
+        api = self._gateway(env_in)
         name = self.kernel_name or (self.kernel_spec.metadata or {}).get("gpupool_kernel", "")
         if not name:
             raise RuntimeError("this kernelspec names no pool shape; run `gpupool kernelspec sync`")
-        env_in = kwargs.get("env") or os.environ
         ask = {k: str(env_in[k]) for k in PASSED_ENV if k in env_in}
         try:
             if self.gateway_kernel_id:  # a restart: same kernel id, fresh process
@@ -108,7 +111,11 @@ class GpupoolProvisioner(LocalProvisioner):  # type: ignore[misc]
             try:
                 await asyncio.to_thread(self._gateway().interrupt, self.gateway_kernel_id)
             except GatewayError as error:
-                if error.status != 404:  # a kernel already gone has nothing to interrupt
+                # A kernel already gone has nothing to interrupt; jupyter_client interrupts
+                # before every shutdown, which must go on when the gateway is down.
+                if error.status == 404 or getattr(self.parent, "shutting_down", False):
+                    self.log.warning("gpupool: interrupt: %s", self._explain(error))
+                else:
                     raise self._explain(error) from None
             return
         await super().send_signal(signum)
