@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         token = sys.stdin.readline()
     token = token.strip()
     if not token:
-        print("gpupool login: no token given; paste it at the prompt or pipe it in.", file=sys.stderr)
+        print(
+            "gpupool login: no token given; paste it at the prompt or pipe it in.", file=sys.stderr
+        )
         sys.exit(2)
     try:
         names = check(url, token)

@@ -59,6 +59,18 @@ RECONNECT_ENV = "GPUPOOL_RECONNECT_S"
 QUEUE_POLL_S = 1.0
 
 
+_send = zmq.backend.Socket.send  # pyzmq's C send, without the per-part flag enums of its sugar
+_MORE, _LAST = int(zmq.SNDMORE) | int(zmq.NOBLOCK), int(zmq.NOBLOCK)
+
+
+def send_now(sock: zmq.Socket, parts: list[Any]) -> None:
+    """Send a multipart message at once: PUB and ROUTER sockets never block (at their high
+    water mark they drop, as a kernel's do), so no future or loop turn is needed."""
+    for part in parts[:-1]:
+        _send(sock, part, _MORE, True, False)
+    _send(sock, parts[-1], _LAST, True, False)
+
+
 def say(text: str) -> None:
     print(f"gpupool: {text}", file=sys.stderr, flush=True)
 
@@ -126,7 +138,7 @@ class Bridge:
         self.owned = owned
         key = str(info.get("key", "")).encode()
         scheme = str(info.get("signature_scheme", "hmac-sha256"))
-        digest = getattr(hashlib, scheme.split("-", 1)[-1]) if key else None
+        digest = getattr(hashlib, scheme.split("-", 1)[-1])
         self.auth = hmac.new(key, digestmod=digest) if key else None
         self.session = uuid.uuid4().hex
         self.ws: ClientConnection | None = None
@@ -135,7 +147,8 @@ class Bridge:
         self.done: asyncio.Future[int] | None = None
         self.routes: dict[bytes, OrderedDict[str, list[bytes]]] = {}
         self.reconnect_s = float(os.environ.get(RECONNECT_ENV, "30") or 30)
-        self.ctx = zmq.asyncio.Context()
+        self.ctx: zmq.asyncio.Context = zmq.asyncio.Context()
+        self.pending: set[asyncio.Future[None]] = set()  # interrupts under way
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.topic = f"kernel.{kernel_id}".encode()
 
@@ -160,7 +173,7 @@ class Bridge:
 
     def _heartbeat(self, ip: str) -> None:
         """Echo heartbeats, as ipykernel does, on a thread of their own."""
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.bind(f"tcp://{ip}:{self.info['hb_port']}")
@@ -217,14 +230,13 @@ class Bridge:
                   "date": datetime.now(timezone.utc).isoformat()}  # fmt: skip
         body = {"status": "ok", "restart": restart}
         parts = [json.dumps(x).encode() for x in (header, request, {}, body)]
-        await self.sockets["control"].send_multipart([*idents, DELIM, self.sign(parts), *parts])
-        if self.done is not None and not self.done.done():
-            self.done.set_result(0)
+        send_now(self.sockets["control"], [*idents, DELIM, self.sign(parts), *parts])
+        self.stop()
 
     async def to_client(self, channel: str, parts: list[Any]) -> None:
         signature = self.sign(parts)
         if channel == "iopub":
-            await self.sockets["iopub"].send_multipart([self.topic, DELIM, signature, *parts])
+            send_now(self.sockets["iopub"], [self.topic, DELIM, signature, *parts])
             return
         routes = self.routes.get(b"shell" if channel == "stdin" else channel.encode())
         if routes is None:
@@ -237,7 +249,7 @@ class Bridge:
         idents = routes.get(msg_id) if channel == "stdin" else routes.pop(msg_id, None)
         if idents is None:
             return  # a reply to someone else (the gateway's own kernel_info): nobody here waits
-        await self.sockets[channel].send_multipart([*idents, DELIM, signature, *parts])
+        send_now(self.sockets[channel], [*idents, DELIM, signature, *parts])
 
     # --- websocket side ---------------------------------------------------------------------
 
@@ -336,7 +348,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         self.bind()
-        loop.add_signal_handler(signal.SIGTERM, lambda: self.done and self.done.set_result(0))
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.interrupt)
         try:
             await self.connect()
@@ -364,9 +376,15 @@ class Bridge:
                 await self.ws.close(1000, "the local kernel bridge ended")
             self.ctx.destroy(linger=500)
 
+    def stop(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(0)
+
     def interrupt(self) -> None:
         """SIGINT (a client in `signal` interrupt mode that signals argv's process itself)."""
-        asyncio.ensure_future(asyncio.to_thread(self.api.interrupt, self.kernel_id))
+        future = asyncio.ensure_future(asyncio.to_thread(self.api.interrupt, self.kernel_id))
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
 
 
 def wait_until_running(api: GatewayApi, kernel_id: str, timeout: float, log: Any = say) -> None:

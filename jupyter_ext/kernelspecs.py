@@ -1,6 +1,7 @@
 """One local kernelspec per GPU shape of the pool, in the user's Jupyter data folder, so that
 every client that starts kernels by kernelspec (JupyterLab, `jupyter execute`, nbclient,
-papermill, VS Code) lists "Python 3 · H100 ×1" beside the local kernels.
+papermill, VS Code) lists each pool shape ("Python 3 · H100 x1", with a multiplication sign)
+beside the local kernels.
 
 Each names the `gpupool-provisioner` kernel provisioner and its shape; none holds the gateway's
 URL or token (the provisioner finds them at start, see `credentials.py`). The pool's CPU
@@ -34,14 +35,17 @@ def kernelspec(name: str, gpupool: dict[str, Any]) -> dict[str, Any]:
     that launch argv without provisioners); jupyter_client uses the provisioner instead."""
     gpu_type, count = gpupool.get("gpu_type", "?"), gpupool.get("gpu_count", "?")
     shape = {k: gpupool[k] for k in ("gpu_type", "gpu_count", "memory_gb") if k in gpupool}
+    bridge = ["-m", "jupyter_ext.kernel_bridge", "--kernel-name", name, "-f", "{connection_file}"]
     return {
-        "argv": [sys.executable, "-m", "jupyter_ext.kernel_bridge",
-                 "--kernel-name", name, "-f", "{connection_file}"],  # fmt: skip
+        "argv": [sys.executable, *bridge],
         "display_name": f"Python 3 · {gpu_type} ×{count}",  # noqa: RUF001
         "language": "python",
         "interrupt_mode": "signal",
         "metadata": {
-            "kernel_provisioner": {"provisioner_name": PROVISIONER, "config": {"kernel_name": name}},
+            "kernel_provisioner": {
+                "provisioner_name": PROVISIONER,
+                "config": {"kernel_name": name},
+            },
             "gpupool": shape,
         },
     }

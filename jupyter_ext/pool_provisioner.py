@@ -35,7 +35,7 @@ from .kernel_bridge import wait_until_running
 PASSED_ENV = ("KERNEL_IDLE_TIMEOUT",)  # what a client's environment may ask of the pool kernel
 
 
-class GpupoolProvisioner(LocalProvisioner):  # type: ignore[misc]
+class GpupoolProvisioner(LocalProvisioner):
     kernel_name = Unicode("", config=True, help="The pool's kernelspec, e.g. python3-gpu-h100-x1")
     queue_timeout = Float(
         900.0, config=True, help="Seconds to wait for a GPU while queued before giving up"

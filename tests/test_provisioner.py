@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -21,10 +20,12 @@ from typing import Any
 
 import nbformat
 import pytest
+import tomllib
 from conftest import REPO, Gateway
 from jupyter_client.manager import KernelManager
 from test_gateway_faults import gateway as fault_gateway
-from test_gateway_faults import join, started  # noqa: F401  (a fixture)
+from test_gateway_faults import join
+from test_gateway_faults import started as started
 from test_nbclient import NOTEBOOK, check_outputs
 
 SHAPE = "python3-gpu-h100-x1"
@@ -51,7 +52,9 @@ def entry_point_overlay(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def client_env(stack: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def client_env(
+    stack: Gateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """A user's environment: their own Jupyter data and config folders, and only
     GPUPOOL_URL / GPUPOOL_TOKEN for the pool. Also applied to this process for the
     in-process KernelManager tests, and undone after."""

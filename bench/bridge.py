@@ -1,0 +1,227 @@
+"""Pool kernel bridge benchmark: what the local bridge of `gpupool-provisioner` adds to a `1+1`
+round trip, against the gateway's kernel websocket directly.
+
+Run from the repository root:
+
+    .venv/bin/python bench/bridge.py [--iterations N]
+
+One `gpupool up --no-lab` (a gateway and a host with two fake H100s) is started in a scratch
+folder, `gpupool kernelspec sync` writes the pool kernelspecs into a scratch Jupyter data folder,
+and jupyter_client's `AsyncKernelManager` starts `python3-gpu-h100-x1` through the provisioner.
+The same pool kernel is then timed, in interleaved rounds, over:
+
+- the gateway websocket directly (v1 binary protocol, `websockets` asyncio client);
+- the bridge: jupyter_client's `AsyncKernelClient` over ZMQ to the bridge, which relays to its
+  own websocket at the gateway;
+- for reference, a local ipykernel over ZMQ with the same client (no gateway, no host).
+
+A round trip is an execute_request of `1+1` until both its execute_reply and its idle status
+have arrived. "Added by the bridge" is the bridge's median minus the websocket's median; it
+includes jupyter_client's own client work (signing, serialising), so it overstates the bridge.
+Target: at most 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness import REPO, commit, log, run_main
+from jupyter_client.manager import AsyncKernelManager
+from websockets.asyncio.client import ClientConnection, connect
+
+sys.path.insert(0, str(REPO))
+from jupyter_ext.gateway_api import GatewayApi
+from jupyter_ext.kernel_bridge import V1, v1_frame, v1_parts, wait_until_running
+from jupyter_ext.kernelspecs import sync_kernelspecs
+
+SHAPE = "python3-gpu-h100-x1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stack:
+    def __init__(self, where: Path) -> None:
+        self.log_path = where / "up.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
+             "--port", str(free_port()), "--host-port", str(free_port()),
+             "--fake-gpus", "H100:2", "--state-dir", str(where / "state")],
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=where,
+            env={k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")},
+        )  # fmt: skip
+        self.url = self.token = ""
+        deadline = time.monotonic() + 90
+        while not (self.url and self.token):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gpupool up did not start: {self.log_path.read_text()}")
+            for line in self.log_path.read_text().splitlines():
+                key, _, value = line.partition(": ")
+                if key == "gateway":
+                    self.url = value.strip()
+                elif key == "token":
+                    self.token = value.strip()
+            time.sleep(0.1)
+        os.environ.update({"GPUPOOL_URL": self.url, "GPUPOOL_TOKEN": self.token,
+                           "JUPYTER_DATA_DIR": str(where / "jupyter-data")})  # fmt: skip
+        self.managers: list[AsyncKernelManager] = []
+
+    async def cleanup(self) -> None:
+        for km in self.managers:
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def logs(self) -> list[tuple[str, Any]]:
+        return [("gpupool up", self.log_path.read_text)]
+
+
+def request(session: str) -> tuple[str, list[bytes]]:
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "session": session,
+              "username": "bench", "version": "5.3",
+              "date": datetime.now(timezone.utc).isoformat()}  # fmt: skip
+    content = {"code": "1+1", "silent": False, "store_history": False, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+    return msg_id, [json.dumps(x).encode() for x in (header, {}, {}, content)]
+
+
+async def ws_round_trip(ws: ClientConnection, session: str) -> float:
+    msg_id, parts = request(session)
+    started = time.perf_counter()
+    await ws.send(v1_frame(b"shell", parts))
+    replied = idle = False
+    while not (replied and idle):
+        got = v1_parts(await ws.recv())  # type: ignore[arg-type]
+        parent = json.loads(bytes(got[2]) or b"{}")
+        if parent.get("msg_id") != msg_id:
+            continue
+        msg_type = json.loads(bytes(got[1]))["msg_type"]
+        replied = replied or msg_type == "execute_reply"
+        idle = idle or (msg_type == "status" and json.loads(bytes(got[4]))["execution_state"]
+                        == "idle")  # fmt: skip
+    return time.perf_counter() - started
+
+
+async def zmq_round_trip(kc: Any) -> float:
+    started = time.perf_counter()
+    msg_id = kc.execute("1+1")
+    replied = idle = False
+    while not (replied and idle):
+        if not replied:
+            reply = await kc.get_shell_msg(timeout=10)
+            replied = reply["parent_header"].get("msg_id") == msg_id
+        if not idle:
+            msg = await kc.get_iopub_msg(timeout=10)
+            idle = (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                    and msg["content"]["execution_state"] == "idle")  # fmt: skip
+    return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_round_trip(km: AsyncKernelManager, kc: Any, iterations: int) -> float:
+    """CPU seconds the process behind `km` (the bridge, or a local ipykernel) spends per round
+    trip, measured alone: what it costs whatever else this machine runs."""
+    pid = km.provisioner.pid  # type: ignore[union-attr]
+    before = cpu_seconds(pid)
+    for _ in range(iterations):
+        await zmq_round_trip(kc)
+    return (cpu_seconds(pid) - before) / iterations
+
+
+async def ready(km: AsyncKernelManager) -> Any:
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=60)
+    return kc
+
+
+def row(name: str, times: list[float], base: float) -> str:
+    ms = sorted(t * 1000 for t in times)
+    median, p90 = statistics.median(ms), ms[int(len(ms) * 0.9)]
+    return f"| {name} | {len(ms)} | {median:.2f} ms | {p90:.2f} ms | {median / base:.2f}x |"
+
+
+async def body(stack: Stack, iterations: int) -> None:
+    names = sync_kernelspecs(stack.url, stack.token)
+    log(f"kernelspecs: {', '.join(names)}")
+    pool = AsyncKernelManager(kernel_name=SHAPE)
+    local = AsyncKernelManager(kernel_name="python3")
+    stack.managers += [pool, local]
+    await pool.start_kernel()
+    await local.start_kernel()
+    pool_kc, local_kc = await ready(pool), await ready(local)
+    # The websocket path gets a pool kernel of its own, so that neither path relays the
+    # other's IOPub (a kernel's IOPub goes to every websocket it has).
+    api = GatewayApi(stack.url, stack.token)
+    kernel_id = str(api.start_kernel(SHAPE)["id"])
+    wait_until_running(api, kernel_id, 60, log)
+    url = stack.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
+    session = uuid.uuid4().hex
+    async with connect(f"{url}?session_id={session}", subprotocols=[V1],  # type: ignore[list-item]
+                       additional_headers={"Authorization": f"token {stack.token}"},
+                       compression=None, proxy=None) as ws:  # fmt: skip
+        assert ws.subprotocol == V1
+        paths = {"gateway websocket, direct (baseline)": lambda: ws_round_trip(ws, session),
+                 "bridge (gpupool-provisioner), jupyter_client over ZMQ": lambda: zmq_round_trip(
+                     pool_kc),
+                 "local ipykernel, jupyter_client over ZMQ (reference)": lambda: zmq_round_trip(
+                     local_kc)}  # fmt: skip
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(20):  # warm up every path
+            for measure in paths.values():
+                await measure()
+        for _ in range(iterations):
+            for name, measure in paths.items():
+                times[name].append(await measure())
+        cpu = await cpu_per_round_trip(pool, pool_kc, iterations)
+        kernel_cpu = await cpu_per_round_trip(local, local_kc, iterations)
+    api.shutdown(kernel_id)
+    pool_kc.stop_channels()
+    local_kc.stop_channels()
+    base = statistics.median(times["gateway websocket, direct (baseline)"]) * 1000
+    print(f"commit: {commit(['jupyter_ext', 'bench/bridge.py'])}")
+    print("\n| execute `1+1` round trip | n | median | p90 | vs websocket |")
+    print("|---|---|---|---|---|")
+    for name, measured in times.items():
+        print(row(name, measured, base))
+    added = statistics.median(times["bridge (gpupool-provisioner), jupyter_client over ZMQ"])
+    added = added * 1000 - base
+    print(f"\nadded by the bridge (median): {added:.2f} ms; target <= 1 ms: "
+          f"{'met' if added <= 1.0 else 'NOT met'}")  # fmt: skip
+    print(f"CPU per round trip ({iterations} alone, /proc/PID/stat): the bridge process "
+          f"{cpu * 1000:.2f} ms, a local ipykernel {kernel_cpu * 1000:.2f} ms")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--iterations", type=int, default=300)
+    args = parser.parse_args()
+    run_main("gpupool-bench-bridge-", Stack, lambda s: body(s, args.iterations), "the stack")
+
+
+if __name__ == "__main__":
+    main()
