@@ -22,6 +22,7 @@ import nbformat
 import pytest
 import tomllib
 from conftest import REPO, Gateway
+from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from test_gateway_faults import gateway as fault_gateway
 from test_gateway_faults import join
@@ -331,3 +332,61 @@ def test_gateway_outage_is_bridged_then_ends_the_kernel_with_a_reason(
         if kc is not None:
             kc.stop_channels()
         km.shutdown_kernel(now=True)  # its DELETE fails (logged): the gateway is gone
+
+
+def test_argv_alone_starts_and_ends_its_own_pool_kernel(
+    stack: Gateway, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A client that launches the kernelspec's argv itself, without jupyter_client's
+    provisioners (VS Code's own launcher does): the bridge starts the pool kernel, a SIGINT
+    interrupts it, and a shutdown_request ends the bridge and deletes the kernel."""
+    spec = json.loads(
+        (Path(client_env["JUPYTER_DATA_DIR"]) / "kernels" / SHAPE / "kernel.json").read_text()
+    )
+    km = KernelManager()  # only for a connection file with free ports and a key
+    km.write_connection_file()
+    argv = [a.replace("{connection_file}", km.connection_file) for a in spec["argv"]]
+    bridge = subprocess.Popen(argv, env=client_env, stderr=subprocess.PIPE, text=True)
+    kc = BlockingKernelClient()
+    kc.load_connection_file(km.connection_file)
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kernel_id = stack.call("GET", "/api/kernels").body[0]["id"]
+        assert run(kc, "21 * 2")[1] == "42"
+        kc.execute("import time; time.sleep(60)")
+        time.sleep(1)
+        bridge.send_signal(2)  # SIGINT
+        assert kc.get_shell_msg(timeout=15)["content"]["ename"] == "KeyboardInterrupt"
+        kc.shutdown()
+        assert bridge.wait(20) == 0
+    finally:
+        kc.stop_channels()
+        if bridge.poll() is None:
+            bridge.kill()
+        km.cleanup_connection_file()
+    assert gateway_state(stack, kernel_id) == "404"
+    assert stack.token not in (bridge.stderr.read() if bridge.stderr else "")
+
+
+def test_legacy_framing_matches_jupyter_server() -> None:
+    """Towards a gateway without the v1 subprotocol the bridge speaks jupyter_server's legacy
+    framing: JSON text, or its binary form when a message has buffers."""
+    from jupyter_server.services.kernels.connection.base import (
+        deserialize_binary_message,
+        serialize_binary_message,
+    )
+
+    from jupyter_ext.kernel_bridge import legacy_message, legacy_parts
+
+    parts = [json.dumps(x).encode() for x in ({"msg_id": "1"}, {}, {"m": 1}, {"c": [1, 2]})]
+    text = legacy_message("shell", parts)
+    assert isinstance(text, str) and json.loads(text)["channel"] == "shell"
+    assert legacy_parts(text) == ("shell", parts)
+    binary = legacy_message("iopub", [*parts, b"\x00buffer", b"two"])
+    assert isinstance(binary, bytes)
+    theirs = deserialize_binary_message(binary)
+    assert theirs["content"] == {"c": [1, 2]} and [bytes(b) for b in theirs["buffers"]] == [
+        b"\x00buffer", b"two"]  # fmt: skip
+    again = serialize_binary_message({**theirs, "buffers": [b"\x00buffer", b"two"]})
+    assert legacy_parts(again) == ("iopub", [*parts, b"\x00buffer", b"two"])
