@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -203,7 +204,13 @@ async def body(stack: Stack, iterations: int) -> None:
     pool_kc.stop_channels()
     local_kc.stop_channels()
     base = statistics.median(times["gateway websocket, direct (baseline)"]) * 1000
-    print(f"commit: {commit(['jupyter_ext', 'bench/bridge.py'])}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; Python {platform.python_version()}"
+    )
+    print(f"commit: {commit(['jupyter_ext', 'bench/bridge.py'])}; date: "
+          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")  # fmt: skip
     print("\n| execute `1+1` round trip | n | median | p90 | vs websocket |")
     print("|---|---|---|---|---|")
     for name, measured in times.items():
