@@ -68,17 +68,17 @@ class GpupoolProvisioner(LocalProvisioner):
         ask = {k: str(env_in[k]) for k in PASSED_ENV if k in env_in}
         try:
             if self.gateway_kernel_id:  # a restart: same kernel id, fresh process
-                try:
+                model = await asyncio.to_thread(api.kernel, self.gateway_kernel_id)
+                if model is None or (model.get("gpupool") or {}).get("state") == "dead":
+                    # Died (the autorestarter's case): a new pool kernel of the same shape.
+                    self.log.warning("gpupool: pool kernel %s ended; starting a new one",
+                                     self.gateway_kernel_id)  # fmt: skip
+                    await self._forget_kernel()
+                else:
                     await asyncio.to_thread(
                         api.call, "POST", f"/api/kernels/{self.gateway_kernel_id}/restart"
                     )
                     self.log.info("gpupool: restarted pool kernel %s", self.gateway_kernel_id)
-                except GatewayError as error:
-                    if error.status != 404:
-                        raise
-                    self.log.warning("gpupool: pool kernel %s is gone; starting a new one",
-                                     self.gateway_kernel_id)  # fmt: skip
-                    self.gateway_kernel_id = ""
             if not self.gateway_kernel_id:
                 model = await asyncio.to_thread(api.start_kernel, name, ask)
                 self.gateway_kernel_id = str(model["id"])

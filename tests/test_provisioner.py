@@ -217,6 +217,37 @@ def test_interrupt_restart_suspend_shutdown_through_the_bridge(
     assert stack.token not in caplog.text and "gpupool: pool kernel" in caplog.text
 
 
+def test_a_pool_kernel_that_dies_is_a_dead_kernel_and_restarts_anew(
+    stack: Gateway, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The pool kernel's process ends: the bridge exits with the gateway's reason, the client
+    sees a dead kernel, and a restart (what an autorestarter does) starts a new pool kernel."""
+    km = KernelManager(kernel_name=SHAPE)
+    log = tmp_path / "bridge.log"
+    stderr = open(log, "w")  # the restart starts its bridge with it too
+    km.start_kernel(env=client_env, stderr=stderr)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        first = km.provisioner.gateway_kernel_id  # type: ignore[union-attr]
+        kc.execute("import os; os._exit(1)")
+        deadline = time.monotonic() + 30
+        while km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not km.is_alive()
+        assert "the kernel process ended unexpectedly" in log.read_text()
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        assert km.provisioner.gateway_kernel_id != first  # type: ignore[union-attr]
+        assert run(kc, "1 + 1")[1] == "2"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+        stderr.close()
+    assert stack.call("GET", "/api/kernels").body == []
+
+
 def test_wrong_token_is_named_never_printed(stack: Gateway, client_env: dict[str, str]) -> None:
     wrong = "w" * 64
     env = {**client_env, "GPUPOOL_TOKEN": wrong}
