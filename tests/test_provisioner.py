@@ -217,6 +217,28 @@ def test_interrupt_restart_suspend_shutdown_through_the_bridge(
     assert stack.token not in caplog.text and "gpupool: pool kernel" in caplog.text
 
 
+def test_a_queued_start_says_its_position_and_waits_for_the_gpu(
+    stack: Gateway, client_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    both = stack.create(name="python3-gpu-h100-x2")  # holds both H100s
+    stack.wait_for(lambda: gateway_state(stack, both["id"]) == "running", 30, "the H100 x2")
+    km = KernelManager(kernel_name=SHAPE)
+    starting = threading.Thread(target=km.start_kernel, kwargs={"env": client_env})
+    starting.start()
+    try:
+        stack.wait_for(lambda: "queued for H100 ×1, position 1" in caplog.text, 30, "queued")  # noqa: RUF001
+        assert starting.is_alive()  # waiting for a GPU, not failing
+        assert stack.call("DELETE", f"/api/kernels/{both['id']}").status == 204
+        starting.join(60)
+        assert not starting.is_alive() and km.is_alive()
+    finally:
+        starting.join(60)
+        if km.has_kernel:
+            km.shutdown_kernel()
+    assert stack.call("GET", "/api/kernels").body == []
+
+
 def test_a_pool_kernel_that_dies_is_a_dead_kernel_and_restarts_anew(
     stack: Gateway, client_env: dict[str, str], tmp_path: Path
 ) -> None:
