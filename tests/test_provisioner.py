@@ -20,7 +20,6 @@ from typing import Any
 
 import nbformat
 import pytest
-import tomllib
 from conftest import REPO, Gateway
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager
@@ -41,6 +40,8 @@ def entry_point_overlay(folder: Path) -> str:
         entry_points(group="gpupool.commands", name="kernelspec")
     ):
         return ""
+    import tomllib  # Python 3.11+; only needed with metadata older than this checkout
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     info = folder / "gpupool-0.1.0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
