@@ -1,0 +1,455 @@
+"""The local face of a pool kernel: a small process that binds the five ZMQ sockets of a
+connection file on 127.0.0.1, as a kernel would, and relays every message to the pool kernel's
+websocket at the gateway and back. Clients see an ordinary local kernel.
+
+`python -m jupyter_ext.kernel_bridge -f CONNECTION_FILE --kernel-id ID` attaches to a kernel
+the `gpupool-provisioner` started; `--kernel-name NAME` starts one itself (and deletes it when it
+ends), for clients that launch a kernelspec's argv without jupyter_client's provisioners.
+
+Frames travel as they are: the websocket's binary `v1.kernel.websocket.jupyter.org` messages
+hold the same header, parent, metadata and content bytes as ZMQ's, so the bridge only checks the
+client's signature and signs what it passes back (HMAC of the connection file's key). It reads
+JSON only for routing: a request's header (its id, to send the reply to the client that asked)
+and a reply's parent header. A gateway that does not speak v1 gets the legacy JSON framing.
+
+What the bridge answers itself: heartbeats, and `shutdown_request` (the provisioner ends or
+restarts the pool kernel through the gateway's REST API; the request is not passed on, since
+the pool kernel must outlive its bridge on a restart). Idle suspend and resume happen behind
+the websocket and need nothing here. When the websocket ends, the bridge asks the gateway about
+the kernel: if it is dead or gone, the bridge exits 1 with the reason on stderr (jupyter_client
+then sees a dead kernel); otherwise it reconnects, for `GPUPOOL_RECONNECT_S` (30) seconds.
+
+The URL and token come from GPUPOOL_URL / GPUPOOL_TOKEN or `gpupool login`'s file, never from
+the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import zmq
+import zmq.asyncio
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
+
+from . import credentials
+from .errors import GatewayError
+from .gateway_api import GatewayApi
+
+V1 = "v1.kernel.websocket.jupyter.org"
+DELIM = b"<IDS|MSG>"
+MAX_MESSAGE_BYTES = 64 << 20
+ROUTES = 10_000  # requests remembered for routing their replies
+RECONNECT_ENV = "GPUPOOL_RECONNECT_S"
+QUEUE_POLL_S = 1.0
+
+
+_send = zmq.backend.Socket.send  # pyzmq's C send, without the per-part flag enums of its sugar
+_MORE, _LAST = int(zmq.SNDMORE) | int(zmq.NOBLOCK), int(zmq.NOBLOCK)
+
+
+def send_now(sock: zmq.Socket, parts: list[Any]) -> None:
+    """Send a multipart message at once: PUB and ROUTER sockets never block (at their high
+    water mark they drop, as a kernel's do), so no future or loop turn is needed."""
+    for part in parts[:-1]:
+        _send(sock, part, _MORE, True, False)
+    _send(sock, parts[-1], _LAST, True, False)
+
+
+def say(text: str) -> None:
+    print(f"gpupool: {text}", file=sys.stderr, flush=True)
+
+
+def v1_frame(channel: bytes, parts: list[Any]) -> bytes:
+    """A v1 websocket message: part count and offsets (8-byte little endian), then the parts."""
+    offsets = [8 * (len(parts) + 3)]
+    offsets.append(offsets[-1] + len(channel))
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
+    return b"".join([head, channel, *parts])
+
+
+def v1_parts(frame: bytes) -> list[memoryview]:
+    """A v1 message's parts: channel, header, parent, metadata, content, buffers..."""
+    view = memoryview(frame)
+    count = int.from_bytes(view[:8], "little")
+    if not 6 <= count <= len(view) // 8 - 1:
+        raise ValueError("not a v1 kernel message")
+    offsets = struct.unpack_from(f"<{count}Q", view, 8)
+    if list(offsets) != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("not a v1 kernel message")
+    return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+
+
+def legacy_message(channel: str, parts: list[bytes]) -> str | bytes:
+    """The same message in jupyter_server's legacy framing: JSON text, or (with buffers) its
+    binary form: a 4-byte big-endian count, the offsets, the JSON, the buffers."""
+    keys = ("header", "parent_header", "metadata", "content")
+    msg: dict[str, Any] = {k: json.loads(p) for k, p in zip(keys, parts[:4], strict=True)}
+    msg["channel"] = channel
+    buffers = [bytes(b) for b in parts[4:]]
+    if not buffers:
+        return json.dumps(msg)
+    pieces = [json.dumps(msg).encode(), *buffers]
+    offsets = [4 * (len(pieces) + 1)]
+    for piece in pieces[:-1]:
+        offsets.append(offsets[-1] + len(piece))
+    return struct.pack(f"!{len(pieces) + 1}I", len(pieces), *offsets) + b"".join(pieces)
+
+
+def legacy_parts(data: str | bytes) -> tuple[str, list[bytes]]:
+    """A legacy message as (channel, [header, parent, metadata, content, buffers...])."""
+    buffers: list[bytes] = []
+    if isinstance(data, bytes):
+        count = struct.unpack_from("!I", data)[0]
+        offsets = [*struct.unpack_from(f"!{count}I", data, 4), len(data)]
+        pieces = [data[offsets[i] : offsets[i + 1]] for i in range(count)]
+        data, buffers = pieces[0].decode(), pieces[1:]
+    msg = json.loads(data)
+    keys = ("header", "parent_header", "metadata", "content")
+    return str(msg.get("channel", "")), [json.dumps(msg.get(k) or {}).encode() for k in keys] + [
+        *buffers
+    ]
+
+
+class Bridge:
+    def __init__(
+        self, info: dict[str, Any], api: GatewayApi, kernel_id: str, owned: bool = False
+    ) -> None:
+        self.info = info
+        self.api = api
+        self.kernel_id = kernel_id
+        self.owned = owned
+        key = str(info.get("key", "")).encode()
+        scheme = str(info.get("signature_scheme", "hmac-sha256"))
+        digest = getattr(hashlib, scheme.split("-", 1)[-1])
+        self.auth = hmac.new(key, digestmod=digest) if key else None
+        self.session = uuid.uuid4().hex
+        self.ws: ClientConnection | None = None
+        self.v1 = True
+        self.connected = asyncio.Event()
+        self.done: asyncio.Future[int] | None = None
+        self.routes: dict[bytes, OrderedDict[str, list[bytes]]] = {}
+        self.reconnect_s = float(os.environ.get(RECONNECT_ENV, "30") or 30)
+        self.ctx: zmq.asyncio.Context = zmq.asyncio.Context()
+        self.pending: set[asyncio.Future[None]] = set()  # interrupts under way
+        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        self.topic = f"kernel.{kernel_id}".encode()
+
+    # --- ZMQ side ---------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        ip, transport = self.info.get("ip", "127.0.0.1"), self.info.get("transport", "tcp")
+        if transport != "tcp":
+            raise SystemExit(f"gpupool: the bridge speaks tcp, not {transport}")
+        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER,
+                 "iopub": zmq.PUB}  # fmt: skip
+        for name, kind in kinds.items():
+            sock = self.ctx.socket(kind)
+            sock.linger = 1000
+            if kind == zmq.ROUTER:
+                sock.router_handover = 1
+            sock.bind(f"tcp://{ip}:{self.info[f'{name}_port']}")
+            self.sockets[name] = sock
+            if kind == zmq.ROUTER:
+                self.routes[name.encode()] = OrderedDict()
+        threading.Thread(target=self._heartbeat, args=(ip,), daemon=True).start()
+
+    def _heartbeat(self, ip: str) -> None:
+        """Echo heartbeats, as ipykernel does, on a thread of their own."""
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.bind(f"tcp://{ip}:{self.info['hb_port']}")
+        try:
+            zmq.proxy(sock, sock)
+        except zmq.ZMQError:
+            pass
+
+    def sign(self, parts: list[Any]) -> bytes:
+        if self.auth is None:
+            return b""
+        check = self.auth.copy()
+        for part in parts[:4]:
+            check.update(part)
+        return check.hexdigest().encode()
+
+    async def from_client(self, name: str) -> None:
+        """Client requests on one ROUTER socket, to the websocket."""
+        sock = self.sockets[name]
+        channel = name.encode()
+        routes = self.routes[channel]
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                split = frames.index(DELIM)
+            except ValueError:
+                continue
+            idents, signature, parts = frames[:split], frames[split + 1], frames[split + 2 :]
+            if len(parts) < 4 or not hmac.compare_digest(self.sign(parts), signature):
+                say(f"dropped a {name} message with a bad signature")
+                continue
+            try:
+                header = json.loads(parts[0])
+                msg_id = str(header["msg_id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if name == "control" and header.get("msg_type") == "shutdown_request":
+                await self.shutdown_reply(idents, header, parts[3])
+                continue
+            routes[msg_id] = idents
+            if len(routes) > ROUTES:
+                routes.popitem(last=False)
+            await self.to_gateway(name, parts)
+
+    async def shutdown_reply(self, idents: list[bytes], request: dict, content: bytes) -> None:
+        """Answer a shutdown request here and end the bridge; the provisioner (or, for a kernel
+        this bridge started, the bridge itself) deals with the pool kernel."""
+        try:
+            restart = bool(json.loads(content).get("restart"))
+        except (ValueError, AttributeError):
+            restart = False
+        header = {"msg_id": uuid.uuid4().hex, "msg_type": "shutdown_reply",
+                  "session": self.session, "username": "gpupool", "version": "5.3",
+                  "date": datetime.now(timezone.utc).isoformat()}  # fmt: skip
+        body = {"status": "ok", "restart": restart}
+        parts = [json.dumps(x).encode() for x in (header, request, {}, body)]
+        send_now(self.sockets["control"], [*idents, DELIM, self.sign(parts), *parts])
+        self.stop()
+
+    async def to_client(self, channel: str, parts: list[Any]) -> None:
+        signature = self.sign(parts)
+        if channel == "iopub":
+            send_now(self.sockets["iopub"], [self.topic, DELIM, signature, *parts])
+            return
+        routes = self.routes.get(b"shell" if channel == "stdin" else channel.encode())
+        if routes is None:
+            return
+        try:
+            parent = json.loads(bytes(parts[1])) if len(parts[1]) > 2 else {}
+            msg_id = str(parent.get("msg_id", ""))
+        except (ValueError, AttributeError):
+            return
+        idents = routes.get(msg_id) if channel == "stdin" else routes.pop(msg_id, None)
+        if idents is None:
+            return  # a reply to someone else (the gateway's own kernel_info): nobody here waits
+        send_now(self.sockets[channel], [*idents, DELIM, signature, *parts])
+
+    # --- websocket side ---------------------------------------------------------------------
+
+    async def to_gateway(self, channel: str, parts: list[bytes]) -> None:
+        while True:
+            await self.connected.wait()
+            ws = self.ws
+            if ws is None:
+                continue
+            data = v1_frame(channel.encode(), parts) if self.v1 else legacy_message(channel, parts)
+            try:
+                await ws.send(data)
+                return
+            except ConnectionClosed:
+                self.connected.clear()  # the reader reconnects; this message goes after
+
+    async def connect(self) -> None:
+        url = (self.api.url.replace("http", "ws", 1) + f"/api/kernels/{quote(self.kernel_id)}"
+               f"/channels?session_id={self.session}")  # fmt: skip
+        ws = await connect(
+            url,
+            additional_headers={"Authorization": f"token {self.api.token}"},
+            subprotocols=[Subprotocol(V1)],
+            compression=None,
+            max_size=MAX_MESSAGE_BYTES,
+            open_timeout=30,
+            ping_interval=20,
+            ping_timeout=60,
+            proxy=None,
+        )
+        self.v1 = ws.subprotocol == V1
+        self.ws = ws
+        self.connected.set()
+
+    async def from_gateway(self) -> int:
+        """Relay the websocket to the client; reconnect while the kernel lives. The exit code."""
+        while True:
+            ws = self.ws
+            assert ws is not None
+            try:
+                async for data in ws:
+                    if self.v1 and isinstance(data, bytes):
+                        try:
+                            parts = v1_parts(data)
+                        except ValueError:
+                            continue
+                        await self.to_client(bytes(parts[0]).decode(), parts[1:])
+                    else:
+                        try:
+                            channel, plain = legacy_parts(data)
+                        except (ValueError, struct.error, UnicodeDecodeError):
+                            continue
+                        await self.to_client(channel, plain)
+            except ConnectionClosed:
+                pass
+            self.connected.clear()
+            reason = ws.close_reason or f"code {ws.close_code}"
+            code = await self.reconnect(reason)
+            if code is not None:
+                return code
+
+    async def reconnect(self, reason: str) -> int | None:
+        """After the websocket ended: None once open again, else the bridge's exit code."""
+        deadline = time.monotonic() + self.reconnect_s
+        last = reason
+        while True:
+            try:
+                model = await asyncio.to_thread(self.api.kernel, self.kernel_id)
+            except GatewayError as error:
+                if error.status not in (0, 502, 503, 504):
+                    say(f"the pool kernel's websocket ended ({reason}); "
+                        + credentials.explain(error, self.api.url))  # fmt: skip
+                    return 1
+                model, last = {}, str(error)
+            if model is None:
+                say(f"the pool kernel {self.kernel_id} is gone ({reason})")
+                return 1
+            state = (model.get("gpupool") or {}).get("state") or model.get("execution_state")
+            if state == "dead":
+                why = (model.get("gpupool") or {}).get("reason") or reason
+                say(f"the pool kernel {self.kernel_id} ended: {why}")
+                return 1
+            if model:
+                try:
+                    await self.connect()
+                    return None
+                except (OSError, InvalidStatus, TimeoutError) as error:
+                    last = str(error)
+            if time.monotonic() > deadline:
+                say(f"lost the pool kernel's websocket ({reason}) and could not reconnect "
+                    f"within {self.reconnect_s:g} s: {last}")  # fmt: skip
+                return 1
+            await asyncio.sleep(1.0)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        self.bind()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        try:
+            await self.connect()
+        except InvalidStatus as error:
+            body = error.response.body or b""
+            try:
+                message = str(json.loads(body).get("message", ""))
+            except (ValueError, AttributeError):
+                message = body.decode(errors="replace")[:200]
+            say(f"the gateway refused the kernel's websocket ({error.response.status_code}): "
+                f"{message}")  # fmt: skip
+            return 1
+        except (OSError, TimeoutError) as error:
+            say(f"cannot reach the gateway at {self.api.url}: {error}")
+            return 1
+        tasks = [asyncio.ensure_future(self.from_client(n)) for n in ("shell", "control", "stdin")]
+        reader = asyncio.ensure_future(self.from_gateway())
+        try:
+            await asyncio.wait([reader, self.done], return_when=asyncio.FIRST_COMPLETED)
+            return reader.result() if reader.done() else self.done.result()
+        finally:
+            for task in [*tasks, reader]:
+                task.cancel()
+            if self.ws is not None:
+                await self.ws.close(1000, "the local kernel bridge ended")
+            self.ctx.destroy(linger=500)
+
+    def stop(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(0)
+
+    def interrupt(self) -> None:
+        """SIGINT (a client in `signal` interrupt mode that signals argv's process itself)."""
+        future = asyncio.ensure_future(asyncio.to_thread(self.api.interrupt, self.kernel_id))
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+
+
+def wait_until_running(api: GatewayApi, kernel_id: str, timeout: float, log: Any = say) -> None:
+    """Poll the kernel's model while it is queued or starting, saying its queue position."""
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        model = api.kernel(kernel_id)
+        if model is None:
+            raise GatewayError(404, f"the pool kernel {kernel_id} vanished while starting")
+        pool = model.get("gpupool") or {}
+        state = pool.get("state") or "running"
+        if state == "dead":
+            raise GatewayError(0, f"the pool kernel ended while starting: {pool.get('reason')}")
+        if state not in ("queued", "starting"):
+            return
+        shape = f"{pool.get('gpu_type')} ×{pool.get('gpu_count')}"  # noqa: RUF001
+        now = (f"queued for {shape}, position {pool.get('queue_position')}" if state == "queued"
+               else f"starting on {shape}")  # fmt: skip
+        if now != said:
+            log(now)
+            said = now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still {now} after {timeout:g} s; gave up")
+        time.sleep(QUEUE_POLL_S)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jupyter_ext.kernel_bridge")
+    parser.add_argument("-f", dest="connection_file", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kernel-id", help="a pool kernel started already")
+    target.add_argument("--kernel-name", help="start a pool kernel of this kernelspec")
+    args = parser.parse_args(argv)
+    with open(args.connection_file) as f:
+        info = json.load(f)
+    try:
+        url, token = credentials.resolve()
+    except credentials.CredentialsError as error:
+        say(str(error))
+        sys.exit(1)
+    api = GatewayApi(url, token)
+    kernel_id, owned = args.kernel_id, False
+    if args.kernel_name:
+        try:
+            kernel_id = str(api.start_kernel(args.kernel_name)["id"])
+            owned = True
+            say(f"started pool kernel {kernel_id} ({args.kernel_name})")
+            wait_until_running(api, kernel_id, float(os.environ.get("GPUPOOL_QUEUE_TIMEOUT", 900)))
+        except (GatewayError, TimeoutError) as error:
+            if owned:
+                api.shutdown(kernel_id)
+            say(credentials.explain(error, url) if isinstance(error, GatewayError) else str(error))
+            sys.exit(1)
+    code = 1
+    try:
+        code = asyncio.run(Bridge(info, api, kernel_id, owned).run())
+    finally:
+        if owned:
+            try:
+                api.shutdown(kernel_id)
+            except GatewayError as error:
+                say(f"could not shut the pool kernel down: {error}")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
