@@ -55,6 +55,7 @@ class Gateway:
     def __init__(self, config: GpupoolLab, serverapp: Any) -> None:
         self.config = config
         self.serverapp = serverapp
+        self.client: AsyncHTTPClient | None = None
 
     def target(self) -> tuple[str, str]:
         url = self.config.gateway_url or os.environ.get(URL_ENV, "")
@@ -82,11 +83,12 @@ class Gateway:
             headers={"Authorization": f"token {token}"},
             request_timeout=self.config.request_timeout,
             connect_timeout=self.config.request_timeout,
-            max_body_size=MAX_GATEWAY_BYTES,
             validate_cert=True,
         )
+        if self.client is None:  # made on the server's own loop, on first use
+            self.client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_GATEWAY_BYTES)
         try:
-            response = await AsyncHTTPClient().fetch(request)
+            response = await self.client.fetch(request)
         except HTTPClientError as error:
             body = error.response.body if error.response is not None else b""
             raise _from_status(url, error.code, _message(body), token) from None
@@ -226,9 +228,10 @@ def _local_name(local: dict[str, Any], name: str, gpu_type: str, count: int) -> 
         return name
     for local_name, spec in local.items():
         meta = ((spec or {}).get("spec") or {}).get("metadata", {}).get("gpupool") or {}
-        if str(meta.get("gpu_type", "")).lower() == gpu_type.lower() and int(
-            meta.get("gpu_count", 0) or 0
-        ) == count:
+        if (
+            str(meta.get("gpu_type", "")).lower() == gpu_type.lower()
+            and int(meta.get("gpu_count", 0) or 0) == count
+        ):
             return str(local_name)
     return None
 
