@@ -300,7 +300,7 @@ class UsageHandler(GpupoolHandler):
 
 def summarize(report: dict[str, Any], first: float, now: float) -> dict[str, Any]:
     """Per UTC day from `first` to `now`: GPU-hours and cost; per kernel: the same in total."""
-    days = [
+    days: list[dict[str, Any]] = [
         {
             "date": datetime.fromtimestamp(first + 86400 * i, timezone.utc).date().isoformat(),
             "gpu_hours": 0.0,

@@ -200,8 +200,9 @@ def test_the_wheel_installs_both_extensions_enabled(tmp_path: Path) -> None:
                    check=True, timeout=240)  # fmt: skip
     wheel = next((tmp_path / "dist").glob("gpupool-*.whl"))
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "-q", "--prefix", str(prefix), str(wheel)],
-                   check=True, timeout=120)  # fmt: skip
+    # --ignore-installed: else pip would first uninstall the gpupool of this venv.
+    subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
+                    str(prefix), str(wheel)], check=True, timeout=120)  # fmt: skip
     site = next(prefix.glob("lib/python3*/site-packages"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     # `jupyter server extension list` reads only the user, sys-prefix and system config
