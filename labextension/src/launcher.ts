@@ -1,5 +1,6 @@
 import { JupyterFrontEnd } from '@jupyterlab/application';
 import { ILauncher } from '@jupyterlab/launcher';
+import { notebookIcon } from '@jupyterlab/ui-components';
 import { IDisposable } from '@lumino/disposable';
 
 import { IShape, money, reportOnce, requestAPI, shapeLabel } from './api';
@@ -48,6 +49,7 @@ export class PoolLauncher {
     app.commands.addCommand(OPEN_COMMAND, {
       label: args => String(args.label ?? 'GPU notebook'),
       caption: args => String(args.caption ?? ''),
+      icon: notebookIcon,
       isEnabled: args => !!args.kernelName,
       execute: args =>
         app.commands.execute('notebook:create-new', {

@@ -42,7 +42,7 @@ export class UsagePanel extends Widget {
     const summary = document.createElement('p');
     summary.className = 'gpupool-summary';
     summary.textContent =
-      `${usage.total_gpu_hours.toFixed(2)} GPU-hours, ${money(usage.total_cost_usd)}` +
+      `${usage.total_gpu_hours.toFixed(usage.total_gpu_hours < 1 ? 3 : 2)} GPU-hours, ${money(usage.total_cost_usd)}` +
       budgetText(usage.budget);
     this.node.append(h2, summary, chart(usage), kernelTable(usage));
   }
@@ -91,10 +91,12 @@ function chart(usage: IUsage): SVGElement {
     bar.appendChild(tip);
     root.appendChild(bar);
     if (i === 0 || i === days.length - 1 || i === Math.floor(days.length / 2)) {
+      const anchor = i === 0 ? 'start' : i === days.length - 1 ? 'end' : 'middle';
       const label = svg('text', {
         class: 'gpupool-axis',
-        x: left + i * step,
-        y: height - 5
+        x: left + i * step + (anchor === 'end' ? step : anchor === 'middle' ? step / 2 : 0),
+        y: height - 5,
+        'text-anchor': anchor
       });
       label.textContent = day.date.slice(5);
       root.appendChild(label);

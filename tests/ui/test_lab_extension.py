@@ -77,6 +77,11 @@ def page(lab_url: str) -> Iterator[Page]:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(lab_url)
         page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
+        news = page.get_by_role("button", name="No", exact=True)
+        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
+            news.click(timeout=10_000)
+        except Exception:
+            pass
         yield page
         browser.close()
 
