@@ -1,6 +1,6 @@
 """The Lab extension in a real browser, in the Lab of `gpupool up` (gateway mode): the launcher's
-"GPU pool" section shows "H100 ×1" with its price, a notebook started from it gets a fake GPU and
-the status bar shows its state and a cost that ticks, and the usage panel draws its chart.
+"GPU pool" section shows the one-H100 shape with its price, a notebook started from it gets a fake
+GPU and the status bar shows its state and a cost that ticks, and the usage panel draws its chart.
 Screenshots go to docs/screenshots/ (the README shows them). Uses Debian's chromium; skips
 without it, or without the built front end (`make install` builds it)."""
 
