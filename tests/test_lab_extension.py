@@ -226,3 +226,34 @@ def test_the_wheel_installs_both_extensions_enabled(tmp_path: Path) -> None:
         [sys.executable, "-c", "import jupyter_ext; print(jupyter_ext.__file__)"],
         capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
     ).stdout  # fmt: skip
+
+
+def test_usage_is_split_at_utc_midnights() -> None:
+    """An interval over a midnight counts on both days; one still open counts until now."""
+    from datetime import datetime, timezone
+
+    from jupyter_ext.server_extension import USAGE_DAYS, summarize
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+    first, now = at("2026-11-03T00:00:00"), at("2026-12-02T12:00:00")
+    interval = {"kernel_id": "k1", "gpu_type": "H100", "gpu_count": 2,
+                "usd_per_gpu_second": 0.001, "open": False}  # fmt: skip
+    report = {"intervals": [
+        {**interval, "start": "2026-11-30T23:00:00.000000Z", "end": "2026-12-01T01:00:00.000000Z"},
+        {**interval, "kernel_id": "k2", "gpu_count": 1, "open": True,
+         "start": "2026-12-02T11:00:00.000000Z", "end": None},
+        {**interval, "kernel_id": "k3", "start": "2026-10-01T00:00:00.000000Z",
+         "end": "2026-11-03T00:30:00.000000Z"},
+    ], "budget": {"budget_usd": 10.0}}  # fmt: skip
+    usage = summarize(report, first, now)
+    days = {d["date"]: d for d in usage["days"]}
+    assert len(days) == USAGE_DAYS and usage["days"][-1]["date"] == "2026-12-02"
+    assert days["2026-11-30"]["gpu_hours"] == 2.0 and days["2026-12-01"]["gpu_hours"] == 2.0
+    assert days["2026-11-30"]["cost_usd"] == 7.2  # 3600 s x 2 GPUs x $0.001
+    assert days["2026-12-02"]["gpu_hours"] == 1.0  # k2, open, until now
+    assert days["2026-11-03"]["gpu_hours"] == 1.0  # k3 only from the first day
+    kernels = {k["kernel_id"]: k for k in usage["kernels"]}
+    assert kernels["k1"]["gpu_hours"] == 4.0 and kernels["k2"]["open"]
+    assert usage["total_gpu_hours"] == 6.0 and usage["budget"] == {"budget_usd": 10.0}

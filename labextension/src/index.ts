@@ -5,6 +5,7 @@ import {
 } from '@jupyterlab/application';
 import { ICommandPalette, MainAreaWidget, WidgetTracker } from '@jupyterlab/apputils';
 import { ILauncher } from '@jupyterlab/launcher';
+import { IMainMenu } from '@jupyterlab/mainmenu';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
@@ -23,7 +24,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'gpupool: pool GPUs beside local kernels, with price, queue and live cost.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ILauncher, IStatusBar, ICommandPalette, ISettingRegistry, ILayoutRestorer],
+  optional: [
+    ILauncher,
+    IStatusBar,
+    ICommandPalette,
+    ISettingRegistry,
+    ILayoutRestorer,
+    IMainMenu
+  ],
   activate: (
     app: JupyterFrontEnd,
     notebooks: INotebookTracker,
@@ -31,7 +39,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     statusBar: IStatusBar | null,
     palette: ICommandPalette | null,
     registry: ISettingRegistry | null,
-    restorer: ILayoutRestorer | null
+    restorer: ILayoutRestorer | null,
+    mainMenu: IMainMenu | null
   ) => {
     const settings = { showCost: true, defaultShape: '', refreshSeconds: 30 };
     const options = {
@@ -70,6 +79,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     palette?.addItem({ command: USAGE_COMMAND, category: 'GPU Pool' });
+    mainMenu?.viewMenu.addGroup([{ command: USAGE_COMMAND }], 100);
     if (restorer) {
       void restorer.restore(tracker, { command: USAGE_COMMAND, name: () => 'gpupool-usage' });
     }

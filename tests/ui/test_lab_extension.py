@@ -119,6 +119,9 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     assert "suspends in" in text, text
     page.screenshot(path=str(SHOTS / "status-bar.png"))
 
+    page.locator('.lm-MenuBar-itemLabel:text("View")').click()
+    expect(page.locator(".lm-Menu-itemLabel", has_text="GPU Pool: Show Usage")).to_be_visible()
+    page.keyboard.press("Escape")
     page.keyboard.press("Control+Shift+C")
     page.keyboard.type("GPU Pool: Show Usage")
     page.keyboard.press("Enter")
