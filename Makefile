@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 # The Lab front end, rebuilt when its sources are newer than this stamp.
 LAB_STAMP := jupyter_ext/labextension/.build-stamp
+LAB_NODE_STAMP := labextension/node_modules/.installed-stamp
 LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/schema/*.json labextension/style/*) \
 	labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
@@ -43,9 +44,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # npm ci installs exactly the committed lock file; the build takes Node.js 18 or later.
-$(LAB_STAMP): $(LAB_SOURCES)
-	@command -v node >/dev/null || { echo "The Lab front end needs Node.js 18 or later (apt-get install nodejs npm)."; exit 1; }
+$(LAB_NODE_STAMP): labextension/package.json labextension/package-lock.json
+	@command -v npm >/dev/null || { echo "The Lab front end needs Node.js 18 or later and npm (apt-get install nodejs npm)."; exit 1; }
 	cd labextension && npm ci --no-audit --no-fund --loglevel=error
+	touch $(LAB_NODE_STAMP)
+
+$(LAB_STAMP): $(LAB_SOURCES) $(LAB_NODE_STAMP)
 	cd labextension && PYTHON="$(abspath $(BIN)/python)" npm run --silent build
 	touch $(LAB_STAMP)
 

@@ -11,6 +11,7 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { PoolLauncher } from './launcher';
+import { pickShape, PICK_COMMAND } from './picker';
 import { KernelStatus } from './status';
 import { UsagePanel } from './usage';
 
@@ -78,6 +79,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
         return widget;
       }
     });
+    app.commands.addCommand(PICK_COMMAND, {
+      label: 'GPU Pool: Change Kernel to a GPU Shape\u2026',
+      isEnabled: () => !!notebooks.currentWidget && (pool?.shapes.length ?? 0) > 0,
+      execute: async () => {
+        await pool?.refresh(); // free and queue as they are now
+        await pickShape(notebooks, pool?.shapes ?? [], settings.showCost);
+      }
+    });
+    palette?.addItem({ command: PICK_COMMAND, category: 'GPU Pool' });
+    mainMenu?.kernelMenu.addGroup([{ command: PICK_COMMAND }], 100);
     palette?.addItem({ command: USAGE_COMMAND, category: 'GPU Pool' });
     mainMenu?.viewMenu.addGroup([{ command: USAGE_COMMAND }], 100);
     if (restorer) {

@@ -131,3 +131,20 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     expect(panel.locator("tbody tr")).to_have_count(1)
     expect(panel.locator("tbody tr")).to_contain_text("H100 \u00d71")
     page.screenshot(path=str(SHOTS / "usage.png"))
+
+    # The picker: the H100 ×1 kernel holds one of the two GPUs, so ×2 would queue.
+    page.locator(".lm-TabBar-tabLabel", has_text="Untitled").first.click()
+    page.locator('.lm-MenuBar-itemLabel:text("Kernel")').click()
+    page.locator(".lm-Menu-itemLabel", has_text="Change Kernel to a GPU Shape").click()
+    rows = page.locator(".gpupool-picker tbody tr")
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+    two = rows.filter(has_text="H100 \u00d72")
+    expect(two).to_contain_text("160 GB")
+    expect(two).to_contain_text("queued, position 1")
+    expect(rows.filter(has_text="H100 \u00d71")).to_contain_text("starts now")
+    page.screenshot(path=str(SHOTS / "picker.png"))
+    two.click()
+    page.locator(".jp-Dialog-button.jp-mod-accept").click()
+    # Lab starts the new kernel, then shuts the old one down; the new one gets both GPUs.
+    expect(status).to_contain_text("GPU H100 \u00d72", timeout=WAIT_MS)
+    expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
