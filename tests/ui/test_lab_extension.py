@@ -132,7 +132,7 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     expect(panel.locator("tbody tr")).to_contain_text("H100 \u00d71")
     page.screenshot(path=str(SHOTS / "usage.png"))
 
-    # The picker: the H100 ×1 kernel holds one of the two GPUs, so ×2 would queue.
+    # The picker: the one-GPU kernel holds one of the two H100s, so two would queue.
     page.locator(".lm-TabBar-tabLabel", has_text="Untitled").first.click()
     page.locator('.lm-MenuBar-itemLabel:text("Kernel")').click()
     page.locator(".lm-Menu-itemLabel", has_text="Change Kernel to a GPU Shape").click()
