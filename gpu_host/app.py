@@ -285,6 +285,9 @@ gpupool host --help-all                           # every option of every part
         self.web_app.settings["gpupool_status"] = self.status
         self.web_app.settings["websocket_ping_interval"] = 30
         self.web_app.settings["websocket_ping_timeout"] = 30
+        # Tornado's pings above end with their websocket; jupyter_server's own (a second ping
+        # every 30 s) kept every closed websocket, handler and buffers, for up to 30 s more.
+        self.web_app.settings["ws_ping_interval"] = 0
         self.web_app.settings["websocket_max_message_size"] = self.max_message_mb << 20
 
     def start_app(self) -> None:

@@ -22,6 +22,10 @@ class GatewayRefused(Exception):
     """The gateway answered but will not take this host (wrong join token, say)."""
 
 
+class ReportFailed(Exception):
+    """This host could not put its own report together: no fault of the gateway's."""
+
+
 class GatewayLink:
     def __init__(
         self,
@@ -54,11 +58,15 @@ class GatewayLink:
         reply: dict[str, Any] = json.loads(response.body or b"{}")
         return reply
 
+    def _report(self) -> dict[str, Any]:
+        try:
+            return self.status.heartbeat()
+        except Exception as error:
+            raise ReportFailed(f"{type(error).__name__}: {error}") from error
+
     async def register(self) -> None:
         try:
-            reply = await self._post(
-                "/api/hosts/register", self.join_token, self.status.heartbeat()
-            )
+            reply = await self._post("/api/hosts/register", self.join_token, self._report())
         except HTTPClientError as error:
             if error.code in (400, 401, 403):
                 raise GatewayRefused(
@@ -73,7 +81,7 @@ class GatewayLink:
     async def heartbeat(self) -> None:
         try:
             await self._post(
-                f"/api/hosts/{self.host_id}/heartbeat", self.host_token, self.status.heartbeat()
+                f"/api/hosts/{self.host_id}/heartbeat", self.host_token, self._report()
             )
         except HTTPClientError as error:
             if error.code in (401, 403, 404):
@@ -93,6 +101,12 @@ class GatewayLink:
                 await asyncio.sleep(self.interval)
             except asyncio.CancelledError:
                 raise
+            except ReportFailed as error:
+                # A bug of ours, not an outage: say so, with its traceback, and try again at
+                # the usual pace (the gateway takes a host that stays silent for lost).
+                log.error("could not put this host's heartbeat together (%s); retrying in "
+                          "%.1f s", error, self.interval, exc_info=error.__cause__)  # fmt: skip
+                await asyncio.sleep(self.interval)
             except GatewayRefused as error:
                 log.error("%s; check --join-token; retrying in %.1f s", error, self.max_backoff)
                 await asyncio.sleep(self.max_backoff)

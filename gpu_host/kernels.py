@@ -8,6 +8,8 @@ import json
 import signal
 import time
 import uuid
+from collections import deque
+from functools import partial
 from typing import Any, cast
 
 import zmq
@@ -21,6 +23,7 @@ from traitlets import Float, Int, List, Unicode
 from .allocator import AllocationError, GpuAllocator, Shape
 from .connections import Connections
 from .kernel_request import KernelRequest
+from .memory import MemoryTrim
 from .placement import KernelPlacement
 from .provisioner import kernel_env
 from .tenants import TenantSpaces
@@ -91,6 +94,12 @@ class HostKernelManager(AsyncMappingKernelManager):
         "the open-file limit and ZMQ's socket limit allow.",
     ).tag(config=True)
 
+    max_replay_mb = Int(
+        16,
+        help="Largest backlog, in MiB, of a kernel's messages kept while no websocket is open "
+        "to it, for the next one to replay; older messages go first.",
+    ).tag(config=True)
+
     def attach(self, allocator: GpuAllocator, spaces: TenantSpaces, open_files: int) -> None:
         """Give the manager this machine's GPUs and tenant spaces and the agent's open-file
         limit; called once at start, before any kernel or ZMQ socket exists."""
@@ -107,6 +116,7 @@ class HostKernelManager(AsyncMappingKernelManager):
         self.connections = Connections(
             self.max_websockets_per_kernel, self.max_websockets_per_tenant, total
         )
+        self.memory = MemoryTrim()
         self.placements: dict[str, KernelPlacement] = {}
         self.ended: dict[str, dict[str, Any]] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}  # dead kernels' cleanups under way
@@ -130,6 +140,12 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def pre_start_kernel(self, kernel_name: str | None, kwargs: Any) -> tuple[Any, str, str]:
         km, name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
+        # jupyter_client lists a kernel as soon as its process runs, and jupyter_server gives
+        # it an activity time only a turn of the event loop later: a heartbeat or kernel list
+        # in between read an unset `last_activity` and failed as a whole (TraitError), so
+        # that 64 starts at once made the gateway take this host for lost. Set from the start.
+        km.execution_state = "starting"  # type: ignore[attr-defined]
+        km.last_activity = utcnow()  # type: ignore[attr-defined]
         # jupyter_client's restarter would start a kernel that died again under the same id,
         # with none of its variables, racing the death watch: a pool kernel that dies is
         # reported dead (its GPUs freed, its billing stopped), never silently replaced.
@@ -302,6 +318,29 @@ class HostKernelManager(AsyncMappingKernelManager):
 
         kernel._activity_stream.on_recv(record_activity, copy=False)
 
+    def start_buffering(self, kernel_id: str, session_key: str, channels: dict[str, Any]) -> None:
+        """jupyter_server's, with a bound: while no websocket is open to a kernel, it keeps
+        every message the kernel sends, for the next websocket of the same session to replay,
+        in a list that only grew (a cell printing in a loop, its tab closed, filled the host).
+        Here at most `max_replay_mb` are kept, the newest."""
+        super().start_buffering(kernel_id, session_key, channels)
+        if kernel_id not in self._kernel_buffers:
+            return  # buffering is off
+        kept: deque[tuple[str, list[Any]]] = deque()
+        self._kernel_buffers[kernel_id]["buffer"] = kept
+        most = self.max_replay_mb << 20
+        size = 0
+
+        def buffer_msg(channel: str, parts: list[Any]) -> None:
+            nonlocal size
+            kept.append((channel, parts))
+            size += sum(len(part) for part in parts)
+            while size > most and kept:
+                size -= sum(len(part) for part in kept.popleft()[1])
+
+        for channel, stream in channels.items():
+            stream.on_recv(partial(buffer_msg, channel))
+
     # -- visibility: warm kernels are nobody's until taken --------------------------------
 
     def _visible(self, kernel_id: str) -> bool:
@@ -334,8 +373,20 @@ class HostKernelManager(AsyncMappingKernelManager):
 
     def list_kernels(self) -> list[dict[str, Any]]:
         alive = [k for k in list(self._kernels) if self._visible(k) and k not in self.ended]
-        models = [self.kernel_model(k) for k in alive]
+        models = [self._model_or_unknown(k) for k in alive]
         return models + list(self.ended.values())
+
+    def _model_or_unknown(self, kernel_id: str) -> dict[str, Any]:
+        """A kernel's model; one that cannot be read (in a state no one foresaw) is listed as
+        "unknown" rather than failing the whole list: the gateway takes a kernel missing from
+        two heartbeats for gone, and a heartbeat that fails as a whole for a lost host."""
+        try:
+            return self.kernel_model(kernel_id)
+        except Exception as error:
+            self.log.warning("kernel %s: its state could not be read (%r); listed as unknown",
+                             kernel_id, error)  # fmt: skip
+            return {"id": kernel_id, "name": KERNEL_NAME, "execution_state": "unknown",
+                    "connections": 0}  # fmt: skip
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -350,6 +401,7 @@ class HostKernelManager(AsyncMappingKernelManager):
         self.allocator.release(kernel_id)
         self.placements.pop(kernel_id, None)
         self.warm.refill_soon()
+        self.memory.soon()
 
     async def _async_shutdown_kernel(
         self, kernel_id: str, now: bool | None = False, restart: bool | None = False
@@ -376,12 +428,16 @@ class HostKernelManager(AsyncMappingKernelManager):
         while True:
             await asyncio.sleep(self.poll_seconds)
             for kernel_id in list(self._kernels):
-                km = self._kernels.get(kernel_id)
-                if km is None or km.shutting_down or km.provisioner is None:
-                    continue
-                code = await km.provisioner.poll()
-                if code is not None and kernel_id in self._kernels:
-                    await self._record_death(kernel_id, code)
+                await self._poll(kernel_id)
+
+    async def _poll(self, kernel_id: str) -> None:
+        # Its own frame: the watch's loop would keep the last kernel it polled, ended or not.
+        km = self._kernels.get(kernel_id)
+        if km is None or km.shutting_down or km.provisioner is None:
+            return
+        code = await km.provisioner.poll()
+        if code is not None and kernel_id in self._kernels:
+            await self._record_death(kernel_id, code)
 
     async def _record_death(self, kernel_id: str, code: int) -> None:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

@@ -28,6 +28,7 @@ from .store import Tenant
 log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
+HOST_CONNECT_TIMEOUT = 60.0  # seconds for the host's websocket handshake
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
 REPLACED = "another connection of the same session is in use"
 MAX_SESSION_ID = 256  # characters of ?session_id= (Lab sends a 36-character uuid)
@@ -204,7 +205,10 @@ class ChannelsHandler(WebSocketHandler):
             url += f"?session_id={quote(self.session_id, safe='')}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
         self.connecting = connecting = asyncio.ensure_future(websocket_connect(
-            HTTPRequest(url, headers={"Authorization": f"token {host.token}"}),
+            # A host busy with a burst of handshakes may take longer than tornado's default 20 s.
+            HTTPRequest(url, headers={"Authorization": f"token {host.token}"},
+                        connect_timeout=HOST_CONNECT_TIMEOUT,
+                        request_timeout=HOST_CONNECT_TIMEOUT),
             subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
             max_message_size=limit,
         ))  # fmt: skip
@@ -227,9 +231,13 @@ class ChannelsHandler(WebSocketHandler):
         upstream.stream.set_nodelay(True)
         # Held messages first, in order: what arrives during these awaits is appended to the
         # list and sent by this same loop, before on_message may write to the kernel directly.
-        for message in self.pending:
-            await upstream.write_message(message, binary=isinstance(message, bytes))
-        self.pending.clear()
+        try:
+            for message in self.pending:
+                await upstream.write_message(message, binary=isinstance(message, bytes))
+        except WebSocketClosedError:
+            pass  # the host closed it meanwhile: its close code, read below, says why
+        else:
+            self.pending.clear()
         self.upstream = upstream
         live = self.state.kernels._live(self.kernel_id)
         while True:
@@ -281,8 +289,11 @@ class ChannelsHandler(WebSocketHandler):
                 self.upstream = None
             kernels.resume(self.kernel_id)
         elif self.upstream is not None:
-            self.upstream.write_message(message, binary=isinstance(message, bytes))
-            return
+            try:
+                self.upstream.write_message(message, binary=isinstance(message, bytes))
+                return
+            except WebSocketClosedError:
+                pass  # held, and sent again if the relay reconnects (a resume)
         if len(self.pending) >= MAX_PENDING:
             self.close(1008, "too many messages sent before the kernel started")
             return

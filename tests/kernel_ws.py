@@ -14,7 +14,7 @@ from jupyter_server.services.kernels.connection.base import (
     serialize_msg_to_ws_v1,
 )
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -130,7 +130,10 @@ async def run_code(
 
 async def closed_by(sock: KernelSocket, payload: bytes, timeout: float = 30) -> tuple[Any, Any]:
     """Send `payload` as one binary message; the close code and reason that follow."""
-    await sock.conn.write_message(payload, binary=True)
+    try:
+        await sock.conn.write_message(payload, binary=True)
+    except WebSocketClosedError:
+        pass  # closed while a large payload was still being written: the close says why
     while await asyncio.wait_for(sock.conn.read_message(), timeout) is not None:
         pass  # what the kernel said before the close
     return sock.conn.close_code, sock.conn.close_reason
