@@ -4,10 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
+# The Lab front end, rebuilt when its sources are newer than this stamp.
+LAB_STAMP := jupyter_ext/labextension/.build-stamp
+LAB_NODE_STAMP := labextension/node_modules/.installed-stamp
+LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/schema/*.json labextension/style/*) \
+	labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
 .PHONY: install lint test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(LAB_STAMP)
 
 $(STAMP): pyproject.toml
 	@# tests/ui/ drive Debian's chromium through Playwright (no browser download); as root,
@@ -19,7 +24,17 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# The front end builds against the JupyterLab it will run in, so that comes first.
+	$(BIN)/python -m pip install --quiet "jupyterlab>=4.2"
+	$(MAKE) $(LAB_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@# Where Jupyter looks: the front end (a link, so rebuilds show at once) and the file
+	@# that enables the server extension; a wheel installs both as shared-data instead.
+	mkdir -p $(VENV)/share/jupyter/labextensions/@gpupool $(VENV)/etc/jupyter/jupyter_server_config.d
+	rm -rf $(VENV)/share/jupyter/labextensions/@gpupool/labextension
+	test ! -f jupyter_ext/labextension/package.json || ln -s "$(CURDIR)/jupyter_ext/labextension" \
+		$(VENV)/share/jupyter/labextensions/@gpupool/labextension
+	cp jupyter-config/server-config/gpupool.json $(VENV)/etc/jupyter/jupyter_server_config.d/
 	@# The GPU-to-CPU tests use PyTorch's CPU build where this machine keeps its wheel; plain
 	@# `torch` from PyPI is a CUDA build of several GB, so without that wheel those tests skip.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0+cpu" \
@@ -28,6 +43,18 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python -m gpu_host.kernel_python \
 		|| echo "No kernel venv: hosts run as root will not isolate tenants (see above)."; fi
 	touch $(STAMP)
+
+# npm ci installs exactly the committed lock file; the build takes Node.js 18 or later.
+# Without Node.js the rest installs and works; Lab has no gpupool front end, its tests skip.
+$(LAB_NODE_STAMP): labextension/package.json labextension/package-lock.json
+	@command -v npm >/dev/null || { echo "No npm: the Lab front end is not built (it needs Node.js 18 or later and npm: apt-get install nodejs npm)."; exit 0; }
+	cd labextension && npm ci --no-audit --no-fund --loglevel=error
+	touch $(LAB_NODE_STAMP)
+
+$(LAB_STAMP): $(LAB_SOURCES) $(LAB_NODE_STAMP)
+	@test -d labextension/node_modules || exit 0
+	cd labextension && PYTHON="$(abspath $(BIN)/python)" npm run --silent build
+	touch $(LAB_STAMP)
 
 lint: install
 	$(BIN)/ruff check gpu_host kernel_gateway jupyter_ext tests bench
@@ -53,4 +80,4 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/load.py
 
 clean:
-	rm -rf $(VENV) bench/.venv-jkg .gpupool .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) bench/.venv-jkg labextension/node_modules labextension/lib jupyter_ext/labextension .gpupool .mypy_cache .ruff_cache .pytest_cache

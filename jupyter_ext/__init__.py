@@ -32,3 +32,13 @@ def unload_ipython_extension(ipython: Any) -> None:
     atexit.unregister(magics.shutdown)
     for kind in ("line", "cell"):
         ipython.magics_manager.magics[kind].pop("gpu", None)
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter server extension: /gpupool/ routes for the Lab front end."""
+    return [{"module": "jupyter_ext.server_extension"}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt Lab front end (built from labextension/ into jupyter_ext/labextension)."""
+    return [{"src": "labextension", "dest": "@gpupool/labextension"}]

@@ -1,0 +1,356 @@
+"""The Jupyter server extension: REST routes under /gpupool/ for the Lab front end.
+
+The routes call the gpupool gateway with the tenant's token, which stays in this server: the
+browser sees shapes, kernel states, costs and usage, never the token. Where the gateway's URL and
+token come from, first found wins: `c.GpupoolLab.gateway_url` / `c.GpupoolLab.token`, then
+GPUPOOL_URL / GPUPOOL_TOKEN, then this server's own `--gateway-url` and
+`GatewayClient.auth_token` (gateway mode, as `gpupool up` runs Lab)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.parse
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import tornado.web
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import ensure_async, url_path_join
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import Float, Unicode
+from traitlets.config import Configurable
+
+URL_ENV = "GPUPOOL_URL"
+TOKEN_ENV = "GPUPOOL_TOKEN"
+KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAX_GATEWAY_BYTES = 8 * 1024 * 1024  # the largest gateway answer this server reads
+USAGE_DAYS = 30
+SETTINGS_KEY = "gpupool_lab"
+
+
+class GpupoolLab(Configurable):
+    """How this Jupyter server reaches the gpupool gateway."""
+
+    gateway_url = Unicode("", help="The gateway's URL; else GPUPOOL_URL.").tag(config=True)
+    token = Unicode("", help="A tenant token; else GPUPOOL_TOKEN. Never sent to the browser.").tag(
+        config=True
+    )
+    request_timeout = Float(10.0, help="Seconds to wait for the gateway.").tag(config=True)
+
+
+class GatewayUnavailable(Exception):
+    """The gateway could not answer; `status` is this server's answer to the browser."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+class Gateway:
+    """The gateway's REST API, as the Lab routes call it (asynchronously)."""
+
+    def __init__(self, config: GpupoolLab, serverapp: Any) -> None:
+        self.config = config
+        self.serverapp = serverapp
+        self.client: AsyncHTTPClient | None = None
+
+    def target(self) -> tuple[str, str]:
+        url = self.config.gateway_url or os.environ.get(URL_ENV, "")
+        token = self.config.token or os.environ.get(TOKEN_ENV, "")
+        if not url or not token:
+            client = _gateway_client(self.serverapp)
+            if client is not None:
+                url = url or client.url or ""
+                token = token or client.auth_token or ""
+        if not url or not token:
+            raise GatewayUnavailable(
+                503,
+                "not configured",
+                "This Jupyter server does not know the gpupool gateway: set GPUPOOL_URL and "
+                "GPUPOOL_TOKEN in its environment (`gpupool up` prints both), or "
+                "c.GpupoolLab.gateway_url and c.GpupoolLab.token, and restart it. Local kernels "
+                "work as before.",
+            )
+        return url.rstrip("/"), token
+
+    async def get(self, path: str) -> Any:
+        url, token = self.target()
+        request = HTTPRequest(
+            url + path,
+            headers={"Authorization": f"token {token}"},
+            request_timeout=self.config.request_timeout,
+            connect_timeout=self.config.request_timeout,
+            validate_cert=True,
+        )
+        if self.client is None:  # made on the server's own loop, on first use
+            self.client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_GATEWAY_BYTES)
+        try:
+            response = await self.client.fetch(request)
+        except HTTPClientError as error:
+            body = error.response.body if error.response is not None else b""
+            raise _from_status(url, error.code, _message(body), token) from None
+        except (OSError, TimeoutError) as error:
+            raise GatewayUnavailable(
+                502,
+                "gateway unreachable",
+                f"The gpupool gateway at {url} does not answer ({_scrub(str(error), token)}). "
+                "GPU kernels are unavailable until it does; local kernels work as before.",
+            ) from None
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            raise GatewayUnavailable(
+                502, "bad gateway answer", f"The gpupool gateway at {url} answered no JSON."
+            ) from None
+
+
+def _gateway_client(serverapp: Any) -> Any:
+    """This server's GatewayClient when it runs in gateway mode, else None."""
+    try:
+        from jupyter_server.gateway.gateway_client import GatewayClient
+    except ImportError:  # pragma: no cover - every jupyter_server 2 has it
+        return None
+    if not GatewayClient.initialized():
+        return None
+    client = GatewayClient.instance()
+    return client if client.gateway_enabled else None
+
+
+def _from_status(url: str, status: int, detail: str, token: str) -> GatewayUnavailable:
+    detail = _scrub(detail, token)
+    if status in (401, 403):
+        return GatewayUnavailable(
+            502,
+            "token refused",
+            f"The gpupool gateway at {url} refused this server's token ({status}): set "
+            "GPUPOOL_TOKEN to a valid tenant token (`gpupool tenant create NAME` makes one) "
+            "and restart Jupyter.",
+        )
+    if status == 402:
+        return GatewayUnavailable(402, "budget reached", f"GPU budget reached: {detail}")
+    if status == 404:
+        return GatewayUnavailable(404, "not found", detail or "No such kernel on the gateway.")
+    if status == 599:
+        return GatewayUnavailable(
+            502,
+            "gateway unreachable",
+            f"The gpupool gateway at {url} does not answer ({detail or 'timeout'}). GPU "
+            "kernels are unavailable until it does; local kernels work as before.",
+        )
+    return GatewayUnavailable(
+        502,
+        "gateway error",
+        f"The gpupool gateway at {url} answered {status}: {detail or 'no detail'}. Try again "
+        "shortly; local kernels work as before.",
+    )
+
+
+def _message(body: bytes) -> str:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:300]
+    if isinstance(parsed, dict):
+        return str(parsed.get("message") or parsed.get("reason") or "")[:300]
+    return ""
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+class GpupoolHandler(APIHandler):
+    """Lab's own auth (403 without it), no body on any route, errors as `{reason, message}`."""
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.settings[SETTINGS_KEY]
+        return gateway
+
+    def refuse_body(self) -> None:
+        length = self.request.headers.get("Content-Length", "0")
+        if self.request.body or length not in ("", "0"):
+            raise tornado.web.HTTPError(400, "These routes take no request body.")
+
+    async def answer(self, call: Any) -> None:
+        self.refuse_body()
+        try:
+            result = await call
+        except GatewayUnavailable as error:
+            self.set_status(error.status)
+            self.finish(json.dumps({"reason": error.reason, "message": error.message}))
+            return
+        self.finish(json.dumps(result))
+
+
+class ShapesHandler(GpupoolHandler):
+    """GET /gpupool/shapes: the pool's GPU shapes with price, free GPUs and queue length."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(self.shapes())
+
+    async def shapes(self) -> dict[str, Any]:
+        specs = await self.gateway.get("/api/kernelspecs")
+        local = await self.local_specs()
+        shapes = []
+        for name, spec in sorted((specs or {}).get("kernelspecs", {}).items()):
+            meta = ((spec or {}).get("spec") or {}).get("metadata", {}).get("gpupool")
+            if not isinstance(meta, dict) or not meta.get("gpu_type"):
+                continue
+            gpu_type, count = str(meta["gpu_type"]), int(meta.get("gpu_count", 1))
+            shapes.append({
+                "name": name,
+                "kernel_name": _local_name(local, name, gpu_type, count),
+                "display_name": spec["spec"].get("display_name", name),
+                "gpu_type": gpu_type, "gpu_count": count,
+                "memory_gb": meta.get("memory_gb"), "usd_per_hour": meta.get("usd_per_hour"),
+                "free": meta.get("free"), "queue": meta.get("queue"),
+            })  # fmt: skip
+        shapes.sort(key=lambda s: (s["gpu_type"], s["gpu_count"]))
+        return {"shapes": shapes}
+
+    async def local_specs(self) -> dict[str, Any]:
+        try:
+            specs = await ensure_async(self.kernel_spec_manager.get_all_specs())
+        except Exception:
+            return {}
+        return dict(specs or {})
+
+
+def _local_name(local: dict[str, Any], name: str, gpu_type: str, count: int) -> str | None:
+    """The name this Jupyter server knows the shape by: the gateway's own in gateway mode,
+    else an installed kernelspec whose metadata names the same GPU type and count."""
+    if name in local:
+        return name
+    for local_name, spec in local.items():
+        meta = ((spec or {}).get("spec") or {}).get("metadata", {}).get("gpupool") or {}
+        if (
+            str(meta.get("gpu_type", "")).lower() == gpu_type.lower()
+            and int(meta.get("gpu_count", 0) or 0) == count
+        ):
+            return str(local_name)
+    return None
+
+
+class KernelHandler(GpupoolHandler):
+    """GET /gpupool/kernels/<id>: a pool kernel's state, GPUs, cost so far, idle deadline."""
+
+    @tornado.web.authenticated
+    async def get(self, kernel_id: str) -> None:
+        if not KERNEL_ID.fullmatch(kernel_id):
+            self.refuse_body()
+            raise tornado.web.HTTPError(400, "A kernel id is a lower-case UUID.")
+        await self.answer(self.kernel(kernel_id))
+
+    async def kernel(self, kernel_id: str) -> dict[str, Any]:
+        remote_id = self.gateway_kernel_id(kernel_id)
+        model = await self.gateway.get(f"/api/kernels/{urllib.parse.quote(remote_id)}")
+        gpupool = dict(model.get("gpupool") or {})
+        deadline = gpupool.get("idle_deadline")
+        gpupool["idle_seconds_left"] = (
+            max(0.0, round(_parse_time(deadline) - time.time(), 1)) if deadline else None
+        )
+        return {
+            "id": kernel_id,
+            "execution_state": model.get("execution_state"),
+            "gpupool": gpupool,
+            "now": datetime.now(timezone.utc).isoformat(),
+        }
+
+    def gateway_kernel_id(self, kernel_id: str) -> str:
+        """The gateway's id of this server's kernel: the same in gateway mode; a kernel started
+        by the pool's provisioner names its own (`gateway_kernel_id`)."""
+        if _gateway_client(self.serverapp) is not None:
+            return kernel_id
+        try:
+            kernel = self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            raise tornado.web.HTTPError(404, "No such kernel in this Jupyter server.") from None
+        remote = getattr(getattr(kernel, "provisioner", None), "gateway_kernel_id", None)
+        if isinstance(remote, str) and remote:
+            return remote
+        raise tornado.web.HTTPError(404, "This kernel runs on this machine, not in the pool.")
+
+
+def _parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+class UsageHandler(GpupoolHandler):
+    """GET /gpupool/usage: GPU-hours and cost per day for the last 30 days, the budget, and
+    totals per kernel."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(self.usage())
+
+    async def usage(self) -> dict[str, Any]:
+        now = datetime.now(timezone.utc)
+        first = (now - timedelta(days=USAGE_DAYS - 1)).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        since = first.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        report = await self.gateway.get("/api/usage?" + urllib.parse.urlencode({"since": since}))
+        return summarize(report, first.timestamp(), now.timestamp())
+
+
+def summarize(report: dict[str, Any], first: float, now: float) -> dict[str, Any]:
+    """Per UTC day from `first` to `now`: GPU-hours and cost; per kernel: the same in total."""
+    days: list[dict[str, Any]] = [
+        {
+            "date": datetime.fromtimestamp(first + 86400 * i, timezone.utc).date().isoformat(),
+            "gpu_hours": 0.0,
+            "cost_usd": 0.0,
+        }
+        for i in range(USAGE_DAYS)
+    ]
+    kernels: dict[str, dict[str, Any]] = {}
+    for interval in report.get("intervals", []):
+        start = max(first, _parse_time(interval["start"]))
+        end = min(now, _parse_time(interval["end"]) if interval.get("end") else now)
+        count = int(interval.get("gpu_count") or 1)
+        rate = float(interval.get("usd_per_gpu_second") or 0.0)
+        entry = kernels.setdefault(
+            interval["kernel_id"],
+            {"kernel_id": interval["kernel_id"], "gpu_type": interval.get("gpu_type"),
+             "gpu_count": count, "gpu_hours": 0.0, "cost_usd": 0.0, "open": False},
+        )  # fmt: skip
+        entry["open"] = entry["open"] or bool(interval.get("open"))
+        while start < end:
+            index = int((start - first) // 86400)
+            if not 0 <= index < USAGE_DAYS:
+                break
+            piece = min(end, first + 86400 * (index + 1)) - start
+            for target in (days[index], entry):
+                target["gpu_hours"] += piece * count / 3600
+                target["cost_usd"] += piece * count * rate
+            start += piece
+    for target in (*days, *kernels.values()):
+        target["gpu_hours"] = round(target["gpu_hours"], 4)
+        target["cost_usd"] = round(target["cost_usd"], 4)
+    return {
+        "days": days,
+        "kernels": sorted(kernels.values(), key=lambda k: -k["cost_usd"]),
+        "total_gpu_hours": round(sum(d["gpu_hours"] for d in days), 4),
+        "total_cost_usd": round(sum(d["cost_usd"] for d in days), 4),
+        "budget": report.get("budget"),
+    }
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    web_app = serverapp.web_app
+    web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
+    base = url_path_join(web_app.settings["base_url"], "gpupool")
+    web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base, "shapes"), ShapesHandler),
+            (url_path_join(base, "kernels", r"([^/]+)"), KernelHandler),
+            (url_path_join(base, "usage"), UsageHandler),
+        ],
+    )
+    serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")

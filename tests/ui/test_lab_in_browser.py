@@ -1,0 +1,150 @@
+"""The Lab extension in a real browser, in the Lab of `gpupool up` (gateway mode): the launcher's
+"GPU pool" section shows the one-H100 shape with its price, a notebook started from it gets a fake
+GPU and the status bar shows its state and a cost that ticks, and the usage panel draws its chart.
+Screenshots go to docs/screenshots/ (the README shows them). Uses Debian's chromium; skips
+without it, or without the built front end (`make install` builds it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import _read_lines, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILT = ROOT / "jupyter_ext" / "labextension"
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
+                allow_module_level=True)  # fmt: skip
+if not (BUILT / "package.json").exists():
+    pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+WAIT_MS = 60_000
+NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+
+
+@pytest.fixture(scope="module")
+def lab_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`gpupool up` with this checkout's front end and server extension where Jupyter looks."""
+    folder = tmp_path_factory.mktemp("labext")
+    data = folder / "data" / "labextensions" / "@gpupool"
+    data.mkdir(parents=True)
+    (data / "labextension").symlink_to(BUILT)
+    config = folder / "config" / "jupyter_server_config.d"
+    config.mkdir(parents=True)
+    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
+    (config / "gpupool.json").write_text(shipped.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
+    env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), JUPYTER_PATH=str(folder / "data"),
+               JUPYTER_CONFIG_DIR=str(folder / "config"))  # fmt: skip
+    log_path = folder / "up.log"
+    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
+               "--host-port", str(free_port()), "--lab-port", str(free_port()),
+               "--fake-gpus", "H100:2"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, env=env, cwd=folder, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield _read_lines(proc, log_path, ("lab",))["lab"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def page(lab_url: str) -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(lab_url)
+        page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
+        news = page.get_by_role("button", name="No", exact=True)
+        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
+            news.click(timeout=10_000)
+        except Exception:
+            pass
+        yield page
+        browser.close()
+
+
+def cost(text: str) -> float:
+    match = re.search(r"\$(\d+\.\d+)", text)
+    assert match, text
+    return float(match.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    card = page.locator('.jp-LauncherCard[data-category="GPU pool"]').filter(
+        has_text="H100 \u00d71"
+    )
+    expect(card).to_have_count(1, timeout=WAIT_MS)
+    label = card.inner_text()
+    assert re.search(r"H100 \u00d71 · 80 GB · \$\d+\.\d\d/h · 2 free", label), label
+    page.screenshot(path=str(SHOTS / "launcher.png"))
+
+    card.click()
+    status = page.locator(".gpupool-status")
+    expect(status).to_contain_text("GPU H100 \u00d71", timeout=WAIT_MS)
+    expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
+    page.locator(f"{NOTEBOOK} .jp-Cell .cm-content").first.click()
+    page.keyboard.type('import os; os.environ["CUDA_VISIBLE_DEVICES"]')
+    page.keyboard.press("Shift+Enter")
+    output = page.locator(f"{NOTEBOOK} .jp-OutputArea-output").first
+    expect(output).to_contain_text("GPU-", timeout=WAIT_MS)  # the fake GPU's UUID
+    first = cost(status.inner_text())
+    time.sleep(2.5)
+    text = status.inner_text()
+    assert cost(text) > first, (first, text)  # ticks each second while the GPU is held
+    assert "suspends in" in text, text
+    page.screenshot(path=str(SHOTS / "status-bar.png"))
+
+    page.locator('.lm-MenuBar-itemLabel:text("View")').click()
+    expect(page.locator(".lm-Menu-itemLabel", has_text="GPU Pool: Show Usage")).to_be_visible()
+    page.keyboard.press("Escape")
+    page.keyboard.press("Control+Shift+C")
+    page.keyboard.type("GPU Pool: Show Usage")
+    page.keyboard.press("Enter")
+    panel = page.locator(".gpupool-usage")
+    expect(panel.locator("svg.gpupool-chart rect.gpupool-bar")).to_have_count(30, timeout=WAIT_MS)
+    expect(panel.locator(".gpupool-summary")).to_contain_text("GPU-hours")
+    expect(panel.locator("tbody tr")).to_have_count(1)
+    expect(panel.locator("tbody tr")).to_contain_text("H100 \u00d71")
+    page.screenshot(path=str(SHOTS / "usage.png"))
+
+    # The picker: the one-GPU kernel holds one of the two H100s, so two would queue.
+    page.locator(".lm-TabBar-tabLabel", has_text="Untitled").first.click()
+    page.locator('.lm-MenuBar-itemLabel:text("Kernel")').click()
+    page.locator(".lm-Menu-itemLabel", has_text="Change Kernel to a GPU Shape").click()
+    rows = page.locator(".gpupool-picker tbody tr")
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+    two = rows.filter(has_text="H100 \u00d72")
+    expect(two).to_contain_text("160 GB")
+    expect(two).to_contain_text("queued, position 1")
+    expect(rows.filter(has_text="H100 \u00d71")).to_contain_text("starts now")
+    page.screenshot(path=str(SHOTS / "picker.png"))
+    two.click()
+    page.locator(".jp-Dialog-button.jp-mod-accept").click()
+    # Lab starts the new kernel, then shuts the old one down; the new one gets both GPUs.
+    expect(status).to_contain_text("GPU H100 \u00d72", timeout=WAIT_MS)
+    expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
