@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import urllib.parse
 from datetime import datetime, timedelta, timezone
@@ -105,6 +106,15 @@ class Gateway:
             raise GatewayUnavailable(
                 502, "bad gateway answer", f"The gpupool gateway at {url} answered no JSON."
             ) from None
+
+
+_SYNCING = threading.Lock()  # one kernelspec sync at a time
+
+
+def _installed_pool_specs() -> set[str]:
+    from .kernelspecs import installed
+
+    return set(installed())
 
 
 def _gateway_client(serverapp: Any) -> Any:
@@ -211,6 +221,9 @@ class ShapesHandler(GpupoolHandler):
                 "free": meta.get("free"), "queue": meta.get("queue"),
             })  # fmt: skip
         shapes.sort(key=lambda s: (s["gpu_type"], s["gpu_count"]))
+        offered = {shape["name"] for shape in shapes}
+        if _gateway_client(self.serverapp) is None and offered != _installed_pool_specs():
+            threading.Thread(target=sync_pool_kernelspecs, args=(self.log,), daemon=True).start()
         return {"shapes": shapes}
 
     async def local_specs(self) -> dict[str, Any]:
@@ -354,3 +367,25 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         ],
     )
     serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")
+    if _gateway_client(serverapp) is None:  # beside local kernels: pool kernelspecs of our own
+        threading.Thread(target=sync_pool_kernelspecs, args=(serverapp.log,), daemon=True).start()
+
+
+def sync_pool_kernelspecs(log: Any) -> None:
+    """Install a kernelspec per pool shape (started by the gpupool-provisioner) beside the local
+    kernels, as `gpupool kernelspec sync` does; at start, and when /gpupool/shapes sees the
+    pool's shapes change. Without a gateway configured, nothing (and one line saying so)."""
+    from . import credentials
+    from .kernelspecs import sync_kernelspecs
+
+    with _SYNCING:
+        try:
+            url, token = credentials.resolve()
+            names = sync_kernelspecs(url, token)
+        except credentials.CredentialsError as error:
+            log.info("gpupool: no pool kernels in this Jupyter: %s", error)
+            return
+        except Exception as error:  # a full disk, a folder not ours: local kernels go on
+            log.warning("gpupool: pool kernelspecs not synced: %s", error)
+            return
+        log.info("gpupool: pool kernels %s", ", ".join(names) or "none (the pool offers no GPU)")

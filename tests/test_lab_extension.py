@@ -257,3 +257,26 @@ def test_usage_is_split_at_utc_midnights() -> None:
     kernels = {k["kernel_id"]: k for k in usage["kernels"]}
     assert kernels["k1"]["gpu_hours"] == 4.0 and kernels["k2"]["open"]
     assert usage["total_gpu_hours"] == 6.0 and usage["budget"] == {"budget_usd": 10.0}
+
+
+def test_beside_local_kernels_pool_shapes_are_kernelspecs(stack: Gateway, tmp_path: Path) -> None:
+    """Not in gateway mode, with only GPUPOOL_URL/GPUPOOL_TOKEN: at start the server extension
+    installs a kernelspec per pool shape (the provisioner's), listed beside local python3."""
+    data = tmp_path / "data"
+    server = start_server(
+        tmp_path / "hybrid",
+        env={"GPUPOOL_URL": stack.url, "GPUPOOL_TOKEN": stack.token, "JUPYTER_DATA_DIR": str(data)},
+    )  # fmt: skip
+    try:
+        deadline, names = time.monotonic() + 30, set()
+        while time.monotonic() < deadline and "python3-gpu-h100-x1" not in names:
+            status, body = server.get("/api/kernelspecs")
+            assert status == 200, body
+            names = set(json.loads(body)["kernelspecs"])
+            time.sleep(0.3)
+        assert {"python3", "python3-gpu-h100-x1"} <= names, names
+        spec = (data / "kernels" / "python3-gpu-h100-x1" / "kernel.json").read_text()
+        assert "gpupool-provisioner" in spec and stack.token not in spec
+    finally:
+        server.stop()
+    assert stack.token not in server.log_path.read_text()

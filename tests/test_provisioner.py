@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +31,6 @@ SHAPE = "python3-gpu-h100-x1"
 BIN = Path(sys.executable).parent
 
 
-def entry_point_overlay(folder: Path) -> str:
-    """A folder for the front of PYTHONPATH whose `gpupool` metadata carries this checkout's
-    entry points, when the installed metadata predates them (an editable install made from an
-    older pyproject.toml); "" when the installed one has them already."""
-    if entry_points(group="jupyter_client.kernel_provisioners", name="gpupool-provisioner") and (
-        entry_points(group="gpupool.commands", name="kernelspec")
-    ):
-        return ""
-    import tomllib  # Python 3.11+; only needed with metadata older than this checkout
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    info = folder / "gpupool-0.1.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gpupool\nVersion: 0.1.0\n")
-    groups = {**project["entry-points"], "console_scripts": project["scripts"]}
-    text = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n"
-                   for group, eps in groups.items())  # fmt: skip
-    (info / "entry_points.txt").write_text(text)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def client_env(
     stack: Gateway, tmp_path_factory: pytest.TempPathFactory
@@ -61,22 +39,17 @@ def client_env(
     GPUPOOL_URL / GPUPOOL_TOKEN for the pool. Also applied to this process for the
     in-process KernelManager tests, and undone after."""
     home = tmp_path_factory.mktemp("user")
-    overlay = entry_point_overlay(home / "overlay")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     env.update({
         "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
         "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_CONFIG_DIR": str(home / "jupyter"),
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "GPUPOOL_RECONNECT_S": "3",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (overlay, str(REPO), os.environ.get("PYTHONPATH")) if p
-        ),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "GPUPOOL_URL": stack.url, "GPUPOOL_TOKEN": stack.token,
     })  # fmt: skip
     saved_env, saved_path = dict(os.environ), list(sys.path)
     os.environ.clear()
     os.environ.update(env)
-    if overlay:
-        sys.path.insert(0, overlay)
     try:
         done = gpupool("kernelspec", "sync", env=env)
         assert done.returncode == 0, done.stderr
