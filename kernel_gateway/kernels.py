@@ -46,6 +46,9 @@ class Live:
     # from which `_live` derives it when the gateway first sees the kernel.
     suspended: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Interrupts and restarts reach the host one at a time: two restarts of one kernel at once
+    # made the host fail the second (a 502 to its user).
+    acting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -564,17 +567,20 @@ class GatewayKernels:
         kernel = self.get(tenant, kernel_id)
         if kernel.state == "dead":
             raise ApiError(409, f"kernel {kernel_id} is dead ({kernel.reason}); start a new one.")
-        host = self.pool.hosts.get(kernel.host_id or "")
         live = self._live(kernel_id)
         live.touch()  # the user's own act: the idle clock restarts, and a suspend under way stops
         live.last_client_message = live.last_activity
-        if kernel.state == "running" and host is not None:
-            try:
-                await self.host_call(host, "POST", f"/api/kernels/{kernel.host_kernel_id}/{action}")
-            except HTTPClientError as error:
-                raise ApiError(
-                    502, f"host {host.name} could not {action} it: {_message(error)}"
-                ) from None
+        async with live.acting:
+            kernel = self._row(kernel_id)  # as it is now, after any action before this one
+            host = self.pool.hosts.get(kernel.host_id or "")
+            if kernel.state == "running" and host is not None:
+                path = f"/api/kernels/{kernel.host_kernel_id}/{action}"
+                try:
+                    await self.host_call(host, "POST", path)
+                except HTTPClientError as error:
+                    raise ApiError(
+                        502, f"host {host.name} could not {action} it: {_message(error)}"
+                    ) from None
         return self.model(self._row(kernel_id))
 
     # -- idle: suspend and resume ---------------------------------------------------------

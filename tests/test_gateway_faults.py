@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -610,3 +611,18 @@ def test_a_host_late_with_heartbeats_but_answering_is_kept(
     os.kill(agent.proc.pid, signal.SIGSTOP)  # frozen: it answers nothing
     gw.wait_for(lambda: hosts(gw)[0]["lost"], HOST_TIMEOUT + 10, "the frozen host to be lost")
     assert state_of(gw, kernel_id) == "dead"
+
+
+def test_restarts_of_one_kernel_at_once_all_succeed(tmp_path: Path, started: list[Any]) -> None:
+    """Two tabs (or a double click) restarting one kernel at once: each restart is done in turn,
+    none is a 502 from the host refusing a restart while one is under way."""
+    gw = gateway(tmp_path, started)
+    join(tmp_path, started, gw)
+    gw.token = gw.tenant("a")
+    kernel_id = gw.create(name="python3")["id"]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(
+            lambda _: gw.call("POST", f"/api/kernels/{kernel_id}/restart", {}), range(4)
+        ))  # fmt: skip
+    assert [r.status for r in replies] == [200] * 4, [r.body for r in replies]
+    assert asyncio.run(run_code(gw.url, gw.token, kernel_id, "print(6 * 7)")) == "42\n"
