@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 V1 = "v1.kernel.websocket.jupyter.org"
 NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
 TOO_BIG = 1009  # websocket close code: a message over the size limit
+DRAIN_SECONDS = 2.0  # how long the rest of a message over the limit is read and dropped
 TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
 MAX_PARTS = 4096  # a message's parts: header, parent, metadata, content and its buffers
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the one it replaces to end
@@ -201,11 +202,37 @@ class SizeNamingProtocol(WebSocketProtocol13):
     """Tornado's websocket protocol, whose close for a message over the size limit names the
     host's limit (a client behind the gateway would otherwise not know whose limit it was)."""
 
+    refused_big = False  # closed with 1009: the client may still be sending that message
+    draining: asyncio.Future[None] | None = None
+
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if code == TOO_BIG:
             mib = self.params.max_message_size / 2**20
             reason = f"a message was over {mib:g} MiB, the host's limit; send less per message"
+            self.refused_big = True
         super().close(code, reason)
+
+    def _abort(self) -> None:
+        """Tornado tears the connection down right after its 1009 close, while the client is
+        still sending the message refused: the unread bytes make the close a TCP reset, which
+        can destroy the close frame before the client reads it (it then sees no code, no
+        reason). Here the rest is read and dropped, for 2 s at most, before the teardown."""
+        if not self.refused_big or self.stream is None or self.stream.closed():
+            super()._abort()
+            return
+        self.client_terminated = True  # tornado's frame loop stops reading; this drains
+        self.draining = asyncio.ensure_future(self._drain_then_abort())
+
+    async def _drain_then_abort(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        try:
+            while (left := deadline - loop.time()) > 0:
+                await asyncio.wait_for(self.stream.read_bytes(1 << 16, partial=True), left)
+        except Exception:  # the client closed (as it should), or the time is up
+            pass
+        self.refused_big = False
+        super()._abort()
 
 
 class HostKernelWebsocketHandler(KernelWebsocketHandler):
