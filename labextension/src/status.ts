@@ -12,6 +12,7 @@ import {
   requestAPI,
   shapeLabel
 } from './api';
+import { KernelNotifier } from './notify';
 
 const FAST_MS = 2000; // poll period while all is well
 const SLOW_MS = 60000; // the longest wait after errors
@@ -43,6 +44,13 @@ export class KernelStatus extends Widget {
   private delay = FAST_MS;
   private pollTimer = 0;
   private tickTimer = 0;
+  private notifier = new KernelNotifier(info => {
+    const g = info.gpupool;
+    const shape = this.shapes().find(
+      s => s.gpu_type === g.gpu_type && s.gpu_count === g.gpu_count
+    );
+    return this.showCost() ? (shape?.usd_per_hour ?? null) : null;
+  });
 
   constructor(
     private tracker: INotebookTracker,
@@ -101,6 +109,7 @@ export class KernelStatus extends Widget {
       }
       this.info = info;
       this.seenAt = Date.now();
+      this.notifier.update(info);
       this.delay = FAST_MS;
     } catch (error) {
       if (id !== this.kernelId) {

@@ -1,6 +1,7 @@
 """The Lab extension in a real browser, in the Lab of `gpupool up` (gateway mode): the launcher's
 "GPU pool" section shows the one-H100 shape with its price, a notebook started from it gets a fake
-GPU and the status bar shows its state and a cost that ticks, and the usage panel draws its chart.
+GPU and the status bar shows its state and a cost that ticks, the usage panel draws its chart, and
+a kernel that waited for its GPUs is told (a notification) when they are its.
 Screenshots go to docs/screenshots/ (the README shows them). Uses Debian's chromium; skips
 without it, or without the built front end (`make install` builds it)."""
 
@@ -148,3 +149,9 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     # Lab starts the new kernel, then shuts the old one down; the new one gets both GPUs.
     expect(status).to_contain_text("GPU H100 \u00d72", timeout=WAIT_MS)
     expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
+    # It was queued behind the old one; a notification says when the GPUs are its.
+    toast = page.locator(".Toastify__toast", has_text="H100 \u00d72 is yours")
+    expect(toast).to_contain_text(re.compile(r"billing started at \$\d+\.\d\d/h"), timeout=WAIT_MS)
+    expect(toast).to_be_visible()
+    page.wait_for_timeout(1000)  # the toast slides in
+    page.screenshot(path=str(SHOTS / "notification.png"))
