@@ -40,7 +40,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import secrets
 import shlex
 import statistics
@@ -52,7 +51,6 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from conftest import Gateway, HostAgent, free_port, start_gateway, start_host  # noqa: E402
 from kernel_ws import V1, KernelSocket  # noqa: E402
 
-from bench.harness import commit, log, run_main  # noqa: E402
+from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
 
 WARM_SPEC = "python3-gpu-h100-x1"  # served by the warm host
 COLD_SPEC = "python3-gpu-a10g-x1"  # served by the host with --warm-per-shape 0
@@ -655,24 +653,9 @@ async def concurrent_starts(bench: Bench, gw: Server, n: int) -> Burst:
 
 
 def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ""
-    with contextlib.suppress(OSError):
-        load = f"; load average {Path('/proc/loadavg').read_text().split()[0]} at the end"
-    versions = ", ".join(
-        f"{name} {version(name)}"
-        for name in ("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq")
-    )
-    return (
-        f"{cores} CPU cores usable ({os.cpu_count()} online){f', {model}' if model else ''}; "
-        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
-        f"{versions}; no GPU needed (fake H100s and A10Gs){load}"
+    return describe_machine(
+        ("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq"),
+        "fake H100s and A10Gs",
     )
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import platform
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -35,6 +38,34 @@ def commit(measured: Sequence[str]) -> str:
         return "unknown (no git)"
     changed = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
     return f"{head}, with uncommitted changes in {', '.join(changed)}" if changed else head
+
+
+def describe_machine(packages: Sequence[str], gpus: str = "fake H100s") -> str:
+    """One line on what the numbers were measured on: CPU, memory, OS, Python, the versions of
+    `packages` (those installed), and the load average at the end of the run."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = f", {line.split(':', 1)[1].strip()}"
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 1024**2:.0f} GiB memory"
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f"; load average {Path('/proc/loadavg').read_text().split()[0]} at the end"
+    versions = []
+    for name in packages:
+        with contextlib.suppress(PackageNotFoundError):
+            versions.append(f"{name} {version(name)}")
+    return (
+        f"{cores} CPU cores usable ({os.cpu_count()} online){model}{memory}; "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
+        f"{', '.join(versions)}; no GPU needed ({gpus}){load}"
+    )
 
 
 class Started(Protocol):

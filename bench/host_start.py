@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -41,7 +40,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,7 @@ from jupyter_client.manager import AsyncKernelManager
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.harness import commit, log, run_main  # noqa: E402
+from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
 GPU_BODY = {"name": "python3", "gpu_type": "H100", "gpu_count": 1}
@@ -544,22 +542,7 @@ class Row:
 
 
 def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = ", ".join(
-        f"{name} {version(name)}"
-        for name in ("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq")
-    )
-    return (
-        f"{cores} CPU cores usable ({os.cpu_count()} online){f', {model}' if model else ''}; "
-        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
-        f"{versions}; no GPU needed (fake H100s)"
-    )
+    return describe_machine(("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq"))
 
 
 MEASURED = ("gpu_host", "bench/host_start.py", "tests/kernel_ws.py")  # what the numbers depend on

@@ -40,12 +40,10 @@ import asyncio
 import contextlib
 import datetime
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +60,7 @@ from bench.gateway import (  # noqa: E402
     p90,
     wait_quiet,
 )
-from bench.harness import commit, run_main  # noqa: E402
+from bench.harness import commit, describe_machine, run_main  # noqa: E402
 from tests.conftest import Gateway, HostAgent, start_gateway, start_host  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
@@ -414,29 +412,7 @@ async def cycle(bench: Bench, nbytes: int) -> Cycle:
 
 
 def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    memory = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        memory = f", {kib / (1 << 20):.0f} GiB memory"
-    load = ""
-    with contextlib.suppress(OSError):
-        load = f"; load average {Path('/proc/loadavg').read_text().split()[0]} at the end"
-    versions = ", ".join(
-        f"{name} {version(name)}"
-        for name in ("jupyter_server", "ipykernel", "tornado", "numpy", "cloudpickle")
-    )
-    return (
-        f"{cores} CPU cores usable ({os.cpu_count()} online){f', {model}' if model else ''}"
-        f"{memory}; {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}; {versions}; no GPU needed (fake H100s){load}"
-    )
+    return describe_machine(("jupyter_server", "ipykernel", "tornado", "numpy", "cloudpickle"))
 
 
 def row(what: str, values: list[float], check: str = "") -> str:

@@ -48,7 +48,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import resource
 import secrets
 import shlex
@@ -60,7 +59,6 @@ import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 from tornado.httpclient import HTTPRequest
@@ -75,7 +73,7 @@ from conftest import Gateway, HostAgent, free_port, start_gateway, start_host  #
 from kernel_ws import V1, KernelSocket, ws_url  # noqa: E402
 
 from bench.gateway import Http, Server, ms  # noqa: E402
-from bench.harness import commit, log, run_main  # noqa: E402
+from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
 
 GPU_SPEC = "python3-gpu-h100-x1"
 JKG_VERSION = "3.0.1"
@@ -617,29 +615,7 @@ async def run_load(bench: Started, system: System, args: argparse.Namespace) -> 
 
 
 def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    memory = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 1024**2:.0f} GiB memory"
-    load = ""
-    with contextlib.suppress(OSError):
-        load = f"; load average {Path('/proc/loadavg').read_text().split()[0]} at the end"
-    versions = ", ".join(
-        f"{name} {version(name)}"
-        for name in ("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq")
-    )
-    return (
-        f"{cores} CPU cores usable ({os.cpu_count()} online){f', {model}' if model else ''}"
-        f"{memory}; {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}; {versions}; no GPU needed (fake H100s){load}"
-    )
+    return describe_machine(("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq"))
 
 
 def command_line() -> str:

@@ -41,12 +41,10 @@ import contextlib
 import datetime
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.gateway import NOT_QUIET, command_line, log, median, ms, p90, wait_quiet  # noqa: E402
-from bench.harness import commit, run_main  # noqa: E402
+from bench.harness import commit, describe_machine, run_main  # noqa: E402
 from tests.conftest import Gateway, start_stack  # noqa: E402
 
 NBYTES = 100_000_000
@@ -309,26 +307,8 @@ async def transfers(kernel: LocalKernel, reps: int) -> dict[str, Series]:
 
 
 def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = f", {line.split(':', 1)[1].strip()}"
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ""
-    with contextlib.suppress(OSError):
-        load = f"; load average {Path('/proc/loadavg').read_text().split()[0]} at the end"
-    names = ("ipykernel", "jupyter_client", "pyzmq", "tornado", "cloudpickle", "numpy",
-             "ipyparallel")  # fmt: skip
-    versions = []
-    for name in names:
-        with contextlib.suppress(PackageNotFoundError):
-            versions.append(f"{name} {version(name)}")
-    return (
-        f"{cores} CPU cores usable ({os.cpu_count()} online){model}; {platform.system()} "
-        f"{platform.release()}; Python {platform.python_version()}; {', '.join(versions)}; "
-        f"no GPU needed (fake H100s){load}"
+    return describe_machine(
+        ("ipykernel", "jupyter_client", "pyzmq", "tornado", "cloudpickle", "numpy", "ipyparallel")
     )
 
 
