@@ -89,8 +89,9 @@ def base_python() -> str:
     )
 
 
-def _open_to_all(root: Path) -> None:
-    """Everyone may read and run what is under `root`; only its owner may write."""
+def open_to_all(root: Path) -> None:
+    """Everyone may read and run what is under `root`; only its owner may write. Links are
+    left alone: chmod would follow them out of `root`."""
     for folder, _dirs, files in os.walk(root):
         for path in [folder, *(os.path.join(folder, f) for f in files)]:
             info = os.lstat(path)
@@ -114,7 +115,7 @@ def _copy_extension(venv: Path) -> None:
     shutil.copytree(
         _extension_source(), fresh / "jupyter_ext", ignore=shutil.ignore_patterns("__pycache__")
     )
-    _open_to_all(fresh)
+    open_to_all(fresh)
     old = site / "jupyter_ext"
     if old.exists():
         os.rename(old, fresh / "old")
@@ -159,7 +160,7 @@ def build(venv: Path, python: str) -> None:
         _copy_extension(venv)
         stamp = {"requirements": requirements(), "jupyter_ext": _fingerprint(_extension_source())}
         (venv / STAMP).write_text(json.dumps(stamp))
-        _open_to_all(venv)
+        open_to_all(venv)
     except BaseException:
         shutil.rmtree(venv, ignore_errors=True)
         raise

@@ -31,6 +31,8 @@ import zmq.asyncio
 from conftest import HostAgent, start_host
 from kernel_ws import run_code
 
+from gpu_host.kernel_python import open_to_all
+
 if sys.platform != "linux" or os.geteuid() != 0:
     pytest.skip(
         "tenant isolation needs the host agent to run as root on Linux", allow_module_level=True
@@ -76,21 +78,6 @@ def system_python() -> tuple[str, str]:
         f"no Python with venv and ensurepip that unprivileged users can run among "
         f"{', '.join((wanted,) if wanted else SYSTEM_PYTHONS)} (set GPUPOOL_TEST_SYSTEM_PYTHON)"
     )
-
-
-def open_to_all(root: Path) -> None:
-    """Let everyone read (and run what its owner may run) under `root`, and nobody but its owner
-    write. Links are left alone: chmod would follow them out of `root`."""
-    for folder, _dirs, files in os.walk(root):
-        for path in [folder, *(os.path.join(folder, f) for f in files)]:
-            info = os.lstat(path)
-            if stat.S_ISLNK(info.st_mode):
-                continue
-            mode = stat.S_IMODE(info.st_mode)
-            runnable = stat.S_ISDIR(info.st_mode) or mode & stat.S_IXUSR
-            wanted = (mode | 0o044 | (0o011 if runnable else 0)) & ~0o022
-            if wanted != mode:
-                os.chmod(path, wanted)
 
 
 def venv_works(venv: Path) -> bool:

@@ -8,24 +8,14 @@ docs/architecture.md. Uses Debian's chromium (`make install` installs it); skips
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import _read_lines, free_port
-
-CHROMIUM = "/usr/bin/chromium"
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
-                allow_module_level=True)  # fmt: skip
-
-from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+from lab_stack import gpupool_up, launch
+from playwright.sync_api import Browser, Page, sync_playwright
 
 OPENS = 30  # of each kind
 # How the launcher cards' titles begin (the GPU card goes on with its price).
@@ -48,35 +38,14 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """`gpupool up`, as `make demo` runs it: gateway, local host and stock JupyterLab."""
     folder = tmp_path_factory.mktemp("lab")
-    log_path = folder / "up.log"
-    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
-               "--host-port", str(free_port()), "--lab-port", str(free_port()),
-               "--fake-gpus", "H100:2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
-    env["JUPYTER_RUNTIME_DIR"] = str(folder / "runtime")
-    log = open(log_path, "w")  # the process writes it until it ends
-    proc = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        env=env, cwd=folder, start_new_session=True,
-    )  # fmt: skip
-    try:
-        yield Lab(_read_lines(proc, log_path, ("lab",))["lab"], folder, log_path)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    with gpupool_up(folder) as lines:
+        yield Lab(lines["lab"], folder, lines["log"])
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        chromium = launch(playwright)
         yield chromium
         chromium.close()
 

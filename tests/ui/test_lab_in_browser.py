@@ -7,28 +7,20 @@ without it, or without the built front end (`make install` builds it)."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _read_lines, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = ROOT / "jupyter_ext" / "labextension"
 SHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
-                allow_module_level=True)  # fmt: skip
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
+from lab_stack import gpupool_up, launch  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 WAIT_MS = 60_000
@@ -46,35 +38,16 @@ def lab_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config.mkdir(parents=True)
     shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
     (config / "gpupool.json").write_text(shipped.read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
-    env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), JUPYTER_PATH=str(folder / "data"),
-               JUPYTER_CONFIG_DIR=str(folder / "config"))  # fmt: skip
-    log_path = folder / "up.log"
-    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
-               "--host-port", str(free_port()), "--lab-port", str(free_port()),
-               "--fake-gpus", "H100:2"]  # fmt: skip
-    proc = subprocess.Popen(
-        command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, env=env, cwd=folder, start_new_session=True,
-    )  # fmt: skip
-    try:
-        yield _read_lines(proc, log_path, ("lab",))["lab"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    with gpupool_up(
+        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(folder / "config")
+    ) as lines:
+        yield lines["lab"]
 
 
 @pytest.fixture(scope="module")
 def page(lab_url: str) -> Iterator[Page]:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(lab_url)
         page.wait_for_selector(".jp-LauncherCard", timeout=90_000)

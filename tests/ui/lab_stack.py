@@ -1,0 +1,56 @@
+"""What the browser tests share: Debian's chromium (the module skips without it) launched as
+Playwright's browser, and `gpupool up` with its Lab, started in a folder and stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import _read_lines, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
+                allow_module_level=True)  # fmt: skip
+
+from playwright.sync_api import Browser, Playwright  # noqa: E402
+
+
+def launch(playwright: Playwright) -> Browser:
+    """Headless, with no sandbox (root) and no background traffic (the network is closed)."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    )
+
+
+@contextlib.contextmanager
+def gpupool_up(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
+    """`gpupool up` with Lab (as `make demo` runs it) in `folder`, two fake H100s, `env` added
+    to a clean environment; yields its printed lines ("lab", ...) and "log", its output file."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
+    full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), **env)
+    log_path = folder / "up.log"
+    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
+               "--host-port", str(free_port()), "--lab-port", str(free_port()),
+               "--fake-gpus", "H100:2"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, env=full_env, cwd=folder, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield {**_read_lines(proc, log_path, ("lab",)), "log": log_path}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
