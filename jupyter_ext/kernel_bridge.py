@@ -344,12 +344,31 @@ class Bridge:
                 return 1
             await asyncio.sleep(1.0)
 
-    async def run(self) -> int:
+    async def run(self, wait_s: float = 0.0) -> int:
+        """Relay until the kernel ends or the bridge is stopped. `wait_s` > 0: the pool kernel
+        may still be queued or starting; client messages wait here (ZMQ is bound) until it runs
+        or `wait_s` passes."""
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         self.bind()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        if wait_s > 0:
+            waiting: asyncio.Future[None] = asyncio.ensure_future(
+                asyncio.to_thread(wait_until_running, self.api, self.kernel_id, wait_s)
+            )
+            either: list[asyncio.Future[Any]] = [waiting, self.done]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():  # stopped while queued: the provisioner deletes the kernel
+                self.ctx.destroy(linger=0)
+                return 0
+            error = waiting.exception()
+            if isinstance(error, GatewayError):
+                say(credentials.explain(error, self.api.url))
+                return 1
+            if error is not None:
+                say(str(error))
+                return 1
         try:
             await self.connect()
         except InvalidStatus as error:
@@ -418,6 +437,12 @@ def main(argv: list[str] | None = None) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--kernel-id", help="a pool kernel started already")
     target.add_argument("--kernel-name", help="start a pool kernel of this kernelspec")
+    parser.add_argument(
+        "--wait-seconds",
+        type=float,
+        default=0.0,
+        help="with --kernel-id: how long the kernel may stay queued or starting",
+    )
     args = parser.parse_args(argv)
     with open(args.connection_file) as f:
         info = json.load(f)
@@ -441,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
     code = 1
     try:
-        code = asyncio.run(Bridge(info, api, kernel_id, owned).run())
+        code = asyncio.run(Bridge(info, api, kernel_id, owned).run(args.wait_seconds))
     finally:
         if owned:
             try:

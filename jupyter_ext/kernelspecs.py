@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,8 +27,14 @@ PROVISIONER = "gpupool-provisioner"
 GPU_PREFIX = "python3-gpu-"
 
 
+FOLDER_ENV = "GPUPOOL_KERNELSPEC_DIR"
+
+
 def kernels_dir() -> Path:
-    return Path(jupyter_data_dir()) / "kernels"
+    """Where the pool kernelspecs go: $GPUPOOL_KERNELSPEC_DIR (`gpupool up` keeps its own in
+    its state folder, on its Lab's JUPYTER_PATH), else the user's Jupyter data folder."""
+    folder = os.environ.get(FOLDER_ENV, "")
+    return Path(folder) if folder else Path(jupyter_data_dir()) / "kernels"
 
 
 def kernelspec(name: str, gpupool: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +58,10 @@ def kernelspec(name: str, gpupool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def installed() -> dict[str, Path]:
+def installed(folder: Path | None = None) -> dict[str, Path]:
     """The pool kernelspecs this module installed earlier, by name."""
     found: dict[str, Path] = {}
-    folder = kernels_dir()
+    folder = folder or kernels_dir()
     if not folder.is_dir():
         return found
     for spec in folder.glob(f"{GPU_PREFIX}*/kernel.json"):
@@ -67,7 +74,7 @@ def installed() -> dict[str, Path]:
     return found
 
 
-def sync_kernelspecs(url: str, token: str) -> list[str]:
+def sync_kernelspecs(url: str, token: str, folder: Path | None = None) -> list[str]:
     """Install a kernelspec for every GPU shape the gateway offers now and remove those of
     shapes that are gone; returns the names installed. CredentialsError if the gateway refuses
     (the message names the problem, never the token)."""
@@ -81,14 +88,14 @@ def sync_kernelspecs(url: str, token: str) -> list[str]:
             continue
         meta = ((spec or {}).get("spec") or {}).get("metadata") or {}
         offered[name] = dict(meta.get("gpupool") or {})
-    folder = kernels_dir()
+    folder = folder or kernels_dir()
     for name, gpupool in offered.items():
         target = folder / name
         target.mkdir(parents=True, exist_ok=True)
         text = json.dumps(kernelspec(name, gpupool), indent=1, ensure_ascii=False) + "\n"
         if not (target / "kernel.json").exists() or (target / "kernel.json").read_text() != text:
             (target / "kernel.json").write_text(text)
-    for name, path in installed().items():
+    for name, path in installed(folder).items():
         if name not in offered:
             shutil.rmtree(path, ignore_errors=True)
     return sorted(offered)

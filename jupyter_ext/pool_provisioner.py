@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 
 from . import credentials
 from .errors import GatewayError
@@ -39,6 +39,13 @@ class GpupoolProvisioner(LocalProvisioner):
     kernel_name = Unicode("", config=True, help="The pool's kernelspec, e.g. python3-gpu-h100-x1")
     queue_timeout = Float(
         900.0, config=True, help="Seconds to wait for a GPU while queued before giving up"
+    )
+    wait_for_gpu = Bool(
+        True,
+        config=True,
+        help="Wait in the kernel's start while it is queued (what headless clients such as "
+        "`jupyter execute` need). The Lab server extension turns it off: the start returns at "
+        "once, so Lab shows the kernel as queued, and the bridge holds messages until it runs.",
     )
 
     gateway_kernel_id: str = ""
@@ -84,13 +91,16 @@ class GpupoolProvisioner(LocalProvisioner):
                 self.gateway_kernel_id = str(model["id"])
                 self.log.info("gpupool: pool kernel %s (%s) at %s", self.gateway_kernel_id, name,
                               api.url)  # fmt: skip
-            await asyncio.to_thread(
-                wait_until_running,
-                api,
-                self.gateway_kernel_id,
-                self.queue_timeout,
-                lambda text: self.log.info("gpupool: kernel %s %s", self.gateway_kernel_id, text),
-            )
+            if self.wait_for_gpu:
+                await asyncio.to_thread(
+                    wait_until_running,
+                    api,
+                    self.gateway_kernel_id,
+                    self.queue_timeout,
+                    lambda text: self.log.info(
+                        "gpupool: kernel %s %s", self.gateway_kernel_id, text
+                    ),
+                )
         except GatewayError as error:
             await self._forget_kernel()
             raise self._explain(error) from None
@@ -101,6 +111,8 @@ class GpupoolProvisioner(LocalProvisioner):
         connection_file = self.parent.connection_file if self.parent else ""
         kwargs["cmd"] = [sys.executable, "-m", "jupyter_ext.kernel_bridge", "-f",
                          connection_file, "--kernel-id", self.gateway_kernel_id]  # fmt: skip
+        if not self.wait_for_gpu:
+            kwargs["cmd"] += ["--wait-seconds", str(self.queue_timeout)]
         env = dict(kwargs.get("env") or os.environ)
         env[URL_ENV], env[TOKEN_ENV] = api.url, api.token
         kwargs["env"] = env

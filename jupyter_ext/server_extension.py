@@ -368,6 +368,11 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     )
     serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")
     if _gateway_client(serverapp) is None:  # beside local kernels: pool kernelspecs of our own
+        # A queued pool kernel's start returns at once here, so Lab shows it queued (and can
+        # switch a notebook to a shape the notebook's own old kernel holds), unless configured.
+        provisioner = serverapp.config.GpupoolProvisioner
+        if "wait_for_gpu" not in provisioner:
+            provisioner.wait_for_gpu = False
         threading.Thread(target=sync_pool_kernelspecs, args=(serverapp.log,), daemon=True).start()
 
 

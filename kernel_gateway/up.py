@@ -1,5 +1,10 @@
-"""`gpupool up`: the embedded default. A gateway, one local GPU host and JupyterLab pointed at
-the gateway, with a demo tenant; Ctrl-C stops all of it, kernels included."""
+"""`gpupool up`: the embedded default. A gateway, one local GPU host and JupyterLab with a demo
+tenant; Ctrl-C stops all of it, kernels included.
+
+Lab runs in hybrid mode by default: the user's local kernels as ever, and one kernelspec per
+pool shape beside them, started through the gateway by the `gpupool-provisioner` (the tenant's
+token in Lab's environment, never in the browser). `--lab-mode gateway` runs stock JupyterLab
+with `--gateway-url` instead, where every kernel is the pool's."""
 
 from __future__ import annotations
 
@@ -128,13 +133,18 @@ async def run(args: argparse.Namespace) -> None:
             token = state.new_token_for(DEMO_TENANT)
         if not args.no_lab:
             lab_token = secrets.token_urlsafe(24)
-            lab_env = {**env, "JUPYTER_TOKEN": lab_token, "JUPYTER_GATEWAY_AUTH_TOKEN": token}
+            lab_args = [sys.executable, "-m", "jupyterlab", "--no-browser",
+                        f"--port={args.lab_port}", "--ip=127.0.0.1",
+                        f"--ServerApp.root_dir={Path.cwd()}", "--allow-root"]  # fmt: skip
+            if args.lab_mode == "gateway":
+                lab_env = {**env, "JUPYTER_TOKEN": lab_token, "JUPYTER_GATEWAY_AUTH_TOKEN": token}
+                lab_args += [f"--gateway-url={url}", "--GatewayClient.request_timeout=120"]
+            else:
+                pool_env = await hybrid_env(state_dir, url, token)
+                lab_env = {**env, "JUPYTER_TOKEN": lab_token, **pool_env}
             lab = subprocess.Popen(
-                [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={args.lab_port}",
-                 "--ip=127.0.0.1", f"--gateway-url={url}", "--GatewayClient.request_timeout=120",
-                 f"--ServerApp.root_dir={Path.cwd()}", "--allow-root"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=lab_env,
-                start_new_session=True,
+                lab_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=lab_env, start_new_session=True,
             )  # fmt: skip
             lab_url = f"http://127.0.0.1:{args.lab_port}/lab?token={lab_token}"
             await _wait_http(f"http://127.0.0.1:{args.lab_port}/api/status?token={lab_token}", lab)
@@ -166,6 +176,29 @@ async def run(args: argparse.Namespace) -> None:
             await delete_kernels(state)
         await _stop(host)
         print("gpupool up: stopped", flush=True)
+
+
+async def hybrid_env(state_dir: Path, url: str, token: str) -> dict[str, str]:
+    """What Lab needs to start pool kernels beside local ones: the gateway and token for the
+    provisioner and the server extension, and the pool's kernelspecs, synced now (so the first
+    page lists them) into the state folder (so they leave with it), on Lab's JUPYTER_PATH."""
+    from jupyter_ext.credentials import CredentialsError
+    from jupyter_ext.gateway_api import TOKEN_ENV, URL_ENV
+    from jupyter_ext.kernelspecs import FOLDER_ENV, sync_kernelspecs
+
+    data = state_dir / "jupyter"
+    kernels = data / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    env = {URL_ENV: url, TOKEN_ENV: token, FOLDER_ENV: str(kernels)}
+    paths = [str(data), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
+    env["JUPYTER_PATH"] = os.pathsep.join(paths)
+    try:
+        names = await asyncio.to_thread(sync_kernelspecs, url, token, kernels)
+    except CredentialsError as error:  # Lab still starts, with local kernels; it says why
+        print(f"gpupool up: no pool kernels in Lab: {error}", flush=True)
+    else:
+        print(f"gpupool up: Lab lists local kernels and {', '.join(names)}", flush=True)
+    return env
 
 
 async def _stop(proc: subprocess.Popen[str] | None) -> None:
@@ -203,5 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lab-port", type=int, default=8888, help="JupyterLab port")
     parser.add_argument("--fake-gpus", default="", help="serve fake GPUs, e.g. H100:2")
     parser.add_argument("--no-lab", action="store_true", help="start the gateway and host only")
+    parser.add_argument(
+        "--lab-mode", choices=("hybrid", "gateway"), default="hybrid",
+        help="hybrid (default): local kernels and every pool shape side by side; gateway: stock "
+        "JupyterLab with --gateway-url, every kernel the pool's",
+    )  # fmt: skip
     parser.add_argument("--state-dir", default=".gpupool", help="where state is kept")
     asyncio.run(run(parser.parse_args(argv)))

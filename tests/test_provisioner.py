@@ -26,6 +26,7 @@ from test_gateway_faults import gateway as fault_gateway
 from test_gateway_faults import join
 from test_gateway_faults import started as started
 from test_nbclient import NOTEBOOK, check_outputs
+from traitlets.config import Config
 
 SHAPE = "python3-gpu-h100-x1"
 BIN = Path(sys.executable).parent
@@ -208,6 +209,39 @@ def test_a_queued_start_says_its_position_and_waits_for_the_gpu(
         assert not starting.is_alive() and km.is_alive()
     finally:
         starting.join(60)
+        if km.has_kernel:
+            km.shutdown_kernel()
+    assert stack.call("GET", "/api/kernels").body == []
+
+
+def test_in_lab_a_queued_start_returns_at_once_and_the_bridge_waits(
+    stack: Gateway, client_env: dict[str, str]
+) -> None:
+    """As the Lab server extension configures it: the start returns while the kernel is queued
+    (so Lab can show it queued, and can end the notebook's old kernel that holds the GPU); a
+    request sent meanwhile is answered once the kernel has its GPU."""
+    both = stack.create(name="python3-gpu-h100-x2")  # holds both H100s
+    stack.wait_for(lambda: gateway_state(stack, both["id"]) == "running", 30, "the H100 x2")
+    config = Config()
+    config.GpupoolProvisioner.wait_for_gpu = False
+    km = KernelManager(kernel_name=SHAPE, config=config)
+    began = time.monotonic()
+    km.start_kernel(env={**client_env})
+    kc = km.client()
+    try:
+        assert time.monotonic() - began < 10
+        kernel_id = km.provisioner.gateway_kernel_id  # type: ignore[union-attr]
+        assert gateway_state(stack, kernel_id) == "queued"
+        kc.start_channels()
+        msg_id = kc.execute("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+        time.sleep(1)
+        assert km.is_alive()  # the bridge waits with the request
+        assert stack.call("DELETE", f"/api/kernels/{both['id']}").status == 204
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok"
+        assert gateway_state(stack, kernel_id) == "running"
+    finally:
+        kc.stop_channels()
         if km.has_kernel:
             km.shutdown_kernel()
     assert stack.call("GET", "/api/kernels").body == []

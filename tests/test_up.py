@@ -64,14 +64,15 @@ def get(url: str, token: str) -> Reply:
     return Client(url, token).call("GET", "")
 
 
-@pytest.mark.parametrize("ctrl_c", ["process", "group"])
-def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str) -> None:
+@pytest.mark.parametrize(("ctrl_c", "mode"), [("process", "hybrid"), ("group", "gateway")])
+def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str, mode: str) -> None:
     """`process`: SIGINT to `gpupool up` alone (as from `kill -INT`). `group`: to its whole process
-    group, as a terminal's Ctrl-C does, so every child gets it at the same moment."""
+    group, as a terminal's Ctrl-C does, so every child gets it at the same moment. `mode`: Lab
+    with local and pool kernels side by side (the default), or stock Lab in gateway mode."""
     log_path = tmp_path / "up.log"
     command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
                "--host-port", str(free_port()), "--lab-port", str(free_port()),
-               "--fake-gpus", "H100:2"]  # fmt: skip
+               "--fake-gpus", "H100:2", "--lab-mode", mode]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
     log = open(log_path, "w")  # the process writes it until it ends
@@ -90,6 +91,12 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str) -> None:
         assert specs.status == 200, specs.body
         assert "python3-gpu-h100-x1" in specs.body["kernelspecs"]
         assert specs.body["kernelspecs"]["python3-gpu-h100-x1"]["spec"]["metadata"]["gpupool"]
+        local = specs.body["kernelspecs"]["python3"]["spec"]
+        if mode == "hybrid":  # the user's own python3 beside the pool's shapes
+            assert "kernel_provisioner" not in local.get("metadata", {}), local
+            assert (tmp_path / ".gpupool" / "jupyter" / "kernels" / "python3-gpu-h100-x1").is_dir()
+        else:  # every kernel is the pool's, its CPU one included
+            assert local["metadata"]["gpupool"], local
         assert get(f"{gateway_url}/api/kernelspecs", token).status == 200
 
         # A GPU kernel started through Lab as its browser does (a session) runs, pinned.

@@ -33,7 +33,7 @@ export function transition(
       }
       if (before === 'suspended' || before === 'resuming') {
         const lost = notSaved.length
-          ? ` These variables did not survive the suspend: ${notSaved.join(', ')}.`
+          ? ` Not restored: ${notSaved.join(', ')}.`
           : ' Its variables are back.';
         return {
           kind: 'success',
@@ -41,18 +41,21 @@ export function transition(
         };
       }
       return { kind: 'success', text: `${shape} is yours; billing started${billing}.` };
-    case 'suspended':
+    case 'suspended': {
       if (before === undefined) {
         return null;
       }
+      // Lab cuts a toast at 140 characters: the gateway's reason is summed up, not quoted.
+      const why = /^suspended ([^;]*)/.exec(reason)?.[1] ?? reason.split(';')[0];
+      const lost = notSavedNames(reason);
       return {
         kind: 'warning',
         text:
-          `Your ${shape} kernel is suspended` +
-          (reason
-            ? `: ${reason}`
-            : ': its GPU was given back and its variables are saved; the next cell resumes it.')
+          `Your ${shape} kernel is suspended${why ? ` ${why}` : ''}; billing stopped. ` +
+          (lost.length ? `Not saved: ${lost.join(', ')}. ` : '') +
+          'The next cell resumes it.'
       };
+    }
     case 'dead':
       if (before === undefined) {
         return null;
@@ -60,7 +63,8 @@ export function transition(
       return {
         kind: 'error',
         text:
-          `Your ${shape} kernel is lost${reason ? ` (${reason})` : ''}: its variables are gone. ` +
+          `Your ${shape} kernel is lost${reason ? ` (${reason.split(';')[0]})` : ''}: its ` +
+          'variables are gone. ' +
           'Restart the kernel to get a GPU again.'
       };
     default:

@@ -32,15 +32,16 @@ def launch(playwright: Playwright) -> Browser:
 
 
 @contextlib.contextmanager
-def gpupool_up(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
-    """`gpupool up` with Lab (as `make demo` runs it) in `folder`, two fake H100s, `env` added
-    to a clean environment; yields its printed lines ("lab", ...) and "log", its output file."""
+def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[str, Any]]:
+    """`gpupool up` with Lab (as `make demo` runs it; `mode` "gateway" for stock gateway mode)
+    in `folder`, two fake H100s, `env` added to a clean environment; yields its printed lines
+    ("lab", ...) and "log", its output file."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), **env)
     log_path = folder / "up.log"
     command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
                "--host-port", str(free_port()), "--lab-port", str(free_port()),
-               "--fake-gpus", "H100:2"]  # fmt: skip
+               "--fake-gpus", "H100:2", "--lab-mode", mode]  # fmt: skip
     proc = subprocess.Popen(
         command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, env=full_env, cwd=folder, start_new_session=True,

@@ -36,9 +36,9 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """`gpupool up`, as `make demo` runs it: gateway, local host and stock JupyterLab."""
+    """`gpupool up --lab-mode gateway`: gateway, local host and stock JupyterLab."""
     folder = tmp_path_factory.mktemp("lab")
-    with gpupool_up(folder) as lines:
+    with gpupool_up(folder, mode="gateway") as lines:
         yield Lab(lines["lab"], folder, lines["log"])
 
 

@@ -1,7 +1,10 @@
-"""The Lab extension in a real browser, in the Lab of `gpupool up` (gateway mode): the launcher's
-"GPU pool" section shows the one-H100 shape with its price, a notebook started from it gets a fake
-GPU and the status bar shows its state and a cost that ticks, the usage panel draws its chart, and
-a kernel that waited for its GPUs is told (a notification) when they are its.
+"""The Lab extension in a real browser, in the Lab of `gpupool up` (hybrid mode, as `make demo`
+starts it): the launcher shows the user's local Python beside the pool's "H100 x1" with its
+price; a notebook started from that card gets a fake GPU and the status bar shows its state and a
+cost that ticks; the usage panel draws its chart; the picker switches the notebook to a shape
+that must queue, and a notification says when its GPUs are the kernel's; left idle, the kernel is
+suspended (the status bar and a notification say so) and the next cell resumes it with its
+variables; meanwhile a local kernel runs in another tab.
 Screenshots go to docs/screenshots/ (the README shows them). Uses Debian's chromium; skips
 without it, or without the built front end (`make install` builds it)."""
 
@@ -11,6 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +29,8 @@ from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 WAIT_MS = 60_000
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+IDLE_S = 20  # every pool kernel of this Lab is suspended after this long idle
+RESULT = '.jp-OutputArea-output[data-mime-type="text/plain"]'  # not a stream
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,10 @@ def lab_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
     (config / "gpupool.json").write_text(shipped.read_text())
     with gpupool_up(
-        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(folder / "config")
+        folder,
+        JUPYTER_PATH=str(folder / "data"),
+        JUPYTER_CONFIG_DIR=str(folder / "config"),
+        KERNEL_IDLE_TIMEOUT=str(IDLE_S),
     ) as lines:
         yield lines["lab"]
 
@@ -75,6 +84,9 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     expect(card).to_have_count(1, timeout=WAIT_MS)
     label = card.inner_text()
     assert re.search(r"H100 \u00d71 · 80 GB · \$\d+\.\d\d/h · 2 free", label), label
+    # The user's own Python, beside the pool's shapes (hybrid mode: not the pool's CPU kernel).
+    expect(page.locator('.jp-LauncherCard[data-category="Notebook"][title^="Python 3 (ipykernel)"]')
+           ).to_have_count(1)  # fmt: skip
     page.screenshot(path=str(SHOTS / "launcher.png"))
 
     card.click()
@@ -128,3 +140,61 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     expect(toast).to_be_visible()
     page.wait_for_timeout(1000)  # the toast slides in
     page.screenshot(path=str(SHOTS / "notification.png"))
+
+
+def run_cell(page: Page, code: str) -> Any:
+    """Type `code` into the notebook's last cell and run it (Shift+Enter adds a new last cell);
+    returns that cell."""
+    cells = page.locator(f"{NOTEBOOK} .jp-Cell")
+    cell = cells.nth(cells.count() - 1)
+    cell.locator(".cm-content").click()
+    page.keyboard.type(code)
+    page.keyboard.press("Shift+Enter")
+    return cell
+
+
+def ran(cell: Any) -> None:
+    """Wait until `cell` has run: its prompt shows an execution count."""
+    expect(cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=WAIT_MS)
+
+
+@pytest.mark.timeout(300)
+def test_idle_suspend_then_the_next_cell_resumes_with_its_variables(page: Page) -> None:
+    """The notebook's two-H100 kernel of the test above, left idle."""
+    status = page.locator(".gpupool-status")
+    expect(status).to_contain_text("GPU H100 \u00d72", timeout=WAIT_MS)
+    ran(run_cell(page, "import threading; kept, held = 41, threading.Lock()"))
+    expect(status).to_contain_text("suspended", timeout=(IDLE_S + 40) * 1000)
+    toast = page.locator(".Toastify__toast", has_text="kernel is suspended")
+    expect(toast).to_contain_text("idle for 20 s; billing stopped. Not saved: held. The next "
+                                  "cell resumes it.", timeout=WAIT_MS)  # fmt: skip
+    page.wait_for_timeout(1000)  # the toast slides in
+    page.screenshot(path=str(SHOTS / "suspended.png"))
+    cell = run_cell(page, "kept + 1")
+    expect(cell.locator(RESULT)).to_contain_text("42", timeout=WAIT_MS)
+    expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
+    resumed = page.locator(".Toastify__toast", has_text="kernel resumed")
+    expect(resumed).to_contain_text("Not restored: held.", timeout=WAIT_MS)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(SHOTS / "resumed.png"))
+
+
+@pytest.mark.timeout(300)
+def test_a_local_kernel_runs_beside_the_pool_kernel(page: Page) -> None:
+    """A second tab on the user's own Python: no GPU there, no pool status; the GPU notebook's
+    kernel still answers."""
+    page.locator('.lm-MenuBar-itemLabel:text("File")').click()
+    page.locator(".lm-Menu-itemLabel", has_text="New Launcher").click()
+    page.locator(
+        '.jp-LauncherCard[data-category="Notebook"][title^="Python 3 (ipykernel)"]'
+    ).click()
+    expect(page.locator(".jp-StatusBar-Widget").filter(has_text="Python 3 (ipykernel) | Idle")
+           ).to_have_count(1, timeout=WAIT_MS)  # fmt: skip
+    cell = run_cell(page, 'import os; print(os.environ.get("CUDA_VISIBLE_DEVICES"))')
+    expect(cell.locator(".jp-OutputArea-output")).to_have_text("None", timeout=WAIT_MS)
+    expect(page.locator(".gpupool-status")).to_be_hidden()  # a local kernel costs nothing
+    page.screenshot(path=str(SHOTS / "local-beside-pool.png"))
+    page.locator(".lm-TabBar-tabLabel", has_text=re.compile(r"^Untitled\.ipynb$")).click()
+    cell = run_cell(page, "kept * 2")
+    expect(cell.locator(RESULT)).to_contain_text("82", timeout=WAIT_MS)
+    expect(page.locator(".gpupool-status")).to_contain_text("GPU H100 \u00d72")
