@@ -18,6 +18,7 @@ MAX_KERNELS = 4096  # per host, ended ones included
 MAX_TEXT = 255
 MAX_REASON = 2000
 MAX_MEMORY_BYTES = 1 << 50  # 1 PiB per GPU
+MAX_UTILIZATION = 100  # percent
 # Upper case, so that it reads back from a kernelspec name (python3-gpu-<type lower>-x<count>).
 GPU_TYPE = re.compile(r"^[A-Z0-9][A-Z0-9.-]{0,31}$")
 UUID_TEXT = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces: NVML's GPU-… or MIG-…
@@ -39,6 +40,15 @@ def text(value: Any, field: str, most: int = MAX_TEXT, optional: bool = False) -
 def count(value: Any, field: str, most: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
         raise bad(field, f"must be a whole number from 0 to {most}")
+    return value
+
+
+def utilization(value: Any, field: str) -> int | None:
+    """NVML's percent busy, or None where it cannot say (MIG instances, some older cards)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_UTILIZATION:
+        raise bad(field, f"must be a whole percent from 0 to {MAX_UTILIZATION}, or null")
     return value
 
 
@@ -85,6 +95,9 @@ def gpu(value: Any, index: int) -> dict[str, Any]:
         "memory_total": count(
             value.get("memory_total", 0), f"{field}.memory_total", MAX_MEMORY_BYTES
         ),
+        # What a tenant sees of its kernel's GPUs; an older host sends neither.
+        "memory_used": count(value.get("memory_used", 0), f"{field}.memory_used", MAX_MEMORY_BYTES),
+        "utilization": utilization(value.get("utilization"), f"{field}.utilization"),
         "warm": count(value.get("warm", 0), f"{field}.warm", MAX_KERNELS),
     }
 

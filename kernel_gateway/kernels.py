@@ -20,7 +20,7 @@ from .budgets import Budgets
 from .errors import ApiError
 from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger, iso
 from .metrics import START_SECONDS
-from .pool import HostView, Pool
+from .pool import READINGS, HostView, Pool
 from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
 from .store import Kernel, Tenant, Token
 from .tokens import digest, new_token
@@ -132,7 +132,7 @@ class GatewayKernels:
 
     def model(self, kernel: Kernel) -> dict[str, Any]:
         live = self._live(kernel.id)
-        billed, cost = self.ledger.billed(kernel.id)
+        billed, cost, since = self.ledger.holding(kernel.id)
         resuming = bool(kernel.checkpoint) and kernel.state in ("queued", "starting")
         state = "resuming" if resuming else kernel.state
         gpupool: dict[str, Any] = {
@@ -149,6 +149,15 @@ class GatewayKernels:
             gpupool["queue_position"] = (
                 self.queue.index(kernel.id) + 1 if kernel.id in self.queue else 1
             )
+        host = self.pool.hosts.get(kernel.host_id or "")
+        if kernel.state == "running" and since is not None and host is not None:
+            # Only the GPUs this kernel holds: the caller's own kernel, nothing of anyone else's.
+            gpupool["host"] = host.name
+            gpupool["started"] = iso(since)
+            gpupool["gpus"] = [
+                {"uuid": uuid, **{key: host.readings.get(uuid, {}).get(key) for key in READINGS}}
+                for uuid in kernel.gpus
+            ]
         if kernel.state == "running":
             execution_state = live.execution_state
         else:

@@ -220,13 +220,21 @@ class Ledger:
 
     def billed(self, kernel_id: str, now: float | None = None) -> tuple[float, float]:
         """Seconds billed and their cost in USD, for one kernel, open interval included."""
+        return self.holding(kernel_id, now)[:2]
+
+    def holding(
+        self, kernel_id: str, now: float | None = None
+    ) -> tuple[float, float, float | None]:
+        """`billed`, and when the kernel's open interval began (its GPUs were taken), if any."""
         now = time.time() if now is None else now
         with self.db() as s:
             rows = s.scalars(
                 select(LedgerInterval).where(LedgerInterval.kernel_id == kernel_id)
             ).all()
         seconds = [seconds_in(r, now, None, None) for r in rows]
-        return sum(seconds), sum(cost_of(r, t) for r, t in zip(rows, seconds, strict=True))
+        since = next((r.started for r in rows if r.ended is None), None)
+        cost = sum(cost_of(r, t) for r, t in zip(rows, seconds, strict=True))
+        return sum(seconds), cost, since
 
     def spent(self, tenant_id: int, since: float, now: float | None = None) -> float:
         """USD the tenant ran up from `since` until now, open intervals included."""

@@ -8,6 +8,8 @@ from typing import Any
 
 from .shapes import Shape
 
+READINGS = ("utilization", "memory_used", "memory_total")  # what a tenant sees of its GPUs
+
 
 @dataclass
 class HostView:
@@ -18,6 +20,8 @@ class HostView:
     devices: dict[str, str] = field(default_factory=dict)  # GPU uuid -> type
     memory: dict[str, int] = field(default_factory=dict)  # GPU type -> bytes per GPU
     warm: dict[str, int] = field(default_factory=dict)  # GPU type -> GPUs held by warm kernels
+    # GPU uuid -> its utilization, memory_used and memory_total at the last report
+    readings: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.time)
     lost: bool = False
     held: dict[str, list[str]] = field(default_factory=dict)  # kernel id -> GPU uuids
@@ -26,6 +30,7 @@ class HostView:
     def update(self, gpus: list[dict[str, Any]]) -> None:
         self.devices = {g["uuid"]: g["gpu_type"] for g in gpus}
         self.memory = {g["gpu_type"]: int(g.get("memory_total", 0)) for g in gpus}
+        self.readings = {g["uuid"]: {key: g.get(key) for key in READINGS} for g in gpus}
         self.warm = {}
         for g in gpus:
             if g.get("warm"):

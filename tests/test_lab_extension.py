@@ -148,6 +148,10 @@ def test_a_running_gpu_kernel_and_usage(lab: LabServer, stack: Gateway) -> None:
             1,
         )
         assert gpupool["idle_seconds_left"] > 0 and gpupool["cost_usd"] >= 0
+        # The status bar's details: the gateway's host, start and GPU readings pass through.
+        assert gpupool["host"] and gpupool["started"].endswith("Z")
+        [gpu] = gpupool["gpus"]
+        assert (gpu["utilization"], gpu["memory_used"], gpu["memory_total"]) == (0, 0, 80 << 30)
         time.sleep(1)
         status, text = lab.get("/gpupool/usage")
         assert status == 200, text

@@ -15,6 +15,14 @@ export interface IShape {
   queue: number | null;
 }
 
+/** One GPU a pool kernel holds, as its host last reported it. */
+export interface IGpuReading {
+  uuid: string;
+  utilization: number | null; // percent; null where the GPU cannot say (MIG)
+  memory_used: number | null; // bytes
+  memory_total: number | null; // bytes
+}
+
 /** A pool kernel as GET /gpupool/kernels/<id> gives it. */
 export interface IKernelInfo {
   id: string;
@@ -30,6 +38,9 @@ export interface IKernelInfo {
     idle_deadline?: string | null;
     idle_seconds_left?: number | null;
     reason?: string | null;
+    host?: string; // these three while the kernel holds its GPUs
+    started?: string;
+    gpus?: IGpuReading[];
   };
 }
 

@@ -10,6 +10,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
+import { ClosingGuard } from './closing';
 import { PoolLauncher } from './launcher';
 import { pickShape, PICK_COMMAND } from './picker';
 import { KernelStatus } from './status';
@@ -50,6 +51,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       refreshSeconds: () => settings.refreshSeconds
     };
     const pool = launcher ? new PoolLauncher(app, launcher, options) : null;
+    new ClosingGuard(notebooks); // closing a running pool kernel's last tab asks first
 
     if (statusBar) {
       const status = new KernelStatus(notebooks, () => pool?.shapes ?? [], options.showCost);

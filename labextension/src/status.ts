@@ -5,6 +5,7 @@ import { Widget } from '@lumino/widgets';
 import {
   clock,
   GpupoolError,
+  IGpuReading,
   IKernelInfo,
   IShape,
   money,
@@ -30,6 +31,23 @@ export function stateInWords(info: IKernelInfo): string {
     default:
       return g.state ?? 'unknown';
   }
+}
+
+const GIB = 1024 ** 3; // "80 GB" as the launcher shows a GPU's memory
+
+/** "37%" and "12.1/80 GB" for the GPUs a kernel holds (averaged, summed), what is known of it. */
+export function gpuLoad(gpus: IGpuReading[]): string[] {
+  const busy = gpus.map(g => g.utilization).filter((u): u is number => u !== null);
+  const load = busy.length
+    ? [`${Math.round(busy.reduce((a, b) => a + b, 0) / busy.length)}%`]
+    : [];
+  const sum = (key: 'memory_used' | 'memory_total') =>
+    gpus.reduce((total, g) => total + (g[key] ?? 0), 0);
+  const total = sum('memory_total');
+  if (total > 0) {
+    load.push(`${(sum('memory_used') / GIB).toFixed(1)}/${Math.round(total / GIB)} GB`);
+  }
+  return load;
 }
 
 /**
@@ -151,6 +169,7 @@ export class KernelStatus extends Widget {
     const g = info.gpupool;
     const words = stateInWords(info);
     const parts = [`GPU ${shapeLabel(g.gpu_type!, g.gpu_count ?? 1)}`, words];
+    parts.push(...gpuLoad(g.gpus ?? []));
     if (this.showCost()) {
       parts.push(money(this.cost(), 4));
     }
@@ -172,11 +191,22 @@ export class KernelStatus extends Widget {
     const rows: [string, string][] = [
       ['Kernel', info.id],
       ['State', stateInWords(info) + (g.reason ? ` (${g.reason})` : '')],
-      ['GPUs', shapeLabel(g.gpu_type ?? '?', g.gpu_count ?? 1)],
+      ['GPUs', shapeLabel(g.gpu_type ?? '?', g.gpu_count ?? 1)]
+    ];
+    if (g.host) {
+      rows.push(['Host', g.host]);
+    }
+    if (g.started) {
+      rows.push(['Started', new Date(g.started).toLocaleString()]);
+    }
+    (g.gpus ?? []).forEach((gpu, i) =>
+      rows.push([`GPU ${i}`, [gpu.uuid, ...gpuLoad([gpu])].join(' \u00b7 ')])
+    );
+    rows.push(
       ['Billed', `${Math.round(g.billed_seconds ?? 0)} s`],
       ['Cost so far', money(this.cost(), 4)],
       ['Idle timeout', `${g.idle_timeout ?? '?'} s`]
-    ];
+    );
     const body = new Widget();
     const table = document.createElement('table');
     for (const [key, value] of rows) {

@@ -119,6 +119,39 @@ def test_a_bad_heartbeat_is_400_and_changes_nothing(gw):
     assert gw.call("POST", path, {"gpus": h100s(1)}, token=joined.body["host_token"]).status == 200
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("utilization", -1, "utilization must be a whole percent from 0 to 100, or null"),
+        ("utilization", 101, "utilization must be a whole percent from 0 to 100"),
+        ("utilization", 37.5, "utilization must be a whole percent"),
+        ("utilization", "37%", "utilization must be a whole percent"),
+        ("utilization", True, "utilization must be a whole percent"),
+        ("utilization", 10**400, "utilization must be a whole percent"),
+        ("memory_used", -1, "memory_used must be a whole number from 0 to"),
+        ("memory_used", "12GB", "memory_used must be a whole number"),
+        ("memory_used", 1.5 * GIB, "memory_used must be a whole number"),
+        ("memory_used", (1 << 50) + 1, "memory_used must be a whole number from 0 to"),
+        ("memory_used", 10**400, "memory_used must be a whole number"),
+    ],
+)
+def test_a_heartbeat_with_bad_gpu_readings_is_400_and_changes_nothing(gw, field, value, words):
+    joined = register(gw, report(h100s(1)))
+    assert joined.status == 200, joined.body
+    path, token = f"/api/hosts/{joined.body['host_id']}/heartbeat", joined.body["host_token"]
+    gpus_before = gw.call("GET", "/api/gpus").body
+    bad = {"gpus": [{**h100s(1)[0], field: value}]}
+    check_error(gw.call("POST", path, bad, token=token), 400, f"gpus[0].{words}")
+    check_error(register(gw, report(bad["gpus"])), 400, f"gpus[0].{words}", "nothing was stored")
+    assert gw.call("GET", "/api/gpus").body == gpus_before
+    # What NVML reports (a MIG instance's utilization is unknown), and an older host's
+    # report without either field, are taken.
+    for good in ({"utilization": 100, "memory_used": 80 * GIB}, {"utilization": None}, {}):
+        gpu = {k: v for k, v in h100s(1)[0].items() if k not in ("utilization", "memory_used")}
+        reply = gw.call("POST", path, {"gpus": [{**gpu, **good}]}, token=token)
+        assert reply.status == 200, (good, reply.body)
+
+
 def test_a_bad_host_row_left_in_the_database_does_not_stop_the_gateway(tmp_path):
     """A row saved by an older gateway (which stored reports unchecked) is skipped at start."""
     gw = start_gateway(tmp_path)

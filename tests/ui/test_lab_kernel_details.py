@@ -1,0 +1,143 @@
+"""The pool kernel's status bar and details in a real browser, in the Lab of `gpupool up`: the
+status bar shows the GPU's utilization and memory, its details the host and when the GPU was
+taken (screenshot docs/screenshots/status-details.png), and closing the kernel's last tab asks
+whether to keep it running or shut it down; shut down, it is gone from the gateway.
+Uses Debian's chromium; skips without it, or without the built front end."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILT = ROOT / "jupyter_ext" / "labextension"
+SHOTS = ROOT / "docs" / "screenshots"
+if not (BUILT / "package.json").exists():
+    pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
+
+from lab_stack import gpupool_up, launch  # noqa: E402
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+WAIT_MS = 60_000
+NOTEBOOK_TAB = ".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current"
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """`gpupool up` with this checkout's front end and server extension where Jupyter looks;
+    its printed lines, the gateway's address and demo token among them."""
+    folder = tmp_path_factory.mktemp("details")
+    data = folder / "data" / "labextensions" / "@gpupool"
+    data.mkdir(parents=True)
+    (data / "labextension").symlink_to(BUILT)
+    config = folder / "config" / "jupyter_server_config.d"
+    config.mkdir(parents=True)
+    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
+    (config / "gpupool.json").write_text(shipped.read_text())
+    with gpupool_up(
+        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(folder / "config")
+    ) as lines:
+        yield {**lines, **printed(lines["log"], ("gateway", "token"))}
+
+
+def printed(log: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """Lines `gpupool up` prints after the Lab's address ("gateway: URL", "token: T")."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found: dict[str, str] = {}
+        for line in log.read_text().splitlines():
+            key, _, value = line.partition(": ")
+            found.setdefault(key, value.strip())
+        if all(k in found for k in keys):
+            return {k: found[k] for k in keys}
+        time.sleep(0.1)
+    raise AssertionError(f"gpupool up did not print {keys}: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def page(up: dict[str, Any]) -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(up["lab"])
+        page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
+        news = page.get_by_role("button", name="No", exact=True)
+        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
+            news.click(timeout=10_000)
+        except Exception:
+            pass
+        yield page
+        browser.close()
+
+
+def gateway_kernels(up: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo tenant's kernels as the gateway lists them (every state but dead)."""
+    request = urllib.request.Request(
+        up["gateway"] + "/api/kernels", headers={"Authorization": f"token {up['token']}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return list(json.loads(response.read()))
+
+
+@pytest.mark.timeout(300)
+def test_status_bar_details_and_closing_the_last_tab(page: Page, up: dict[str, Any]) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    card = page.locator('.jp-LauncherCard[data-category="GPU pool"]').filter(
+        has_text="H100 \u00d71"
+    )
+    expect(card).to_have_count(1, timeout=WAIT_MS)
+    card.click()
+    status = page.locator(".gpupool-status")
+    # The fake H100 reports itself idle and empty: 0 % busy, 0.0 of its 80 GB used.
+    expect(status).to_contain_text(
+        re.compile(r"GPU H100 \u00d71 · (idle|running) · 0% · 0\.0/80 GB · \$\d+\.\d{4} · "
+                   r"suspends in \d+:\d\d"),
+        timeout=WAIT_MS,
+    )  # fmt: skip
+    [kernel] = gateway_kernels(up)
+    held = kernel["gpupool"]
+
+    status.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text("Host", timeout=WAIT_MS)
+    cells = [c.strip() for c in dialog.locator("td").all_inner_texts()]
+    rows = dict(zip(cells[0::2], cells[1::2], strict=True))
+    assert rows["Host"] == held["host"], rows
+    assert re.search(r"\d", rows["Started"]) and "Z" not in rows["Started"], rows  # local time
+    assert rows["GPU 0"] == f"{held['gpus'][0]['uuid']} · 0% · 0.0/80 GB", rows
+    assert {"Billed", "Cost so far", "Idle timeout"} <= set(rows), rows
+    expect(dialog.get_by_role("button", name="Release GPU (shut down)")).to_be_visible()
+    page.screenshot(path=str(SHOTS / "status-details.png"))
+    dialog.get_by_role("button", name="Close").click()
+    expect(dialog).to_have_count(0)
+
+    # Closing the tab asks first; Cancel keeps the tab and the kernel.
+    close_icon = page.locator(f"{NOTEBOOK_TAB} .lm-TabBar-tabCloseIcon")
+    close_icon.click()
+    prompt = page.locator(".jp-Dialog", has_text="billed until it idles")
+    expect(prompt).to_contain_text(re.compile(r"about \d+ min|under a minute"), timeout=WAIT_MS)
+    expect(prompt.get_by_role("button", name="Keep H100 \u00d71 running")).to_be_visible()
+    prompt.get_by_role("button", name="Cancel").click()
+    expect(prompt).to_have_count(0)
+    expect(page.locator(NOTEBOOK_TAB, has_text=".ipynb")).to_have_count(1)
+    assert [k["id"] for k in gateway_kernels(up)] == [kernel["id"]]
+
+    close_icon.click()
+    prompt.get_by_role("button", name="Shut it down").click(timeout=WAIT_MS)
+    discard = page.locator(".jp-Dialog").get_by_role("button", name="Discard")
+    try:  # a notebook with unsaved changes is asked about next, as Lab always does
+        discard.click(timeout=3_000)
+    except Exception:
+        pass
+    expect(page.locator(".lm-TabBar-tab", has_text=".ipynb")).to_have_count(0, timeout=WAIT_MS)
+    deadline = time.monotonic() + 60
+    while gateway_kernels(up) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gateway_kernels(up) == [], "the kernel shut down with its last tab"
