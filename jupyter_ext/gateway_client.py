@@ -22,7 +22,7 @@ from jupyter_server.gateway.managers import GatewayKernelClient
 class TokenGatewayKernelClient(GatewayKernelClient):
     """jupyter_server's gateway kernel client, sending the gateway token on its websocket too."""
 
-    async def start_channels(self, *args: Any, **kwargs: Any) -> None:
+    async def start_channels(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         original = managers.websocket.create_connection
         headers = GatewayClient.instance().load_connection_args()["headers"]
         header = [f"{k}: {v}" for k, v in headers.items() if k == "Authorization"]
