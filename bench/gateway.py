@@ -241,7 +241,9 @@ def spawn_jupyter_server(where: Path, name: str, gateway: Server | None) -> Jupy
     env["JUPYTER_CONFIG_DIR"] = str(where / "config")
     command = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}",
                "--ip=127.0.0.1", f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={where}", "--allow-root"]  # fmt: skip
+               f"--ServerApp.root_dir={where}", "--allow-root",
+               # Stock: not our server extension, which `make install` enables in the venv.
+               "--ServerApp.jpserver_extensions=jupyter_ext=False"]  # fmt: skip
     if gateway is not None:
         command += [f"--gateway-url={gateway.url}", f"--GatewayClient.auth_token={gateway.token}",
                     "--GatewayClient.request_timeout=120"]  # fmt: skip

@@ -4,7 +4,10 @@ The routes call the gpupool gateway with the tenant's token, which stays in this
 browser sees shapes, kernel states, costs and usage, never the token. Where the gateway's URL and
 token come from, first found wins: `c.GpupoolLab.gateway_url` / `c.GpupoolLab.token`, then
 GPUPOOL_URL / GPUPOOL_TOKEN, then this server's own `--gateway-url` and
-`GatewayClient.auth_token` (gateway mode, as `gpupool up` runs Lab)."""
+`GatewayClient.auth_token` (gateway mode, as `gpupool up` runs Lab).
+
+It also turns Nagle's algorithm off on every kernel websocket this server serves (local and pool
+kernels, and gateway mode's): see `NoDelayConnection`."""
 
 from __future__ import annotations
 
@@ -354,8 +357,48 @@ def summarize(report: dict[str, Any], first: float, now: float) -> dict[str, Any
     }
 
 
+class NoDelayConnection:
+    """Mixed in before this server's kernel websocket connection class: TCP_NODELAY on the
+    browser's socket before the connection starts relaying kernel messages.
+
+    tornado leaves Nagle's algorithm on for a websocket (it turns it off only to finish an HTTP
+    response, the 101 upgrade included, and back on after) and jupyter_server never turns it
+    off, so a cell's small reply frames wait for the client's delayed ACK: about 40 ms a `1+1`.
+    `KernelWebsocketHandler.open` calls `connect()` right after the upgrade, on every kernel
+    websocket whatever the kernel is (a local kernel, a pool kernel through its bridge, or a
+    gateway's kernel in gateway mode, where the class is `GatewayWebSocketConnection`)."""
+
+    websocket_handler: Any
+
+    def connect(self) -> Any:
+        handler = self.websocket_handler
+        if getattr(handler, "ws_connection", None) is not None:  # not closed meanwhile
+            handler.set_nodelay(True)
+        return super().connect()  # type: ignore[misc]
+
+
+def with_nodelay(connection_class: type) -> type:
+    """`connection_class` with `NoDelayConnection` in front of it (itself when it has it)."""
+    if issubclass(connection_class, NoDelayConnection):
+        return connection_class
+    name = f"NoDelay{connection_class.__name__}"
+    return type(name, (NoDelayConnection, connection_class), {"__module__": __name__})
+
+
+def _nodelay_on_kernel_websockets(serverapp: Any) -> None:
+    """Whatever kernel websocket connection class this server was configured with (its own
+    default, gateway mode's, or a user's `ServerApp.kernel_websocket_connection_class`), served
+    with TCP_NODELAY. The handler reads the class from the settings on each connection; the
+    server's trait gets the same class, for what reads it there (`close_all` at shutdown)."""
+    settings = serverapp.web_app.settings
+    wrapped = with_nodelay(settings["kernel_websocket_connection_class"])
+    settings["kernel_websocket_connection_class"] = wrapped
+    serverapp.kernel_websocket_connection_class = wrapped
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app = serverapp.web_app
+    _nodelay_on_kernel_websockets(serverapp)
     web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
     base = url_path_join(web_app.settings["base_url"], "gpupool")
     web_app.add_handlers(

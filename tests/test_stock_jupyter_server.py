@@ -57,7 +57,7 @@ def start_stock_server(
                "--ip=127.0.0.1", f"--IdentityProvider.token={token}",
                f"--gateway-url={gateway_url}", f"--GatewayClient.auth_token={gateway_token}",
                "--GatewayClient.request_timeout=60", f"--ServerApp.root_dir={tmp_path}",
-               "--allow-root"]  # fmt: skip
+               "--allow-root", "--ServerApp.jpserver_extensions=jupyter_ext=False"]  # fmt: skip
     if not token:  # a client with no token has no _xsrf cookie either
         command.append("--ServerApp.disable_check_xsrf=True")
     log = open(log_path, "w")  # the process writes it until it ends

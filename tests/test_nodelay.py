@@ -1,0 +1,105 @@
+"""Every kernel websocket a Jupyter server with our extension serves has TCP_NODELAY set: a local
+kernel and a pool kernel (through the pool provisioner's bridge) in a hybrid server, and a
+gateway's kernel in gateway mode. Looked at inside the server, on the socket it accepted for
+the test's websocket, by a test-only extension (tests/nodelay_probe.py). The same probe on a
+stock jupyter_server (our extension disabled) sees Nagle on: what the extension changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Gateway
+from kernel_ws import KernelSocket
+from test_lab_extension import LabServer, start_server
+
+TESTS = Path(__file__).resolve().parent
+POOL_SPEC = "python3-gpu-h100-x1"
+WITHOUT_OURS = "--ServerApp.jpserver_extensions=jupyter_ext=False"
+
+
+def probed_server(folder: Path, *args: str, env: dict[str, str] | None = None) -> LabServer:
+    """`start_server` (our extension enabled as the wheel enables it) plus the probe."""
+    conf_d = folder / "config" / "jupyter_server_config.d"
+    conf_d.mkdir(parents=True)
+    probe = {"ServerApp": {"jpserver_extensions": {"nodelay_probe": True}}}
+    (conf_d / "nodelay_probe.json").write_text(json.dumps(probe))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return start_server(folder, *args, env={**(env or {}), "PYTHONPATH": path})
+
+
+@pytest.fixture(scope="module")
+def hybrid(stack: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """No --gateway-url: local kernels, and the pool's kernelspecs synced beside them."""
+    folder = tmp_path_factory.mktemp("hybrid")
+    env = {"GPUPOOL_URL": stack.url, "GPUPOOL_TOKEN": stack.token,
+           "JUPYTER_DATA_DIR": str(folder / "data")}  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "jupyter_ext.kernelspecs", "sync"], check=True, timeout=60,
+        env={**os.environ, **env}, capture_output=True,
+    )  # fmt: skip
+    server = probed_server(folder, env=env)
+    yield server
+    server.stop()
+
+
+def nodelay_of_a_kernel_websocket(server: LabServer, kernel_name: str) -> bool:
+    """Start a kernel, open its websocket, get a kernel_info_reply over it, and ask the probe
+    about the server's end of that websocket; the kernel is shut down after."""
+    kernel_id = server.post("/api/kernels", {"name": kernel_name})["id"]
+
+    async def probe() -> bool:
+        sock = await KernelSocket.open(server.url, server.token, kernel_id)
+        try:
+            await sock.kernel_info(timeout=60)  # the server has run open() and connect()
+            port = sock.conn.protocol.stream.socket.getsockname()[1]  # type: ignore[union-attr]
+            status, text = await asyncio.to_thread(server.get, f"/nodelay-probe/{port}")
+            assert status == 200, (status, text)
+            return bool(json.loads(text)["nodelay"])
+        finally:
+            sock.close()
+
+    try:
+        return asyncio.run(probe())
+    finally:
+        request = urllib.request.Request(
+            f"{server.url}/api/kernels/{kernel_id}", method="DELETE",
+            headers={"Authorization": f"token {server.token}"},
+        )  # fmt: skip
+        urllib.request.urlopen(request, timeout=60).close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kernel_name", ["python3", POOL_SPEC])
+def test_hybrid_server_kernel_websockets_have_nodelay(hybrid: LabServer, kernel_name: str) -> None:
+    assert nodelay_of_a_kernel_websocket(hybrid, kernel_name)
+
+
+@pytest.mark.timeout(180)
+def test_gateway_mode_kernel_websockets_have_nodelay(stack: Gateway, tmp_path: Path) -> None:
+    server = probed_server(
+        tmp_path, f"--gateway-url={stack.url}", env={"JUPYTER_GATEWAY_AUTH_TOKEN": stack.token}
+    )
+    try:
+        assert nodelay_of_a_kernel_websocket(server, POOL_SPEC)
+    finally:
+        server.stop()
+    assert "gpupool: /gpupool/ routes" in server.log_path.read_text()
+
+
+@pytest.mark.timeout(180)
+def test_without_our_extension_jupyter_server_leaves_nagle_on(tmp_path: Path) -> None:
+    """The control: the probe is not always true, and the setting is ours, not stock's."""
+    server = probed_server(tmp_path, WITHOUT_OURS)
+    try:
+        assert not nodelay_of_a_kernel_websocket(server, "python3")
+    finally:
+        server.stop()
+    assert "gpupool: /gpupool/ routes" not in server.log_path.read_text()
