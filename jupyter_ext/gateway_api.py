@@ -84,9 +84,13 @@ class GatewayApi:
     def interrupt(self, kernel_id: str) -> None:
         self.call("POST", f"/api/kernels/{kernel_id}/interrupt")
 
-    def usage(self, kernel_id: str | None = None) -> dict[str, Any]:
-        query = "?" + urllib.parse.urlencode({"kernel": kernel_id}) if kernel_id else ""
-        return dict(self.call("GET", "/api/usage" + query))
+    def usage(
+        self, kernel_id: str | None = None, since: str | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        """The tenant's ledger (one kernel's), counted within [since, until] (ISO times)."""
+        params = {"kernel": kernel_id, "since": since, "until": until}
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
+        return dict(self.call("GET", "/api/usage" + ("?" + query if query else "")))
 
 
 def _message(body: bytes, fallback: str) -> str:

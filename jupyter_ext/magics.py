@@ -14,10 +14,10 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Int, Unicode
 
-from .companion import Cell, CellOutput, Companion, Progress, Shape
+from .companion import RUN_MIME, Cell, CellOutput, Companion, Outcome, Progress, Shape
 from .errors import GatewayError, GpuMagicError
 from .gateway_api import GatewayApi
-from .namespace import cell_names, parse_names, parse_size, sendable
+from .namespace import cell_names, human_bytes, parse_names, parse_size, sendable
 
 COMMANDS = ("status", "release", "usage", "pull")
 
@@ -113,9 +113,18 @@ class GpuMagics(Magics):
             timeout=args.timeout,
             writes=names.writes,
         )
-        deadline = time.monotonic() + args.timeout if args.timeout else None
+        began = time.monotonic()
+        deadline = began + args.timeout if args.timeout else None
+        before = self.companion
         companion = self.ensure(shape, fresh=args.fresh, deadline=deadline)
-        companion.run_cell(todo, shell.user_ns, CellOutput())
+        # What this run is billed: the gateway's ledger for this kernel from the gateway's "now"
+        # before the cell (all of it, for a kernel started by this cell) to its "now" after.
+        since = None if companion is not before else gateway_now(companion)
+        companion.last = None
+        try:
+            companion.run_cell(todo, shell.user_ns, CellOutput())
+        finally:
+            show_footer(companion, since, time.monotonic() - began, companion.last)
 
     def ensure(self, shape: Shape, fresh: bool = False, deadline: float | None = None) -> Companion:
         """The companion kernel of this shape, started if there is none."""
@@ -280,6 +289,69 @@ class GpuMagics(Magics):
             except Exception as error:  # at exit, say it and go on
                 print(f"could not shut down the GPU kernel {companion.kernel_id}: {error}",
                       file=sys.stderr)  # fmt: skip
+
+
+def gateway_now(companion: Companion) -> str | None:
+    """The gateway's clock now, as its usage report gives it ("" when it cannot be read)."""
+    if companion.kernel_id is None:
+        return ""
+    try:
+        return str(companion.api.usage(companion.kernel_id)["now"])
+    except (GpuMagicError, KeyError, TypeError):
+        return ""
+
+
+def run_footer(
+    companion: Companion, since: str | None, wall: float, outcome: Outcome | None
+) -> dict[str, Any]:
+    """What a `%%gpu` cell's footer shows: where it ran, how long, what the gateway billed for
+    it (its ledger for this kernel from `since`, None: from the kernel's start, to now), what
+    went each way. The billed numbers are None when the gateway could not say."""
+    data: dict[str, Any] = {
+        "state": "done",
+        "kernel_id": companion.kernel_id,
+        "gpu_type": companion.shape.gpu_type,
+        "gpu_count": companion.shape.gpu_count,
+        "wall_seconds": round(wall, 2),
+        "gpu_seconds": None,
+        "cost_usd": None,
+        "since": since,
+        "until": None,
+        "sent": dict(outcome.sent_bytes) if outcome else {},
+        "received": dict(outcome.received_bytes) if outcome else {},
+    }
+    if companion.kernel_id is not None and since != "":
+        try:
+            report = companion.api.usage(companion.kernel_id, since=since)
+            data["gpu_seconds"] = float(report["total"]["gpu_seconds"])
+            data["cost_usd"] = float(report["total"]["cost_usd"])
+            data["until"] = str(report["now"])
+        except (GpuMagicError, KeyError, TypeError, ValueError):
+            pass
+    return data
+
+
+def footer_text(data: dict[str, Any]) -> str:
+    """The footer as one line, for clients without the Lab front end (`jupyter execute`)."""
+    parts = [f"{Shape(data['gpu_type'], data['gpu_count'])}", f"{data['wall_seconds']:.1f} s"]
+    if data["gpu_seconds"] is None:
+        parts.append("GPU time not known")
+    else:
+        parts.append(f"{data['gpu_seconds']:.1f} GPU-s billed · ${data['cost_usd']:.4f}")
+    for key, verb in (("sent", "sent"), ("received", "received")):
+        if data[key]:
+            named = ", ".join(f"{n} ({human_bytes(b)})" for n, b in data[key].items())
+            parts.append(f"{verb} {named}")
+    return "%%gpu: " + " · ".join(parts)
+
+
+def show_footer(
+    companion: Companion, since: str | None, wall: float, outcome: Outcome | None
+) -> None:
+    from IPython.display import display
+
+    data = run_footer(companion, since, wall, outcome)
+    display({"text/plain": footer_text(data), RUN_MIME: data}, raw=True)
 
 
 def cell_number(shell: Any) -> int:
