@@ -10,6 +10,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
+import { CellGpu } from './cellgpu';
 import { ClosingGuard } from './closing';
 import { PoolLauncher } from './launcher';
 import { pickShape, PICK_COMMAND } from './picker';
@@ -52,6 +53,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     };
     const pool = launcher ? new PoolLauncher(app, launcher, options) : null;
     new ClosingGuard(notebooks); // closing a running pool kernel's last tab asks first
+    new CellGpu(app, notebooks, options); // Run Cell on GPU: a %%gpu first line, a badge
 
     if (statusBar) {
       const status = new KernelStatus(notebooks, () => pool?.shapes ?? [], options.showCost);
