@@ -289,6 +289,15 @@ class KernelHandler(GpupoolHandler):
         raise tornado.web.HTTPError(404, "This kernel runs on this machine, not in the pool.")
 
 
+class CompanionHandler(KernelHandler):
+    """GET /gpupool/companions/<id>: the `%%gpu` companion of a local kernel, by its gateway id
+    (which the cell's footer names). The gateway answers with this server's tenant token, so
+    another tenant's kernel is a 404, as one that never existed."""
+
+    def gateway_kernel_id(self, kernel_id: str) -> str:
+        return kernel_id
+
+
 def _parse_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
@@ -363,6 +372,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         [
             (url_path_join(base, "shapes"), ShapesHandler),
             (url_path_join(base, "kernels", r"([^/]+)"), KernelHandler),
+            (url_path_join(base, "companions", r"([^/]+)"), CompanionHandler),
             (url_path_join(base, "usage"), UsageHandler),
         ],
     )
