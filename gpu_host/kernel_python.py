@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -52,9 +53,11 @@ def requirements() -> list[str]:
 
 
 def _extension_source() -> Path:
-    import jupyter_ext
-
-    return Path(jupyter_ext.__file__).parent
+    """The installed jupyter_ext folder, found without importing it (the host never runs it)."""
+    spec = importlib.util.find_spec("jupyter_ext")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("gpupool's jupyter_ext is not installed beside gpu_host")
+    return Path(spec.origin).parent
 
 
 def _fingerprint(folder: Path) -> str:

@@ -180,24 +180,24 @@ async def run(args: argparse.Namespace) -> None:
 
 async def hybrid_env(state_dir: Path, url: str, token: str) -> dict[str, str]:
     """What Lab needs to start pool kernels beside local ones: the gateway and token for the
-    provisioner and the server extension, and the pool's kernelspecs, synced now (so the first
-    page lists them) into the state folder (so they leave with it), on Lab's JUPYTER_PATH."""
-    from jupyter_ext.credentials import CredentialsError
-    from jupyter_ext.gateway_api import TOKEN_ENV, URL_ENV
-    from jupyter_ext.kernelspecs import FOLDER_ENV, sync_kernelspecs
-
+    provisioner and the server extension, and the pool's kernelspecs, synced now by `gpupool
+    kernelspec sync` (so the first page lists them) into the state folder (so they leave with
+    it), on Lab's JUPYTER_PATH. (A command, not an import: the packages meet over the wire.)"""
     data = state_dir / "jupyter"
     kernels = data / "kernels"
     kernels.mkdir(parents=True, exist_ok=True)
-    env = {URL_ENV: url, TOKEN_ENV: token, FOLDER_ENV: str(kernels)}
+    env = {"GPUPOOL_URL": url, "GPUPOOL_TOKEN": token, "GPUPOOL_KERNELSPEC_DIR": str(kernels)}
     paths = [str(data), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
     env["JUPYTER_PATH"] = os.pathsep.join(paths)
-    try:
-        names = await asyncio.to_thread(sync_kernelspecs, url, token, kernels)
-    except CredentialsError as error:  # Lab still starts, with local kernels; it says why
-        print(f"gpupool up: no pool kernels in Lab: {error}", flush=True)
-    else:
-        print(f"gpupool up: Lab lists local kernels and {', '.join(names)}", flush=True)
+    sync = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "kernel_gateway.cli", "kernelspec", "sync"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if sync.returncode == 0:
+        print(f"gpupool up: Lab lists local kernels beside the pool's: {sync.stdout.strip()}",
+              flush=True)  # fmt: skip
+    else:  # Lab still starts, with local kernels; this says why there are no others
+        print(f"gpupool up: no pool kernels in Lab: {sync.stderr.strip()}", flush=True)
     return env
 
 

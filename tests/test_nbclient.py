@@ -3,9 +3,9 @@ jupyter_server's own gateway kernel manager: what papermill and CI jobs use agai
 
 Two upstream gaps in jupyter_server's `GatewayKernelClient` (2.x) shape these tests:
 - it opens the kernel websocket with no headers at all, so `GatewayClient.auth_token` never reaches
-  the gateway's websocket. Directly against gpupool (which requires the token) the test bridges
-  that with `AuthGatewayKernelClient`; through a stock jupyter_server on loopback with its own auth
-  off, nothing is patched.
+  the gateway's websocket. Directly against gpupool (which requires the token) the test uses
+  `jupyter_ext.gateway_client.TokenGatewayKernelClient`, which sends it; through a stock
+  jupyter_server on loopback with its own auth off, nothing is patched.
 - `GatewayKernelManager.start_kernel` ignores the manager's `kernel_name` and starts `python3`
   unless `kernel_name` is passed to `start_kernel`, so the notebook's kernelspec is passed on.
 """
@@ -13,7 +13,6 @@ Two upstream gaps in jupyter_server's `GatewayKernelClient` (2.x) shape these te
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import socket
 from collections.abc import Iterator
@@ -23,31 +22,16 @@ from typing import Any
 import nbformat
 import pytest
 from conftest import REPO, Gateway
-from jupyter_server.gateway import managers
 from jupyter_server.gateway.gateway_client import GatewayClient
-from jupyter_server.gateway.managers import GatewayKernelClient, GatewayKernelManager
+from jupyter_server.gateway.managers import GatewayKernelManager
 from nbclient import NotebookClient
 from test_stock_jupyter_server import start_stock_server
 
 from gpu_host.gpus import FakeInventory
+from jupyter_ext.gateway_client import TokenGatewayKernelClient
 
 NOTEBOOK = REPO / "examples" / "gpu-kernel.ipynb"
 UUID = r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-
-
-class AuthGatewayKernelClient(GatewayKernelClient):
-    """jupyter_server's gateway kernel client, sending the gateway token on its websocket too."""
-
-    async def start_channels(self, *args: Any, **kwargs: Any) -> None:
-        original = managers.websocket.create_connection
-        headers = GatewayClient.instance().load_connection_args()["headers"]
-        header = [f"{k}: {v}" for k, v in headers.items() if k == "Authorization"]
-        # The upstream method calls create_connection before its first await: the patch is local.
-        managers.websocket.create_connection = functools.partial(original, header=header)
-        try:
-            await super().start_channels(*args, **kwargs)
-        finally:
-            managers.websocket.create_connection = original
 
 
 @pytest.fixture
@@ -90,7 +74,7 @@ def check_outputs(nb: nbformat.NotebookNode) -> None:
 
 def test_nbclient_with_the_gateway_kernel_manager(stack: Gateway, gateway_client: Any) -> None:
     gateway_client(stack.url, stack.token)
-    km = GatewayKernelManager(client_factory=AuthGatewayKernelClient)
+    km = GatewayKernelManager(client_factory=TokenGatewayKernelClient)
     nb = run_notebook(km)
     check_outputs(nb)
     listed = stack.call("GET", "/api/kernels").body

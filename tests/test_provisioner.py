@@ -247,6 +247,24 @@ def test_in_lab_a_queued_start_returns_at_once_and_the_bridge_waits(
     assert stack.call("GET", "/api/kernels").body == []
 
 
+def test_in_lab_a_kernel_shut_down_while_queued_leaves_nothing(
+    stack: Gateway, client_env: dict[str, str]
+) -> None:
+    both = stack.create(name="python3-gpu-h100-x2")  # holds both H100s
+    stack.wait_for(lambda: gateway_state(stack, both["id"]) == "running", 30, "the H100 x2")
+    config = Config()
+    config.GpupoolProvisioner.wait_for_gpu = False
+    km = KernelManager(kernel_name=SHAPE, config=config)
+    km.start_kernel(env={**client_env})
+    kernel_id = km.provisioner.gateway_kernel_id  # type: ignore[union-attr]
+    assert gateway_state(stack, kernel_id) == "queued"
+    began = time.monotonic()
+    km.shutdown_kernel()
+    assert time.monotonic() - began < 15  # the waiting bridge ends on SIGTERM
+    assert gateway_state(stack, kernel_id) == "404"  # no GPU goes to a kernel nobody has
+    assert stack.call("DELETE", f"/api/kernels/{both['id']}").status == 204
+
+
 def test_a_pool_kernel_that_dies_is_a_dead_kernel_and_restarts_anew(
     stack: Gateway, client_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -2,7 +2,7 @@ import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { Widget } from '@lumino/widgets';
 
-import { IShape, money, shapeLabel } from './api';
+import { IShape, money, requestAPI, shapeLabel } from './api';
 import { cardLabel } from './launcher';
 
 export const PICK_COMMAND = 'gpupool:pick-shape';
@@ -15,11 +15,15 @@ export function outlook(shape: IShape): string {
   return `queued, position ${(shape.queue ?? 0) + 1}`;
 }
 
-/** A table of the pool's shapes, one radio button per row. */
+const REFRESH_MS = 3000; // while the picker is open
+
+/** A table of the pool's shapes, one radio button per row, refreshed while open. */
 class ShapeTable extends Widget {
+  private body: HTMLTableSectionElement;
+
   constructor(
     private shapes: IShape[],
-    showCost: boolean
+    private showCost: boolean
   ) {
     super();
     this.addClass('gpupool-picker');
@@ -31,21 +35,30 @@ class ShapeTable extends Widget {
       th.textContent = name;
       head.appendChild(th);
     }
-    const body = table.createTBody();
+    this.body = table.createTBody();
+    this.node.appendChild(table);
+    this.fill(shapes);
+  }
+
+  /** Redraw the rows from `shapes`, keeping the row the user checked (by shape name). */
+  fill(shapes: IShape[]): void {
+    const chosen = this.getValue()?.name;
+    this.shapes = shapes;
+    this.body.textContent = '';
     shapes.forEach((shape, index) => {
-      const row = body.insertRow();
-      row.title = cardLabel(shape, showCost);
+      const row = this.body.insertRow();
+      row.title = cardLabel(shape, this.showCost);
       const radio = document.createElement('input');
       radio.type = 'radio';
       radio.name = 'gpupool-shape';
       radio.value = String(index);
       radio.disabled = !shape.kernel_name;
-      radio.checked = index === 0 && !radio.disabled;
+      radio.checked = !radio.disabled && (chosen ? shape.name === chosen : index === 0);
       row.insertCell().appendChild(radio);
       const cells = [
         shapeLabel(shape.gpu_type, shape.gpu_count),
         shape.memory_gb ? `${shape.memory_gb} GB` : '?',
-        ...(showCost ? [`${money(shape.usd_per_hour)}/h`] : []),
+        ...(this.showCost ? [`${money(shape.usd_per_hour)}/h`] : []),
         String(shape.free ?? '?'),
         String(shape.queue ?? '?'),
         shape.kernel_name ? outlook(shape) : 'no kernelspec here'
@@ -59,12 +72,11 @@ class ShapeTable extends Widget {
         }
       });
     });
-    this.node.appendChild(table);
   }
 
   getValue(): IShape | null {
     const checked = this.node.querySelector<HTMLInputElement>('input:checked');
-    return checked ? this.shapes[Number(checked.value)] : null;
+    return checked ? (this.shapes[Number(checked.value)] ?? null) : null;
   }
 }
 
@@ -79,11 +91,25 @@ export async function pickShape(
     return;
   }
   const table = new ShapeTable(shapes, showCost);
-  const result = await showDialog({
-    title: 'Run this notebook on a GPU',
-    body: table,
-    buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Change kernel' })]
-  });
+  const refresh = async (): Promise<void> => {
+    try {
+      table.fill((await requestAPI<{ shapes: IShape[] }>('shapes')).shapes);
+    } catch {
+      // the launcher's own refresh reports gateway trouble once; the table keeps its rows
+    }
+  };
+  void refresh();
+  const timer = window.setInterval(() => void refresh(), REFRESH_MS);
+  let result;
+  try {
+    result = await showDialog({
+      title: 'Run this notebook on a GPU',
+      body: table,
+      buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Change kernel' })]
+    });
+  } finally {
+    window.clearInterval(timer);
+  }
   const shape = result.button.accept ? table.getValue() : null;
   if (shape?.kernel_name) {
     await panel.sessionContext.changeKernel({ name: shape.kernel_name });

@@ -4,6 +4,7 @@ Playwright's browser, and `gpupool up` with its Lab, started in a folder and sto
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,10 @@ if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
                 allow_module_level=True)  # fmt: skip
 
-from playwright.sync_api import Browser, Playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Playwright  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILT = ROOT / "jupyter_ext" / "labextension"  # the front end `make install` builds
 
 
 def launch(playwright: Playwright) -> Browser:
@@ -35,7 +39,7 @@ def launch(playwright: Playwright) -> Browser:
 def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[str, Any]]:
     """`gpupool up` with Lab (as `make demo` runs it; `mode` "gateway" for stock gateway mode)
     in `folder`, two fake H100s, `env` added to a clean environment; yields its printed lines
-    ("lab", ...) and "log", its output file."""
+    ("lab", "gateway", "token") and "log", its output file."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), **env)
     log_path = folder / "up.log"
@@ -47,7 +51,7 @@ def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[
         text=True, env=full_env, cwd=folder, start_new_session=True,
     )  # fmt: skip
     try:
-        yield {**_read_lines(proc, log_path, ("lab",)), "log": log_path}
+        yield {**_read_lines(proc, log_path, ("lab", "gateway", "token")), "log": log_path}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -55,3 +59,31 @@ def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def lab_with_front_end(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
+    """`gpupool up` (hybrid) with this checkout's built front end and server extension where
+    Jupyter looks, and Lab's news question off (it would cover screenshots)."""
+    data = folder / "data" / "labextensions" / "@gpupool"
+    data.mkdir(parents=True)
+    (data / "labextension").symlink_to(BUILT)
+    config = folder / "config"
+    (config / "jupyter_server_config.d").mkdir(parents=True)
+    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
+    (config / "jupyter_server_config.d" / "gpupool.json").write_text(shipped.read_text())
+    (config / "labconfig").mkdir()
+    news = {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}
+    (config / "labconfig" / "page_config.json").write_text(json.dumps(news))
+    with gpupool_up(
+        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(config), **env
+    ) as lines:
+        yield lines
+
+
+def open_lab(browser: Browser, url: str) -> Page:
+    """A page on Lab, its launcher shown."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(url)
+    page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
+    return page

@@ -10,21 +10,21 @@ without it, or without the built front end (`make install` builds it)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_stack import BUILT, lab_with_front_end, launch, open_lab
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILT = ROOT / "jupyter_ext" / "labextension"
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
-from lab_stack import gpupool_up, launch  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 WAIT_MS = 60_000
@@ -34,39 +34,30 @@ RESULT = '.jp-OutputArea-output[data-mime-type="text/plain"]'  # not a stream
 
 
 @pytest.fixture(scope="module")
-def lab_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`gpupool up` with this checkout's front end and server extension where Jupyter looks."""
-    folder = tmp_path_factory.mktemp("labext")
-    data = folder / "data" / "labextensions" / "@gpupool"
-    data.mkdir(parents=True)
-    (data / "labextension").symlink_to(BUILT)
-    config = folder / "config" / "jupyter_server_config.d"
-    config.mkdir(parents=True)
-    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
-    (config / "gpupool.json").write_text(shipped.read_text())
-    with gpupool_up(
-        folder,
-        JUPYTER_PATH=str(folder / "data"),
-        JUPYTER_CONFIG_DIR=str(folder / "config"),
-        KERNEL_IDLE_TIMEOUT=str(IDLE_S),
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with lab_with_front_end(
+        tmp_path_factory.mktemp("labext"), KERNEL_IDLE_TIMEOUT=str(IDLE_S)
     ) as lines:
-        yield lines["lab"]
+        yield lines
 
 
 @pytest.fixture(scope="module")
-def page(lab_url: str) -> Iterator[Page]:
+def page(up: dict[str, Any]) -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(lab_url)
-        page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
-        news = page.get_by_role("button", name="No", exact=True)
-        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
-            news.click(timeout=10_000)
-        except Exception:
-            pass
-        yield page
+        yield open_lab(browser, up["lab"])
         browser.close()
+
+
+def gateway(up: dict[str, Any], method: str, path: str, body: Any = None) -> Any:
+    """The gateway's REST API with the demo tenant's token (what another client would do)."""
+    request = urllib.request.Request(
+        up["gateway"] + path, method=method, headers={"Authorization": f"token {up['token']}"},
+        data=None if body is None else json.dumps(body).encode(),
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read()
+    return json.loads(text) if text else None
 
 
 def cost(text: str) -> float:
@@ -76,7 +67,7 @@ def cost(text: str) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
+def test_launcher_status_bar_and_usage_panel(page: Page, up: dict[str, Any]) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     card = page.locator('.jp-LauncherCard[data-category="GPU pool"]').filter(
         has_text="H100 \u00d71"
@@ -129,6 +120,12 @@ def test_launcher_status_bar_and_usage_panel(page: Page) -> None:
     expect(two).to_contain_text("queued, position 1")
     expect(rows.filter(has_text="H100 \u00d71")).to_contain_text("starts now")
     page.screenshot(path=str(SHOTS / "picker.png"))
+    # Refreshed while open: another kernel takes the last free H100, and the table says so.
+    other = gateway(up, "POST", "/api/kernels", {"name": "python3-gpu-h100-x1"})
+    one = rows.filter(has_text="H100 \u00d71")
+    expect(one).to_contain_text("queued, position 1", timeout=WAIT_MS)
+    gateway(up, "DELETE", f"/api/kernels/{other['id']}")
+    expect(one).to_contain_text("starts now", timeout=WAIT_MS)
     two.click()
     page.locator(".jp-Dialog-button.jp-mod-accept").click()
     # Lab starts the new kernel, then shuts the old one down; the new one gets both GPUs.

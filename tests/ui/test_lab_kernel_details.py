@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_stack import BUILT, lab_with_front_end, launch, open_lab
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILT = ROOT / "jupyter_ext" / "labextension"
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
-from lab_stack import gpupool_up, launch  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 WAIT_MS = 60_000
@@ -31,49 +29,15 @@ NOTEBOOK_TAB = ".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current"
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`gpupool up` with this checkout's front end and server extension where Jupyter looks;
-    its printed lines, the gateway's address and demo token among them."""
-    folder = tmp_path_factory.mktemp("details")
-    data = folder / "data" / "labextensions" / "@gpupool"
-    data.mkdir(parents=True)
-    (data / "labextension").symlink_to(BUILT)
-    config = folder / "config" / "jupyter_server_config.d"
-    config.mkdir(parents=True)
-    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
-    (config / "gpupool.json").write_text(shipped.read_text())
-    with gpupool_up(
-        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(folder / "config")
-    ) as lines:
-        yield {**lines, **printed(lines["log"], ("gateway", "token"))}
-
-
-def printed(log: Path, keys: tuple[str, ...]) -> dict[str, str]:
-    """Lines `gpupool up` prints after the Lab's address ("gateway: URL", "token: T")."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found: dict[str, str] = {}
-        for line in log.read_text().splitlines():
-            key, _, value = line.partition(": ")
-            found.setdefault(key, value.strip())
-        if all(k in found for k in keys):
-            return {k: found[k] for k in keys}
-        time.sleep(0.1)
-    raise AssertionError(f"gpupool up did not print {keys}: {log.read_text()[-2000:]}")
+    with lab_with_front_end(tmp_path_factory.mktemp("details")) as lines:
+        yield lines
 
 
 @pytest.fixture(scope="module")
 def page(up: dict[str, Any]) -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(up["lab"])
-        page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
-        news = page.get_by_role("button", name="No", exact=True)
-        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
-            news.click(timeout=10_000)
-        except Exception:
-            pass
-        yield page
+        yield open_lab(browser, up["lab"])
         browser.close()
 
 

@@ -1,0 +1,32 @@
+"""DESIGN: gpu_host, kernel_gateway and jupyter_ext never import each other; they meet only over
+the wire formats (and run each other only as commands)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGES = ("gpu_host", "kernel_gateway", "jupyter_ext")
+
+
+def imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_three_packages_never_import_each_other() -> None:
+    crossings = [
+        f"{path.relative_to(REPO)} imports {other}"
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        for other in sorted(imported(path) & set(PACKAGES) - {package})
+    ]
+    assert not crossings, crossings
