@@ -20,17 +20,15 @@ from typing import Any
 
 import nbformat
 import pytest
+from lab_stack import BUILT, lab_with_front_end, launch
 from nbformat.v4 import new_code_cell, new_notebook
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILT = ROOT / "jupyter_ext" / "labextension"
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
-from lab_stack import gpupool_up, launch  # noqa: E402
 from playwright.sync_api import Locator, Page, expect, sync_playwright  # noqa: E402
-from test_lab_kernel_details import printed  # noqa: E402
+from test_lab_kernel_details import gateway_kernels  # noqa: E402
 
 WAIT_MS = 60_000
 LOAD = "%load_ext jupyter_ext"  # until local kernels load %%gpu by themselves
@@ -41,24 +39,15 @@ NOTEBOOK = "cells.ipynb"
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`gpupool up` with this checkout's front end and server extension where Jupyter looks,
-    and a local Python notebook in its folder; its printed lines and that folder."""
+    """`gpupool up` with this checkout's front end, and a local Python notebook in its folder;
+    its printed lines and that folder."""
     folder = tmp_path_factory.mktemp("cellgpu")
-    data = folder / "data" / "labextensions" / "@gpupool"
-    data.mkdir(parents=True)
-    (data / "labextension").symlink_to(BUILT)
-    config = folder / "config" / "jupyter_server_config.d"
-    config.mkdir(parents=True)
-    shipped = ROOT / "jupyter-config" / "server-config" / "gpupool.json"
-    (config / "gpupool.json").write_text(shipped.read_text())
     nb = new_notebook(cells=[new_code_cell(LOAD), new_code_cell(WHERE), new_code_cell(WHERE)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                  "language": "python"}  # fmt: skip
     nbformat.write(nb, folder / NOTEBOOK)
-    with gpupool_up(
-        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(folder / "config")
-    ) as lines:
-        yield {**lines, **printed(lines["log"], ("gateway", "token")), "folder": folder}
+    with lab_with_front_end(folder) as lines:
+        yield {**lines, "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +57,6 @@ def page(up: dict[str, Any]) -> Iterator[Page]:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(up["lab"].replace("/lab?", f"/lab/tree/{NOTEBOOK}?"))
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-        news = page.get_by_role("button", name="No", exact=True)
-        try:  # Lab asks about its news feed; answered, it stays out of the screenshots
-            news.click(timeout=10_000)
-        except Exception:
-            pass
         yield page
         browser.close()
 
@@ -192,3 +176,20 @@ def test_run_cell_on_gpu_badge_footer_and_run_all(page: Page, up: dict[str, Any]
     ]  # fmt: skip
     assert plain and plain[-1].startswith("%%gpu: H100 \u00d71 · "), plain
     assert json.loads(json.dumps(headless.metadata))["kernelspec"]["name"] == "python3"
+
+    # The status bar shows the local kernel's GPU companion; Release shuts it down.
+    [companion] = gateway_kernels(up)
+    status = page.locator(".gpupool-status")
+    expect(status).to_contain_text(
+        re.compile(r"%%gpu H100 \u00d71 · idle · .*\$\d+\.\d{4} · suspends in \d+:\d\d"),
+        timeout=WAIT_MS,
+    )
+    status.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text(companion["id"], timeout=WAIT_MS)
+    dialog.get_by_role("button", name="Release GPU (shut down)").click()
+    deadline = time.monotonic() + 60
+    while gateway_kernels(up) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gateway_kernels(up) == [], "released"
+    expect(status).to_be_hidden(timeout=WAIT_MS)
