@@ -55,8 +55,11 @@ def execute(nb: nbformat.NotebookNode, stack: Gateway, tmp_path: Path) -> nbform
 
 
 def text_of(cell: Any) -> str:
+    """A cell's output as text, without the footers of its %%gpu runs (tests/test_run_footer.py)."""
     parts = []
     for out in cell.outputs:
+        if is_footer(out.get("data") or {}):
+            continue
         if out.output_type == "stream":
             parts.append(out.text)
         elif out.output_type in ("display_data", "execute_result"):
@@ -64,6 +67,10 @@ def text_of(cell: Any) -> str:
         elif out.output_type == "error":
             parts.append(ANSI.sub("", "\n".join(out.traceback)))
     return "".join(parts)
+
+
+def is_footer(data: dict[str, Any]) -> bool:
+    return bool((data.get("application/vnd.gpupool.run+json") or {}).get("state") == "done")
 
 
 def error_of(cell: Any) -> Any:
@@ -464,7 +471,8 @@ async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
 
         seen = await kernel.run("%%gpu\nprint('got a GPU')", during=free_one)
         shown = [m["content"]["data"]["text/plain"] for _, m in seen
-                 if m["msg_type"] in ("display_data", "update_display_data")]  # fmt: skip
+                 if m["msg_type"] in ("display_data", "update_display_data")
+                 and not is_footer(m["content"]["data"])]  # fmt: skip
         assert "queued for H100, position 1" in shown, shown
         assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", shown[-1])  # noqa: RUF001
         assert "got a GPU" in stdout(seen)

@@ -193,3 +193,9 @@ def test_run_cell_on_gpu_badge_footer_and_run_all(page: Page, up: dict[str, Any]
         time.sleep(0.2)
     assert gateway_kernels(up) == [], "released"
     expect(status).to_be_hidden(timeout=WAIT_MS)
+
+    # The shortcut does what the button does.
+    select(page, 2)
+    page.keyboard.press("Control+Shift+G")
+    expect(cell(page, 2)).to_have_attribute("data-gpupool-shape", "H100 \u00d71")
+    expect(stream(page, 2)).to_have_text(UUID, timeout=WAIT_MS)
