@@ -276,15 +276,19 @@ export class CellGpu {
   private badge(cell: Cell): void {
     const mark = cell.model.type === 'code' ? parseMark(cell.model.sharedModel.getSource()) : null;
     cell.toggleClass('gpupool-gpu-cell', mark !== null);
+    // On the cell (to find it) and on its prompt, under whose number CSS shows it.
+    const nodes = [cell.node, cell.inputArea?.promptNode].filter((n): n is HTMLElement => !!n);
     if (!mark) {
-      delete cell.node.dataset.gpupoolShape;
+      nodes.forEach(node => delete node.dataset.gpupoolShape);
       return;
     }
     const fallback = parseShapeSetting(this.options.defaultShape());
     const gpuType = mark.gpuType ?? fallback?.gpuType;
     const label = gpuType ? shapeLabel(gpuType, mark.count ?? fallback?.count ?? 1) : 'GPU';
-    if (cell.node.dataset.gpupoolShape !== label) {
-      cell.node.dataset.gpupoolShape = label;
+    for (const node of nodes) {
+      if (node.dataset.gpupoolShape !== label) {
+        node.dataset.gpupoolShape = label;
+      }
     }
   }
 }
