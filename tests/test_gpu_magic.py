@@ -475,6 +475,13 @@ async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
                  and not is_footer(m["content"]["data"])]  # fmt: skip
         assert "queued for H100, position 1" in shown, shown
         assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", shown[-1])  # noqa: RUF001
+        # The same lines as data for the Lab's cell footer: position and elapsed time.
+        runs = [m["content"]["data"].get("application/vnd.gpupool.run+json") for _, m in seen
+                if m["msg_type"] in ("display_data", "update_display_data")]  # fmt: skip
+        queued = [r for r in runs if r and r["state"] == "queued"]
+        assert queued and queued[0]["queue_position"] == 1 and queued[0]["gpu_type"] == "H100"
+        assert queued[-1]["elapsed_seconds"] >= 1.0 and queued[0]["kernel_id"], queued
+        assert [r["state"] for r in runs if r][-2:] == ["ready", "done"], runs
         assert "got a GPU" in stdout(seen)
         stack.call("DELETE", f"/api/kernels/{holders[1]}")
 
