@@ -24,8 +24,9 @@ from .errors import (
     RemoteError,
     with_remote_traceback,
 )
-from .gateway_api import GatewayApi, kernel_name
+from .gateway_api import GatewayApi
 from .namespace import Payload, RemoteValue, SentValues, human_bytes
+from .shapes import Shape
 
 # Makes the agent report other versions than its own: how tests stand in for a GPU kernel
 # built from another image (a JSON object, e.g. {"python": "3.9.18"}).
@@ -35,19 +36,6 @@ REPORTED_VERSIONS_ENV = "GPUPOOL_TEST_AGENT_VERSIONS"
 RUN_MIME = "application/vnd.gpupool.run+json"
 INTERRUPT_GRACE_S = 10.0  # how long an interrupted cell may take to stop on the GPU kernel
 RESUME_CHECK_S = 1.0  # with no answer this long, look whether the kernel is resuming
-
-
-@dataclass(frozen=True)
-class Shape:
-    gpu_type: str
-    gpu_count: int
-
-    def __str__(self) -> str:
-        return f"{self.gpu_type} ×{self.gpu_count}"  # noqa: RUF001
-
-    @property
-    def kernel_name(self) -> str:
-        return kernel_name(self.gpu_type, self.gpu_count)
 
 
 @dataclass

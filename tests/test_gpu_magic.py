@@ -224,6 +224,8 @@ def test_example_notebook(stack: Gateway, tmp_path: Path) -> None:
     nb = execute(nbformat.read(EXAMPLE, as_version=4), stack, tmp_path)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [error_of(c) for c in code if error_of(c)], [text_of(c) for c in code]
+    # No %load_ext: gpupool's IPython kernel config loads the magic in every local kernel.
+    assert "no GPU kernel yet: the next %%gpu cell starts one (H100 ×1)" in text_of(code[0])  # noqa: RUF001
     train = text_of(code[2])
     assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", train)  # noqa: RUF001
     assert "running on GPU-" in train and "step 150: mse" in train

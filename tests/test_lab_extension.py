@@ -1,7 +1,8 @@
 """The Lab extension's server side: the /gpupool/ routes of a real jupyter_server against the
 embedded stack (403 without Lab's auth, bad input, gateway outage and a wrong token as one clear
 JSON error, the token never in an answer or the log), and the wheel's packaging: after installing
-it, `jupyter labextension list` and `jupyter server extension list` show both enabled."""
+it, `jupyter labextension list` and `jupyter server extension list` show both enabled, and the
+IPython kernel config that loads `%%gpu` in local kernels is in place."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def lab(stack: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
 
 def test_every_route_needs_labs_auth(lab: LabServer) -> None:
     for path in ("/gpupool/shapes", "/gpupool/usage", f"/gpupool/kernels/{uuid.uuid4()}",
-                 f"/gpupool/companions/{uuid.uuid4()}"):  # fmt: skip
+                 f"/gpupool/companions/{uuid.uuid4()}", "/gpupool/preferences"):  # fmt: skip
         status, _ = lab.get(path, auth=False)
         assert status == 403, path
 
@@ -211,6 +212,11 @@ def test_the_wheel_installs_both_extensions_enabled(tmp_path: Path) -> None:
     subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
                     str(prefix), str(wheel)], check=True, timeout=120)  # fmt: skip
     site = next(prefix.glob("lib/python3*/site-packages"))
+    # IPython reads sys.prefix/etc/ipython: every ipykernel of the environment loads %%gpu.
+    kernel_config = json.loads(
+        (prefix / "etc" / "ipython" / "ipython_kernel_config.json").read_text()
+    )
+    assert kernel_config["InteractiveShellApp"]["extra_extensions"] == ["jupyter_ext"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     # `jupyter server extension list` reads only the user, sys-prefix and system config
     # folders, so the prefix's stands in as the user's.
