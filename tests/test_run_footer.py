@@ -5,20 +5,42 @@ errors a cell says in one line, leaving the local kernel and its variables as th
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
-from conftest import Gateway, free_port
+from conftest import REPO, Gateway, free_port
+from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
-from test_gpu_magic import error_of, execute, no_kernels_left, text_of
+from test_gpu_magic import error_of, local_env, no_kernels_left, text_of
 
 from jupyter_ext.companion import RUN_MIME
 from jupyter_ext.magics import footer_text
 
-LOAD = "%load_ext jupyter_ext"  # until local kernels load %%gpu by themselves
+SHIPPED = REPO / "jupyter-config" / "ipython-config" / "ipython_kernel_config.json"
+
+
+def installed_kernel_config(folder: Path) -> str:
+    """An IPython profile folder holding the kernel config gpupool installs (which loads %%gpu
+    in every local kernel), for kernels of an environment where it is not installed."""
+    profile = folder / "ipython" / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHIPPED, profile / SHIPPED.name)
+    return str(folder / "ipython")
+
+
+def execute(nb: nbformat.NotebookNode, stack: Gateway, tmp_path: Path) -> nbformat.NotebookNode:
+    """The notebook run by a local python3 kernel as installing gpupool leaves one: no
+    `%load_ext`, only GPUPOOL_URL/GPUPOOL_TOKEN."""
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=60, startup_timeout=60, allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )  # fmt: skip
+    client.execute(env={**local_env(stack), "IPYTHONDIR": installed_kernel_config(tmp_path)})
+    return nb
 
 
 def notebook(cells: list[str]) -> nbformat.NotebookNode:
@@ -44,7 +66,7 @@ def usage(stack: Gateway, **query: str) -> dict[str, Any]:
 
 def test_footers_match_the_gateways_ledger(stack: Gateway, tmp_path: Path) -> None:
     cells = [
-        LOAD + "\nimport numpy as np\narr = np.arange(1000.0)",
+        "import numpy as np\narr = np.arange(1000.0)",
         "%%gpu\nimport time\ntime.sleep(0.5)\nscaled = arr * 2",
         "%%gpu --no-pull\nimport os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])",
         "print(scaled[-1])",
@@ -98,7 +120,7 @@ def test_errors_are_one_line_and_leave_the_local_kernel_alone(
     through the extension, and the notebook's variables are still there after."""
     broke = stack.tenant("broke-footer", budget_usd=0)
     cells = [
-        LOAD + "\nimport os\nkept = [1, 2, 3]",
+        "import os\nkept = [1, 2, 3]",
         "%%gpu -t A100\nkept = None",
         "os.environ['GPUPOOL_TOKEN'] = " + json.dumps(broke),
         "%%gpu\nkept = None",

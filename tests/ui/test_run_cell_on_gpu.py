@@ -29,9 +29,9 @@ if not (BUILT / "package.json").exists():
 
 from playwright.sync_api import Locator, Page, expect, sync_playwright  # noqa: E402
 from test_lab_kernel_details import gateway_kernels  # noqa: E402
+from test_run_footer import installed_kernel_config  # noqa: E402
 
 WAIT_MS = 60_000
-LOAD = "%load_ext jupyter_ext"  # until local kernels load %%gpu by themselves
 WHERE = 'import os; print(os.environ.get("CUDA_VISIBLE_DEVICES"))'
 UUID = re.compile(r"GPU-[0-9a-fA-F-]+")
 NOTEBOOK = "cells.ipynb"
@@ -42,11 +42,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`gpupool up` with this checkout's front end, and a local Python notebook in its folder;
     its printed lines and that folder."""
     folder = tmp_path_factory.mktemp("cellgpu")
-    nb = new_notebook(cells=[new_code_cell(LOAD), new_code_cell(WHERE), new_code_cell(WHERE)])
+    nb = new_notebook(cells=[new_code_cell(WHERE) for _ in range(3)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                  "language": "python"}  # fmt: skip
     nbformat.write(nb, folder / NOTEBOOK)
-    with lab_with_front_end(folder) as lines:
+    # Local kernels load %%gpu as where gpupool is installed: its IPython kernel config.
+    with lab_with_front_end(folder, IPYTHONDIR=installed_kernel_config(folder)) as lines:
         yield {**lines, "folder": folder}
 
 
@@ -103,8 +104,8 @@ def test_run_cell_on_gpu_badge_footer_and_run_all(page: Page, up: dict[str, Any]
     SHOTS.mkdir(parents=True, exist_ok=True)
     kernel = page.locator(".jp-StatusBar-Widget", has_text="Python 3 (ipykernel) | Idle")
     expect(kernel).to_have_count(1, timeout=WAIT_MS)
-    run_here(page, 0)  # loads %%gpu
-    expect(cell(page, 0).locator(".jp-InputPrompt")).to_have_text("[1]:", timeout=WAIT_MS)
+    run_here(page, 0)
+    expect(stream(page, 0)).to_have_text("None\n", timeout=WAIT_MS)
     run_here(page, 1)
     expect(stream(page, 1)).to_have_text("None\n", timeout=WAIT_MS)
 
@@ -157,19 +158,19 @@ def test_run_cell_on_gpu_badge_footer_and_run_all(page: Page, up: dict[str, Any]
         time.sleep(0.2)
     in_lab = nbformat.read(saved, as_version=4)
     assert in_lab.cells[1].source == "%%gpu -t H100\n" + WHERE
-    # (cell 0, loading the magic, says on Run All that it was loaded already)
-    assert outputs_of(in_lab)[1:] == ["GPU-<uuid>\n", "None\n"], outputs_of(in_lab)
+    assert outputs_of(in_lab) == ["None\n", "GPU-<uuid>\n", "None\n"], outputs_of(in_lab)
 
     # The saved notebook, run headless by its kernelspec, does the same.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
-    env.update(GPUPOOL_URL=up["gateway"], GPUPOOL_TOKEN=up["token"])
+    env.update(GPUPOOL_URL=up["gateway"], GPUPOOL_TOKEN=up["token"],
+               IPYTHONDIR=installed_kernel_config(up["folder"]))  # fmt: skip
     out = up["folder"] / "executed.ipynb"
     subprocess.run(
         [sys.executable, "-m", "jupyter", "execute", str(saved), "--output=executed"],
         env=env, check=True, timeout=180, capture_output=True,
     )  # fmt: skip
     headless = nbformat.read(out, as_version=4)
-    assert outputs_of(headless)[1:] == outputs_of(in_lab)[1:]
+    assert outputs_of(headless) == outputs_of(in_lab)
     plain = [
         str(o.data["text/plain"]) for o in headless.cells[1].outputs
         if o.output_type == "display_data" and "application/vnd.gpupool.run+json" in o.data
