@@ -14,7 +14,8 @@ LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/schema/*.json labex
 
 install: $(STAMP) $(LAB_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml jupyter-config/server-config/gpupool.json \
+		jupyter-config/ipython-config/ipython_kernel_config.json
 	@# tests/ui/ drive Debian's chromium through Playwright (no browser download); as root,
 	@# install it when missing, else those tests skip.
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -28,13 +29,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "jupyterlab>=4.2"
 	$(MAKE) $(LAB_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	@# Where Jupyter looks: the front end (a link, so rebuilds show at once) and the file
-	@# that enables the server extension; a wheel installs both as shared-data instead.
-	mkdir -p $(VENV)/share/jupyter/labextensions/@gpupool $(VENV)/etc/jupyter/jupyter_server_config.d
+	@# Where Jupyter looks: the front end (a link, so rebuilds show at once), the file that
+	@# enables the server extension, and the IPython kernel config that loads %%gpu in every
+	@# local kernel of this venv; a wheel installs all three as shared-data instead.
+	mkdir -p $(VENV)/share/jupyter/labextensions/@gpupool $(VENV)/etc/jupyter/jupyter_server_config.d \
+		$(VENV)/etc/ipython
 	rm -rf $(VENV)/share/jupyter/labextensions/@gpupool/labextension
 	test ! -f jupyter_ext/labextension/package.json || ln -s "$(CURDIR)/jupyter_ext/labextension" \
 		$(VENV)/share/jupyter/labextensions/@gpupool/labextension
 	cp jupyter-config/server-config/gpupool.json $(VENV)/etc/jupyter/jupyter_server_config.d/
+	cp jupyter-config/ipython-config/ipython_kernel_config.json $(VENV)/etc/ipython/
 	@# The GPU-to-CPU tests use PyTorch's CPU build where this machine keeps its wheel; plain
 	@# `torch` from PyPI is a CUDA build of several GB, so without that wheel those tests skip.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0+cpu" \

@@ -1,8 +1,12 @@
 """gpupool's notebook side: the %%gpu IPython extension and the Jupyter server extension.
 
-`%load_ext jupyter_ext` registers `%%gpu` (run a cell on a companion GPU kernel from the gpupool
-gateway) and `%gpu status|release|usage|pull`. The gateway's URL and token come from
-GPUPOOL_URL and GPUPOOL_TOKEN, or from `c.GpuMagics.gateway_url` / `c.GpuMagics.token`."""
+The extension registers `%%gpu` (run a cell on a companion GPU kernel from the gpupool gateway)
+and `%gpu status|release|usage|pull|default`. Every ipykernel of the Python environment gpupool
+is installed in loads it at start (`etc/ipython/ipython_kernel_config.json`, installed with the
+package, lists it in `InteractiveShellApp.extra_extensions`); elsewhere, `%load_ext jupyter_ext`.
+Loading imports nothing heavy and reaches no gateway. The gateway's URL and token come from
+`c.GpuMagics.gateway_url` / `c.GpuMagics.token`, else GPUPOOL_URL and GPUPOOL_TOKEN, else the
+file `gpupool login` writes."""
 
 from __future__ import annotations
 

@@ -24,27 +24,18 @@ from .errors import (
     RemoteError,
     with_remote_traceback,
 )
-from .gateway_api import GatewayApi, kernel_name
+from .gateway_api import GatewayApi
 from .namespace import Payload, RemoteValue, SentValues, human_bytes
+from .shapes import Shape
 
 # Makes the agent report other versions than its own: how tests stand in for a GPU kernel
 # built from another image (a JSON object, e.g. {"python": "3.9.18"}).
 REPORTED_VERSIONS_ENV = "GPUPOOL_TEST_AGENT_VERSIONS"
+# The MIME type of a `%%gpu` cell's progress line and footer (with a text/plain line beside it),
+# which the Lab front end renders as the cell's footer.
+RUN_MIME = "application/vnd.gpupool.run+json"
 INTERRUPT_GRACE_S = 10.0  # how long an interrupted cell may take to stop on the GPU kernel
 RESUME_CHECK_S = 1.0  # with no answer this long, look whether the kernel is resuming
-
-
-@dataclass(frozen=True)
-class Shape:
-    gpu_type: str
-    gpu_count: int
-
-    def __str__(self) -> str:
-        return f"{self.gpu_type} ×{self.gpu_count}"  # noqa: RUF001
-
-    @property
-    def kernel_name(self) -> str:
-        return kernel_name(self.gpu_type, self.gpu_count)
 
 
 @dataclass
@@ -68,18 +59,23 @@ class Outcome:
     pulled: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sent_bytes: dict[str, int] = field(default_factory=dict)  # name -> pickled size
+    received_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class Progress:
-    """One line of text in the cell's output, updated in place."""
+    """One line of text in the cell's output, updated in place; with `data`, also as RUN_MIME
+    for the Lab's cell footer."""
 
     def __init__(self) -> None:
         self.handle: Any = None
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, data: dict[str, Any] | None = None) -> None:
         from IPython.display import display
 
-        bundle = {"text/plain": text}
+        bundle: dict[str, Any] = {"text/plain": text}
+        if data is not None:
+            bundle[RUN_MIME] = data
         if self.handle is None:
             self.handle = display(bundle, raw=True, display_id=True)
         else:
@@ -130,6 +126,7 @@ class Companion:
         self.warned: set[str] = set()
         self.compatible = False  # the agent is installed and its versions match this side's
         self.timed_out = False
+        self.last: Outcome | None = None  # of the last cell, also when it raised
 
     # --- life -----------------------------------------------------------------------------
 
@@ -142,9 +139,10 @@ class Companion:
         except BaseException:
             self.release()
             raise
+        elapsed = time.monotonic() - began
         progress.show(
-            f"{self.shape} GPU kernel {self.kernel_id[:8]} ready in "
-            f"{time.monotonic() - began:.1f} s"
+            f"{self.shape} GPU kernel {self.kernel_id[:8]} ready in {elapsed:.1f} s",
+            self.waiting_data("ready", None, elapsed),
         )
 
     def wait_running(
@@ -169,7 +167,11 @@ class Companion:
                     f"the {self.shape} GPU kernel ended before it ran: "
                     f"{info.get('reason') or 'no reason given'}"
                 )
-            progress.show(self.waiting_text(info, state, time.monotonic() - began))
+            elapsed = time.monotonic() - began
+            progress.show(
+                self.waiting_text(info, state, elapsed),
+                self.waiting_data(state, info.get("queue_position"), elapsed),
+            )
             if deadline is not None and time.monotonic() > deadline:
                 raise GpuTimeout(f"no {self.shape} GPU kernel was running within --timeout")
             time.sleep(0.2)
@@ -184,6 +186,16 @@ class Companion:
         if state == "resuming":
             return f"resuming {gpu_type} kernel… {elapsed:.1f} s"
         return f"starting {gpu_type} kernel… {elapsed:.1f} s"
+
+    def waiting_data(self, state: str, position: Any, elapsed: float) -> dict[str, Any]:
+        return {
+            "state": state,
+            "kernel_id": self.kernel_id,
+            "gpu_type": self.shape.gpu_type,
+            "gpu_count": self.shape.gpu_count,
+            "queue_position": position if isinstance(position, int) else None,
+            "elapsed_seconds": round(elapsed, 1),
+        }
 
     def connect(self) -> None:
         """Open the websocket and install the agent."""
@@ -475,7 +487,7 @@ class Companion:
         if state != "running":
             progress = progress or Progress()
             self.wait_running(model, progress, time.monotonic())
-            progress.show(f"{self.shape} GPU kernel resumed")
+            progress.show(f"{self.shape} GPU kernel resumed", self.waiting_data("ready", None, 0))
         return progress
 
     def finish(
@@ -494,7 +506,8 @@ class Companion:
                 f"the GPU kernel could not load {named}. The cell did not run there."
             )
         self.sent.sent(payload)
-        outcome = Outcome(sent=list(payload.names))
+        outcome = Outcome(sent=list(payload.names), sent_bytes=dict(payload.sizes))
+        self.last = outcome
         try:
             items = received.finish()
         except ValueError as error:
@@ -513,6 +526,7 @@ class Companion:
             ns[name] = value
             self.sent.remember(name, value, digests[index])
             outcome.pulled.append(name)
+            outcome.received_bytes[name] = sum(len(blob) for blob in blobs)
         for name, size in (reply.get("kept") or {}).items():
             why = f"{human_bytes(size)} is over --max-bytes {human_bytes(cell.max_bytes)}"
             self.stand_in(ns, name, why)

@@ -41,9 +41,10 @@ def _saved() -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if k in ("url", "token") and v}
 
 
-def resolve(url: str = "", token: str = "") -> tuple[str, str]:
-    """The gateway URL and tenant token to use, or CredentialsError saying how to set them.
-    A saved token is used only with the URL it was saved for, so it never goes elsewhere."""
+def resolve(url: str = "", token: str = "", who: str = "pool kernels need") -> tuple[str, str]:
+    """The gateway URL and tenant token to use, or CredentialsError saying how to set them
+    (`who` starts that message). A saved token is used only with the URL it was saved for, so
+    it never goes elsewhere."""
     url = (url or os.environ.get(URL_ENV, "")).rstrip("/")
     token = token or os.environ.get(TOKEN_ENV, "")
     if not (url and token):
@@ -54,7 +55,7 @@ def resolve(url: str = "", token: str = "") -> tuple[str, str]:
     missing = [name for name, value in ((URL_ENV, url), (TOKEN_ENV, token)) if not value]
     if missing:
         raise CredentialsError(
-            f"pool kernels need the gateway's URL and a tenant token: {' and '.join(missing)} "
+            f"{who} the gateway's URL and a tenant token: {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set. Run `gpupool login --url URL`, "
             f"or set {URL_ENV} and {TOKEN_ENV}."
         )

@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
-from .errors import GatewayError, GpuMagicError
+from .errors import GatewayError
 
 URL_ENV = "GPUPOOL_URL"
 TOKEN_ENV = "GPUPOOL_TOKEN"
-
-
-def kernel_name(gpu_type: str, gpu_count: int) -> str:
-    """The kernelspec of a GPU shape, as the gateway names it."""
-    return f"python3-gpu-{gpu_type.lower()}-x{gpu_count}"
 
 
 class GatewayApi:
     def __init__(self, url: str, token: str) -> None:
         self.url = url.rstrip("/")
         self.token = token
-
-    @classmethod
-    def from_env(cls, url: str = "", token: str = "") -> GatewayApi:
-        """Configured values first, then GPUPOOL_URL and GPUPOOL_TOKEN."""
-        url = url or os.environ.get(URL_ENV, "")
-        token = token or os.environ.get(TOKEN_ENV, "")
-        missing = [name for name, value in ((URL_ENV, url), (TOKEN_ENV, token)) if not value]
-        if missing:
-            raise GpuMagicError(
-                f"%%gpu needs the gateway's URL and a token: {' and '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not set. Set {URL_ENV} and {TOKEN_ENV} "
-                "in this kernel's environment (`gpupool up` prints both as `gateway:` and "
-                "`token:`), or c.GpuMagics.gateway_url and c.GpuMagics.token in IPython's config."
-            )
-        return cls(url, token)
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -84,9 +63,13 @@ class GatewayApi:
     def interrupt(self, kernel_id: str) -> None:
         self.call("POST", f"/api/kernels/{kernel_id}/interrupt")
 
-    def usage(self, kernel_id: str | None = None) -> dict[str, Any]:
-        query = "?" + urllib.parse.urlencode({"kernel": kernel_id}) if kernel_id else ""
-        return dict(self.call("GET", "/api/usage" + query))
+    def usage(
+        self, kernel_id: str | None = None, since: str | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        """The tenant's ledger (one kernel's), counted within [since, until] (ISO times)."""
+        params = {"kernel": kernel_id, "since": since, "until": until}
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
+        return dict(self.call("GET", "/api/usage" + ("?" + query if query else "")))
 
 
 def _message(body: bytes, fallback: str) -> str:

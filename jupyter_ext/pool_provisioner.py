@@ -64,7 +64,11 @@ class GpupoolProvisioner(LocalProvisioner):
         return self._api
 
     def _explain(self, error: GatewayError) -> RuntimeError:
-        return RuntimeError(credentials.explain(error, self._gateway().url))
+        message = credentials.explain(error, self._gateway().url)
+        if error.status == 400 and "KERNEL_IDLE_TIMEOUT" in str(error):
+            message += (" The idle timeout comes from JupyterLab's Settings > GPU pool, or "
+                        "KERNEL_IDLE_TIMEOUT in the environment.")  # fmt: skip
+        return RuntimeError(message)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         env_in = kwargs.get("env") or os.environ

@@ -7,7 +7,11 @@ GPUPOOL_URL / GPUPOOL_TOKEN, then this server's own `--gateway-url` and
 `GatewayClient.auth_token` (gateway mode, as `gpupool up` runs Lab).
 
 It also turns Nagle's algorithm off on every kernel websocket this server serves (local and pool
-kernels, and gateway mode's): see `NoDelayConnection`."""
+kernels, and gateway mode's): see `NoDelayConnection`.
+
+`/gpupool/preferences` takes what of Lab's "GPU pool" settings this server applies itself: the
+idle timeout, given as KERNEL_IDLE_TIMEOUT to every kernel a session starts from then on (the
+pool provisioner and, in gateway mode, jupyter_server's gateway client pass it to the gateway)."""
 
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 MAX_GATEWAY_BYTES = 8 * 1024 * 1024  # the largest gateway answer this server reads
 USAGE_DAYS = 30
 SETTINGS_KEY = "gpupool_lab"
+PREFERENCES_KEY = "gpupool_preferences"
+MAX_PREFERENCES_BYTES = 4096  # a PUT /gpupool/preferences body larger than this is refused
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600  # the gateway's own ceiling; a tenant's bounds may be narrower
 
 
 class GpupoolLab(Configurable):
@@ -176,7 +183,8 @@ def _scrub(text: str, token: str) -> str:
 
 
 class GpupoolHandler(APIHandler):
-    """Lab's own auth (403 without it), no body on any route, errors as `{reason, message}`."""
+    """Lab's own auth (403 without it), no body on any route but PUT /gpupool/preferences,
+    errors as `{reason, message}`."""
 
     @property
     def gateway(self) -> Gateway:
@@ -292,6 +300,15 @@ class KernelHandler(GpupoolHandler):
         raise tornado.web.HTTPError(404, "This kernel runs on this machine, not in the pool.")
 
 
+class CompanionHandler(KernelHandler):
+    """GET /gpupool/companions/<id>: the `%%gpu` companion of a local kernel, by its gateway id
+    (which the cell's footer names). The gateway answers with this server's tenant token, so
+    another tenant's kernel is a 404, as one that never existed."""
+
+    def gateway_kernel_id(self, kernel_id: str) -> str:
+        return kernel_id
+
+
 def _parse_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
@@ -396,17 +413,121 @@ def _nodelay_on_kernel_websockets(serverapp: Any) -> None:
     serverapp.kernel_websocket_connection_class = wrapped
 
 
+class Preferences:
+    """Lab's GPU pool settings that this server applies to the kernels it starts."""
+
+    def __init__(self) -> None:
+        self.idle_timeout = 0  # seconds; 0: the gateway's default
+
+    def as_json(self) -> dict[str, Any]:
+        return {"idleTimeout": self.idle_timeout}
+
+    def kernel_env(self) -> dict[str, str]:
+        return {"KERNEL_IDLE_TIMEOUT": str(self.idle_timeout)} if self.idle_timeout else {}
+
+
+class PreferencesRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def parse_preferences(body: bytes) -> dict[str, Any]:
+    """A PUT body: a JSON object with `idleTimeout`, whole seconds from 0 (the gateway's
+    default) to 7 days; PreferencesRefused says what is wrong. The tenant's own bounds are the
+    gateway's to enforce, when a kernel starts."""
+    if len(body) > MAX_PREFERENCES_BYTES:
+        raise PreferencesRefused(
+            413, f"The preferences body is {len(body)} bytes; at most {MAX_PREFERENCES_BYTES}."
+        )
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise PreferencesRefused(400, 'Send a JSON object, e.g. {"idleTimeout": 900}.') from None
+    if not isinstance(data, dict):
+        raise PreferencesRefused(400, 'Send a JSON object, e.g. {"idleTimeout": 900}.')
+    unknown = sorted(str(k)[:40] for k in data if k != "idleTimeout")
+    if unknown:
+        raise PreferencesRefused(
+            400, f"Unknown preference {unknown[0]!r}; this server takes only idleTimeout."
+        )
+    if "idleTimeout" in data:
+        value = data["idleTimeout"]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PreferencesRefused(
+                400, f"idleTimeout must be whole seconds, not {json.dumps(value)[:40]}."
+            )
+        if not 0 <= value <= MAX_IDLE_TIMEOUT:
+            raise PreferencesRefused(
+                400,
+                f"idleTimeout {value} is out of range: 0 (the gateway's default) to "
+                f"{MAX_IDLE_TIMEOUT} seconds; the gateway may allow your tenant less.",
+            )
+    return data
+
+
+class PreferencesHandler(GpupoolHandler):
+    """GET and PUT /gpupool/preferences: `{"idleTimeout": seconds}` for kernels started next."""
+
+    @property
+    def preferences(self) -> Preferences:
+        preferences: Preferences = self.settings[PREFERENCES_KEY]
+        return preferences
+
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.refuse_body()
+        self.finish(json.dumps(self.preferences.as_json()))
+
+    @tornado.web.authenticated
+    def put(self) -> None:
+        try:
+            data = parse_preferences(self.request.body)
+        except PreferencesRefused as error:
+            self.set_status(error.status)
+            self.finish(json.dumps({"reason": "bad preferences", "message": error.message}))
+            return
+        if "idleTimeout" in data:
+            self.preferences.idle_timeout = int(data["idleTimeout"])
+        self.log.info("gpupool: preferences for kernels started from now: %s",
+                      self.preferences.as_json())  # fmt: skip
+        self.finish(json.dumps(self.preferences.as_json()))
+
+
+def _apply_to_kernels(serverapp: Any, preferences: Preferences) -> None:
+    """Every kernel a session starts (a notebook, a console, a change of kernel) gets the
+    preferences in its environment: jupyter_server's SessionManager.get_kernel_env, wrapped on
+    this server's instance, so that a custom session manager keeps its own."""
+    manager: Any = getattr(serverapp, "session_manager", None)
+    original = getattr(manager, "get_kernel_env", None)
+    if original is None:
+        serverapp.log.warning("gpupool: this session manager has no get_kernel_env; the idle "
+                              "timeout setting will not reach kernels")  # fmt: skip
+        return
+
+    def get_kernel_env(*args: Any, **kwargs: Any) -> dict[str, str]:
+        env = dict(original(*args, **kwargs))
+        env.update(preferences.kernel_env())
+        return env
+
+    manager.get_kernel_env = get_kernel_env
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app = serverapp.web_app
     _nodelay_on_kernel_websockets(serverapp)
     web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
+    preferences = web_app.settings[PREFERENCES_KEY] = Preferences()
+    _apply_to_kernels(serverapp, preferences)
     base = url_path_join(web_app.settings["base_url"], "gpupool")
     web_app.add_handlers(
         ".*$",
         [
             (url_path_join(base, "shapes"), ShapesHandler),
             (url_path_join(base, "kernels", r"([^/]+)"), KernelHandler),
+            (url_path_join(base, "companions", r"([^/]+)"), CompanionHandler),
             (url_path_join(base, "usage"), UsageHandler),
+            (url_path_join(base, "preferences"), PreferencesHandler),
         ],
     )
     serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")

@@ -55,8 +55,11 @@ def execute(nb: nbformat.NotebookNode, stack: Gateway, tmp_path: Path) -> nbform
 
 
 def text_of(cell: Any) -> str:
+    """A cell's output as text, without the footers of its %%gpu runs (tests/test_run_footer.py)."""
     parts = []
     for out in cell.outputs:
+        if is_footer(out.get("data") or {}):
+            continue
         if out.output_type == "stream":
             parts.append(out.text)
         elif out.output_type in ("display_data", "execute_result"):
@@ -64,6 +67,10 @@ def text_of(cell: Any) -> str:
         elif out.output_type == "error":
             parts.append(ANSI.sub("", "\n".join(out.traceback)))
     return "".join(parts)
+
+
+def is_footer(data: dict[str, Any]) -> bool:
+    return bool((data.get("application/vnd.gpupool.run+json") or {}).get("state") == "done")
 
 
 def error_of(cell: Any) -> Any:
@@ -217,6 +224,8 @@ def test_example_notebook(stack: Gateway, tmp_path: Path) -> None:
     nb = execute(nbformat.read(EXAMPLE, as_version=4), stack, tmp_path)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [error_of(c) for c in code if error_of(c)], [text_of(c) for c in code]
+    # No %load_ext: gpupool's IPython kernel config loads the magic in every local kernel.
+    assert "no GPU kernel yet: the next %%gpu cell starts one (H100 ×1)" in text_of(code[0])  # noqa: RUF001
     train = text_of(code[2])
     assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", train)  # noqa: RUF001
     assert "running on GPU-" in train and "step 150: mse" in train
@@ -464,9 +473,17 @@ async def streaming_interrupt_and_queue(stack: Gateway, tmp_path: Path) -> None:
 
         seen = await kernel.run("%%gpu\nprint('got a GPU')", during=free_one)
         shown = [m["content"]["data"]["text/plain"] for _, m in seen
-                 if m["msg_type"] in ("display_data", "update_display_data")]  # fmt: skip
+                 if m["msg_type"] in ("display_data", "update_display_data")
+                 and not is_footer(m["content"]["data"])]  # fmt: skip
         assert "queued for H100, position 1" in shown, shown
         assert re.search(r"H100 ×1 GPU kernel [0-9a-f]{8} ready in", shown[-1])  # noqa: RUF001
+        # The same lines as data for the Lab's cell footer: position and elapsed time.
+        runs = [m["content"]["data"].get("application/vnd.gpupool.run+json") for _, m in seen
+                if m["msg_type"] in ("display_data", "update_display_data")]  # fmt: skip
+        queued = [r for r in runs if r and r["state"] == "queued"]
+        assert queued and queued[0]["queue_position"] == 1 and queued[0]["gpu_type"] == "H100"
+        assert queued[-1]["elapsed_seconds"] >= 1.0 and queued[0]["kernel_id"], queued
+        assert [r["state"] for r in runs if r][-2:] == ["ready", "done"], runs
         assert "got a GPU" in stdout(seen)
         stack.call("DELETE", f"/api/kernels/{holders[1]}")
 

@@ -1,7 +1,8 @@
 """The Lab extension's server side: the /gpupool/ routes of a real jupyter_server against the
 embedded stack (403 without Lab's auth, bad input, gateway outage and a wrong token as one clear
 JSON error, the token never in an answer or the log), and the wheel's packaging: after installing
-it, `jupyter labextension list` and `jupyter server extension list` show both enabled."""
+it, `jupyter labextension list` and `jupyter server extension list` show both enabled, and the
+IPython kernel config that loads `%%gpu` in local kernels is in place."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def lab(stack: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
 
 
 def test_every_route_needs_labs_auth(lab: LabServer) -> None:
-    for path in ("/gpupool/shapes", "/gpupool/usage", f"/gpupool/kernels/{uuid.uuid4()}"):
+    for path in ("/gpupool/shapes", "/gpupool/usage", f"/gpupool/kernels/{uuid.uuid4()}",
+                 f"/gpupool/companions/{uuid.uuid4()}", "/gpupool/preferences"):  # fmt: skip
         status, _ = lab.get(path, auth=False)
         assert status == 403, path
 
@@ -122,6 +124,8 @@ def test_shapes_show_type_count_memory_price_free_and_queue(lab: LabServer, stac
 
 def test_bad_input_is_refused(lab: LabServer) -> None:
     assert lab.get("/gpupool/kernels/not-a-kernel")[0] == 400
+    assert lab.get("/gpupool/companions/NOT-A-KERNEL")[0] == 400
+    assert lab.get("/gpupool/companions/" + "a" * 5000)[0] == 400
     assert lab.get("/gpupool/kernels/..%2F..%2Fapi%2Fusage")[0] in (400, 404)
     status, text = lab.get("/gpupool/shapes", body=b'{"x": 1}')
     assert status == 400, text
@@ -208,6 +212,11 @@ def test_the_wheel_installs_both_extensions_enabled(tmp_path: Path) -> None:
     subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
                     str(prefix), str(wheel)], check=True, timeout=120)  # fmt: skip
     site = next(prefix.glob("lib/python3*/site-packages"))
+    # IPython reads sys.prefix/etc/ipython: every ipykernel of the environment loads %%gpu.
+    kernel_config = json.loads(
+        (prefix / "etc" / "ipython" / "ipython_kernel_config.json").read_text()
+    )
+    assert kernel_config["InteractiveShellApp"]["extra_extensions"] == ["jupyter_ext"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     # `jupyter server extension list` reads only the user, sys-prefix and system config
     # folders, so the prefix's stands in as the user's.
@@ -261,6 +270,34 @@ def test_usage_is_split_at_utc_midnights() -> None:
     kernels = {k["kernel_id"]: k for k in usage["kernels"]}
     assert kernels["k1"]["gpu_hours"] == 4.0 and kernels["k2"]["open"]
     assert usage["total_gpu_hours"] == 6.0 and usage["budget"] == {"budget_usd": 10.0}
+
+
+def test_a_companion_is_seen_by_its_gateway_id_only_for_its_tenant(
+    stack: Gateway, tmp_path: Path
+) -> None:
+    """A `%%gpu` companion is a gateway kernel no Jupyter server started: the status bar asks
+    for it by its gateway id; another tenant's kernel is a 404, its token never shown."""
+    server = start_server(
+        tmp_path / "hybrid", env={"GPUPOOL_URL": stack.url, "GPUPOOL_TOKEN": stack.token}
+    )
+    other = stack.tenant("companion-other")
+    mine = stack.call("POST", "/api/kernels", {"name": "python3-gpu-h100-x1"}).body
+    theirs = stack.call("POST", "/api/kernels", {"name": "python3-gpu-a10g-x1"}, token=other).body
+    try:
+        status, text = server.get(f"/gpupool/companions/{mine['id']}")
+        assert status == 200, text
+        info = json.loads(text)
+        assert info["id"] == mine["id"] and info["gpupool"]["gpu_type"] == "H100", info
+        assert "idle_seconds_left" in info["gpupool"] and stack.token not in text
+        status, text = server.get(f"/gpupool/companions/{theirs['id']}")
+        assert status == 404 and other not in text, text
+        # As a local kernel's id, a gateway id is not one of this server's kernels.
+        assert server.get(f"/gpupool/kernels/{mine['id']}")[0] == 404
+    finally:
+        stack.call("DELETE", f"/api/kernels/{mine['id']}")
+        stack.call("DELETE", f"/api/kernels/{theirs['id']}", token=other)
+        server.stop()
+    assert stack.token not in server.log_path.read_text()
 
 
 def test_beside_local_kernels_pool_shapes_are_kernelspecs(stack: Gateway, tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
+import { CellGpu } from './cellgpu';
 import { ClosingGuard } from './closing';
+import { KernelSetup } from './kernelsetup';
 import { PoolLauncher } from './launcher';
 import { pickShape, PICK_COMMAND } from './picker';
 import { KernelStatus } from './status';
@@ -44,7 +46,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     mainMenu: IMainMenu | null
   ) => {
-    const settings = { showCost: true, defaultShape: '', refreshSeconds: 30 };
+    const settings = { showCost: true, defaultShape: '', refreshSeconds: 30, idleTimeout: 0 };
     const options = {
       showCost: () => settings.showCost,
       defaultShape: () => settings.defaultShape,
@@ -52,6 +54,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     };
     const pool = launcher ? new PoolLauncher(app, launcher, options) : null;
     new ClosingGuard(notebooks); // closing a running pool kernel's last tab asks first
+    const kernels = new KernelSetup(() => settings); // %%gpu's default shape, idle timeout
+    kernels.track(notebooks);
+    new CellGpu(app, notebooks, options); // Run Cell on GPU: a %%gpu first line, a badge
 
     if (statusBar) {
       const status = new KernelStatus(notebooks, () => pool?.shapes ?? [], options.showCost);
@@ -101,7 +106,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       settings.showCost = loaded.get('showCost').composite as boolean;
       settings.defaultShape = loaded.get('defaultShape').composite as string;
       settings.refreshSeconds = loaded.get('refreshSeconds').composite as number;
+      settings.idleTimeout = loaded.get('idleTimeout').composite as number;
       pool?.redraw();
+      kernels.update();
     };
     if (registry) {
       registry

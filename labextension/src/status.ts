@@ -1,5 +1,6 @@
 import { Dialog, showDialog } from '@jupyterlab/apputils';
-import { INotebookTracker } from '@jupyterlab/notebook';
+import { ICodeCellModel } from '@jupyterlab/cells';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Widget } from '@lumino/widgets';
 
 import {
@@ -13,6 +14,7 @@ import {
   requestAPI,
   shapeLabel
 } from './api';
+import { RUN_MIME } from './mime';
 import { KernelNotifier } from './notify';
 
 const FAST_MS = 2000; // poll period while all is well
@@ -50,6 +52,25 @@ export function gpuLoad(gpus: IGpuReading[]): string[] {
   return load;
 }
 
+/** The gateway id of the `%%gpu` companion the notebook's last footer names, or ''. */
+export function companionOf(panel: NotebookPanel | null): string {
+  const cells = panel?.model?.cells;
+  for (let i = (cells?.length ?? 0) - 1; i >= 0; i--) {
+    const cell = cells!.get(i);
+    if (cell.type !== 'code') {
+      continue;
+    }
+    const outputs = (cell as ICodeCellModel).outputs;
+    for (let j = outputs.length - 1; j >= 0; j--) {
+      const run = outputs.get(j).data[RUN_MIME] as { kernel_id?: unknown } | undefined;
+      if (run && typeof run.kernel_id === 'string' && run.kernel_id) {
+        return run.kernel_id;
+      }
+    }
+  }
+  return '';
+}
+
 /**
  * The current notebook's pool kernel in the status bar: its state in words, GPUs, cost so far
  * (ticking each second while GPUs are held) and time left until idle suspend. Polls with
@@ -59,6 +80,7 @@ export class KernelStatus extends Widget {
   private info: IKernelInfo | null = null;
   private seenAt = 0; // when `info` was fetched (ms)
   private kernelId = '';
+  private companion = ''; // for a local kernel: the gateway id of its %%gpu companion
   private delay = FAST_MS;
   private pollTimer = 0;
   private tickTimer = 0;
@@ -121,13 +143,28 @@ export class KernelStatus extends Widget {
   private async fetch(): Promise<void> {
     const id = this.kernelId;
     try {
-      const info = await requestAPI<IKernelInfo>(`kernels/${id}`);
+      let info: IKernelInfo;
+      let companion = '';
+      try {
+        info = await requestAPI<IKernelInfo>(`kernels/${id}`);
+      } catch (error) {
+        // A local kernel: its %%gpu companion, if a cell's footer names one.
+        companion = error instanceof GpupoolError && error.status === 404
+          ? companionOf(this.tracker.currentWidget) : '';  // prettier-ignore
+        if (!companion) {
+          throw error;
+        }
+        info = await requestAPI<IKernelInfo>(`companions/${companion}`);
+      }
       if (id !== this.kernelId) {
         return;
       }
       this.info = info;
+      this.companion = companion;
       this.seenAt = Date.now();
-      this.notifier.update(info);
+      if (!companion) {
+        this.notifier.update(info); // a companion's cell footer says its state already
+      }
       this.delay = FAST_MS;
     } catch (error) {
       if (id !== this.kernelId) {
@@ -168,7 +205,8 @@ export class KernelStatus extends Widget {
     }
     const g = info.gpupool;
     const words = stateInWords(info);
-    const parts = [`GPU ${shapeLabel(g.gpu_type!, g.gpu_count ?? 1)}`, words];
+    const label = this.companion ? '%%gpu' : 'GPU';
+    const parts = [`${label} ${shapeLabel(g.gpu_type!, g.gpu_count ?? 1)}`, words];
     parts.push(...gpuLoad(g.gpus ?? []));
     if (this.showCost()) {
       parts.push(money(this.cost(), 4));
@@ -188,8 +226,9 @@ export class KernelStatus extends Widget {
       return;
     }
     const g = info.gpupool;
+    const companion = this.companion;
     const rows: [string, string][] = [
-      ['Kernel', info.id],
+      [companion ? '%%gpu kernel' : 'Kernel', info.id],
       ['State', stateInWords(info) + (g.reason ? ` (${g.reason})` : '')],
       ['GPUs', shapeLabel(g.gpu_type ?? '?', g.gpu_count ?? 1)]
     ];
@@ -216,15 +255,25 @@ export class KernelStatus extends Widget {
     }
     body.node.appendChild(table);
     const result = await showDialog({
-      title: 'GPU pool kernel',
+      title: companion ? 'The GPU kernel of this notebook\'s %%gpu cells' : 'GPU pool kernel',
       body,
       buttons: [
         Dialog.cancelButton({ label: 'Close' }),
         Dialog.warnButton({ label: 'Release GPU (shut down)' })
       ]
     });
-    if (result.button.accept) {
-      await this.tracker.currentWidget?.sessionContext.shutdown();
+    if (!result.button.accept) {
+      return;
+    }
+    const session = this.tracker.currentWidget?.sessionContext;
+    if (companion) {
+      // The local kernel's own `%gpu release`, so that its %%gpu knows the GPU is gone.
+      const code = 'get_ipython().run_line_magic("gpu", "release")';
+      await session?.session?.kernel?.requestExecute({ code, silent: true, store_history: false })
+        .done;
+      this.poll(0);
+    } else {
+      await session?.shutdown();
     }
   }
 }
