@@ -8,6 +8,7 @@ import re
 from html import escape
 from typing import Any
 
+import bleach
 import nbformat
 from nbconvert import HTMLExporter
 
@@ -55,10 +56,49 @@ STYLE = """
 """
 
 
+# nbconvert's own clean_html keeps too few tags (headings and table headers come out as escaped
+# text); this allowlist adds only inert structure. No style attribute, no form, no frame.
+SAFE_TAGS = sorted({
+    *bleach.ALLOWED_TAGS, "h1", "h2", "h3", "h4", "h5", "h6", "p", "br", "hr", "div", "span",
+    "pre", "code", "kbd", "samp", "sup", "sub", "del", "ins", "s", "u", "small", "mark", "img",
+    "table", "caption", "thead", "tbody", "tfoot", "tr", "th", "td", "dl", "dt", "dd",
+    "details", "summary", "figure", "figcaption",
+})  # fmt: skip
+SAFE_SCHEMES = ["http", "https", "mailto", "data"]
+DATA_IMAGE = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*$")
+SAFE_ATTRIBUTES = {
+    "*": {"class", "id", "title"},
+    "a": {"href", "title"},
+    "img": {"src", "alt", "width", "height"},
+    "td": {"colspan", "rowspan", "align"},
+    "th": {"colspan", "rowspan", "align", "scope"},
+}
+
+
+def _attribute_allowed(tag: str, name: str, value: str) -> bool:
+    if name not in SAFE_ATTRIBUTES["*"] | SAFE_ATTRIBUTES.get(tag, set()):
+        return False
+    if name == "src":  # images inline only: nothing is fetched (the CSP says so too)
+        return bool(DATA_IMAGE.match(value.strip()))
+    if name == "href":  # no data:text/html; javascript: is not among SAFE_SCHEMES
+        return not value.strip().lower().startswith("data:")
+    return True
+
+
+def clean_html(element: Any) -> str:
+    """HTML from outputs and markdown, with only inert tags, attributes and URL schemes left."""
+    text = element.decode() if isinstance(element, bytes) else str(element)
+    return str(
+        bleach.clean(text, tags=SAFE_TAGS, attributes=_attribute_allowed, protocols=SAFE_SCHEMES)
+    )
+
+
 def render_notebook(snapshot: bytes) -> str:
     """The snapshot as a full HTML document (sanitized outputs, no script elements)."""
     notebook = nbformat.reads(snapshot.decode(), as_version=4)
-    exporter = HTMLExporter(template_name="lab", sanitize_html=True)
+    exporter = HTMLExporter(
+        template_name="lab", sanitize_html=True, filters={"clean_html": clean_html}
+    )
     html, _resources = exporter.from_notebook_node(notebook)
     return TEMPLATE_SCRIPT.sub("", html)
 
