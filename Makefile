@@ -76,6 +76,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/magic.py
+	$(BIN)/python bench/share.py
 	@# 64 kernels and 1,000 websockets, against jupyter-kernel-gateway in bench/.venv-jkg (made once).
 	$(BIN)/python bench/load.py
 
