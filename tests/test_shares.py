@@ -254,3 +254,13 @@ def test_shares_survive_a_restart(tmp_path: Path) -> None:
         ]
     finally:
         second.stop()
+
+
+def test_a_revoked_tenants_links_end_with_it(gw: Gateway) -> None:
+    token = gw.tenant("dave")
+    link = share(gw, token, access="anyone", mode="run").body
+    assert page(gw, link["path"]).status == 200
+    revoked = gw.call("DELETE", "/api/admin/tenants/dave", token=gw.admin_token)
+    assert revoked.status == 204
+    assert page(gw, link["path"]).status == 404
+    assert gw.call("POST", f"/api/shares/{link['id']}/copies").status == 404
