@@ -16,6 +16,7 @@ from .openapi import OPENAPI
 from .shapes import CPU, Shape, shape_of_name
 from .share_page import NOT_FOUND_PAGE, PAGE_HEADERS, page
 from .shares import Shares, not_found
+from .store import Tenant
 
 KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
 MAX_ENV_KEYS = 256
@@ -353,7 +354,11 @@ class SharePageHandler(ShareBase):
         for name, value in PAGE_HEADERS.items():
             self.set_header(name, value)
 
-    def viewer(self) -> Any:
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json")  # errors other than 404 are JSON
+        super().write_error(status_code, **kwargs)
+
+    def viewer(self) -> Tenant | None:
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() not in ("token", "bearer") or not token.strip():
