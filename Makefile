@@ -82,6 +82,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python bench/magic.py
 	@# Our hybrid Lab against stock jupyter_server and direct ZMQ, and kernel ready in Chromium.
 	$(BIN)/python bench/lab.py
+	$(BIN)/python bench/share.py
 	@# 64 kernels and 1,000 websockets, against jupyter-kernel-gateway in bench/.venv-jkg (made once).
 	$(BIN)/python bench/load.py
 

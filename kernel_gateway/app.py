@@ -21,6 +21,7 @@ from . import __version__
 from .handlers import routes
 from .log_redaction import log_request, redact_all_logs
 from .private_files import private_file, private_folder
+from .shares import DEFAULT_MAX_BYTES, Shares
 from .state import GatewayState
 from .store import open_store
 from .tenant_limits import DEFAULT_REQUESTS, DEFAULT_WEBSOCKETS
@@ -67,6 +68,7 @@ class GatewayApp(Application):
         "max-tenant-websockets": "GatewayApp.max_tenant_websockets",
         "max-tenant-requests": "GatewayApp.max_tenant_requests",
         "metrics-token-file": "GatewayApp.metrics_token_file",
+        "max-share-mb": "GatewayApp.max_share_mb",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -117,6 +119,10 @@ class GatewayApp(Application):
     auth_failures_per_minute = Int(
         100, help="Requests with a wrong tenant or admin token one client address may make in a "
         "minute; past that its wrong tokens get 429 (right ones are served); 0: no limit.",
+    ).tag(config=True)  # fmt: skip
+    max_share_mb = Float(
+        DEFAULT_MAX_BYTES / 1e6, help="Largest notebook snapshot a shared link may hold, in MB "
+        "(10^6 bytes); a larger share is refused with 413.",
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
     max_tenant_websockets = Int(
@@ -181,6 +187,9 @@ class GatewayApp(Application):
                 raise SystemExit(f"{flag} is {cap}; use 0 (no limit) to 1000000.")
         state.limits.websockets = self.max_tenant_websockets
         state.limits.requests = self.max_tenant_requests
+        if not 0 < self.max_share_mb <= 10_000:
+            raise SystemExit(f"--max-share-mb is {self.max_share_mb}; use above 0, up to 10000.")
+        state.shares = Shares(db, Path(self.state_dir) / "shares", int(self.max_share_mb * 1e6))
         return state
 
     def make_app(self, state: GatewayState) -> web.Application:

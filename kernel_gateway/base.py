@@ -119,10 +119,14 @@ class GatewayHandler(web.RequestHandler):
         self._received = 0
         length = self.request.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > self.max_body:
-            raise ApiError(413, f"the request body is over {self.max_body} bytes; send less.")
+            raise self.too_big(int(length) if length.isdigit() else None)
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
             connection.set_max_body_size(self.max_body)  # chunked bodies too
+
+    def too_big(self, size: int | None) -> ApiError:
+        """The 413 for a body over max_body (`size`: its length, when it said one)."""
+        return ApiError(413, f"the request body is over {self.max_body} bytes; send less.")
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
@@ -178,7 +182,7 @@ class GatewayHandler(web.RequestHandler):
 
     def body(self) -> dict[str, Any]:
         if self._received > self.max_body:
-            raise ApiError(413, f"the request body is over {self.max_body} bytes; send less.")
+            raise self.too_big(self._received)
         return read_json_object(b"".join(self._chunks), self.max_body)
 
     def reply(self, data: Any, status: int = 200) -> None:

@@ -7,13 +7,16 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .base import MAX_HOST_REPORT_BYTES, GatewayHandler
+from .base import MAX_BODY_BYTES, MAX_HOST_REPORT_BYTES, GatewayHandler, tenant_of
 from .errors import ApiError
 from .host_report import read_heartbeat, read_registration
 from .ledger import read_time, to_csv
 from .metrics import render_metrics
 from .openapi import OPENAPI
 from .shapes import CPU, Shape, shape_of_name
+from .share_page import NOT_FOUND_PAGE, PAGE_HEADERS, page
+from .shares import Shares, not_found
+from .store import Tenant
 
 KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
 MAX_ENV_KEYS = 256
@@ -281,6 +284,105 @@ class OpenApiHandler(GatewayHandler):
         self.reply(OPENAPI)
 
 
+class ShareBase(GatewayHandler):
+    @property
+    def shares(self) -> Shares:
+        shares = self.state.shares
+        assert shares is not None, "GatewayApp.make_state sets it"
+        return shares
+
+
+class SharesHandler(ShareBase):
+    """The caller's shared notebook links: list them, or share a notebook."""
+
+    @property
+    def max_body(self) -> int:  # type: ignore[override]
+        # The notebook, with room for the options and the package list around it.
+        return self.shares.max_bytes + MAX_BODY_BYTES * 16
+
+    def too_big(self, size: int | None) -> ApiError:
+        if size is None:
+            return super().too_big(size)
+        return self.shares.too_big(size)
+
+    def get(self) -> None:
+        self.reply(self.shares.list_for(self.tenant()))
+
+    def post(self) -> None:
+        model = self.shares.create(self.tenant(), self.body())
+        self.set_header("Location", f"/api/shares/{model['id']}")
+        self.reply(model, 201)
+
+
+class ShareHandler(ShareBase):
+    def delete(self, share_id: str) -> None:
+        """Revoke at once: the page and copies answer 404 from now on."""
+        self.shares.revoke(self.tenant(), share_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ShareCopiesHandler(ShareBase):
+    def post(self, share_id: str) -> None:
+        """The viewer's own copy of a `run` link, to open on their own kernel (billed to them
+        when they start it, with their own token). A link the caller may not open is 404, as
+        one that never existed; a view-only link they may see is 403, which tells them nothing
+        they could not read on its page."""
+        opened = self.shares.open(share_id, self.tenant())
+        if opened is None:
+            raise not_found()
+        share, shared_by = opened
+        if share.mode != "run":
+            raise ApiError(
+                403, "this link is view-only: it shows the notebook but gives no copy to run. "
+                "Ask its sharer for a run link.",
+            )  # fmt: skip
+        copy = self.shares.copy(share, shared_by)
+        self.shares.count(share, "runs")
+        self.reply(copy, 201)
+
+
+class SharePageHandler(ShareBase):
+    """GET /s/{id}: the read-only page. Links for tenants only need the viewer's token in the
+    Authorization header (never in the URL); a wrong or missing one is the same 404."""
+
+    who = "anyone"
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        for name, value in PAGE_HEADERS.items():
+            self.set_header(name, value)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json")  # errors other than 404 are JSON
+        super().write_error(status_code, **kwargs)
+
+    def viewer(self) -> Tenant | None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() not in ("token", "bearer") or not token.strip():
+            return None
+        try:
+            return tenant_of(self.state, token.strip(), self.request.remote_ip or "")
+        except ApiError as error:
+            if error.status == 429:
+                raise
+            return None
+
+    async def get(self, share_id: str) -> None:
+        opened = self.shares.open(share_id, self.viewer())
+        if opened is None:
+            self.set_status(404)
+            self.finish(NOT_FOUND_PAGE)
+            return
+        share, shared_by = opened
+        rendered = await self.shares.rendered(share)
+        self.shares.count(share, "views")
+        link = f"{self.state.kernels.public_url}/s/{share.id}"
+        self.finish(page(rendered, share, shared_by, link))
+
+
 class NotFoundHandler(GatewayHandler):
     def prepare(self) -> None:
         raise ApiError(404, f"no such endpoint: {self.request.path[:200]}; see /api/openapi.json.")
@@ -305,6 +407,10 @@ def routes() -> list[tuple[str, Any]]:
         (r"/api/admin/tenants/?", TenantsHandler),
         (r"/api/admin/tenants/(?P<name>[^/]+)", TenantHandler),
         (r"/api/admin/tokens/?", TokensHandler),
+        (r"/api/shares/?", SharesHandler),
+        (r"/api/shares/(?P<share_id>[^/]+)/copies/?", ShareCopiesHandler),
+        (r"/api/shares/(?P<share_id>[^/]+)/?", ShareHandler),
+        (r"/s/(?P<share_id>[^/]+)", SharePageHandler),
         (r"/metrics", MetricsHandler),
         (r"/api/openapi.json", OpenApiHandler),
         (r".*", NotFoundHandler),

@@ -32,6 +32,7 @@ UUID = {"pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 KERNEL_ID = [_path("kernel_id", UUID)]
 NAME = [_path("name", {"pattern": "^[^/]+$", "minLength": 1})]
 KID = "/api/kernels/{kernel_id}"
+SHARE_ID = [_path("share_id", {"pattern": "^[^/]+$", "minLength": 1})]
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "gpupool gateway", "version": __version__},
@@ -121,6 +122,40 @@ OPENAPI: dict[str, Any] = {
             "delete": _op("Revoke a tenant", "admin_token", "204"),
         },
         "/api/admin/tokens": {"post": _op("A new token for a tenant", "admin_token", "201", True)},
+        "/api/shares": {
+            "get": _op(
+                "The caller's shared notebook links, with view and run counts", "tenant_token"
+            ),
+            "post": _op(
+                "Share a notebook: {notebook, name, mode: view|run, access: anyone|gateway|"
+                "tenants, tenants, expires_in (s), outputs: keep|strip, kernel_name, "
+                "environment: {python, packages}}; 413 over the size limit",
+                "tenant_token",
+                "201",
+                body=True,
+            ),
+        },
+        "/api/shares/{share_id}": {
+            "parameters": SHARE_ID,
+            "delete": _op("Revoke a shared link at once", "tenant_token", "204"),
+        },
+        "/api/shares/{share_id}/copies": {
+            "parameters": SHARE_ID,
+            "post": _op(
+                "A run link's notebook copy, kernel shape and packages, for the caller's own "
+                "kernel (403 for a view-only link)",
+                "tenant_token",
+                "201",
+            ),
+        },
+        "/s/{share_id}": {
+            "parameters": SHARE_ID,
+            "get": _op(
+                "Read-only HTML page of a shared notebook (links for tenants only need the "
+                "Authorization header); 404 for revoked, expired, not allowed or unknown",
+                "anyone",
+            ),
+        },
         "/metrics": {"get": _op("Prometheus metrics", "metrics_token|admin_token")},
         "/api/openapi.json": {"get": _op("This description", "anyone")},
     },

@@ -20,6 +20,7 @@ from .errors import ApiError
 from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
+from .shares import Shares
 from .store import Host, Kernel, Tenant, Token
 from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
@@ -54,6 +55,7 @@ class GatewayState:
         self.limits = TenantLimits()  # the app sets its caps from its options
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
+        self.shares: Shares | None = None  # set by the app, which knows the state folder
         self._watch: asyncio.Task[None] | None = None
         self._budget_watch: asyncio.Task[None] | None = None
         self.unheard = self.pool.unheard

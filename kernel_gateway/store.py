@@ -111,6 +111,33 @@ class LedgerInterval(Base):
     end_reason: Mapped[str] = mapped_column(String(32), default="")
 
 
+class Share(Base):
+    """A shared notebook link. The snapshot itself is a file named by its sha256 in the state
+    folder's shares/ (shares.py); the row says who may open it and how, and is never changed
+    after the insert but for its counts and `revoked`."""
+
+    __tablename__ = "shares"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the link's secret part
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))  # the notebook's file name, as given
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the snapshot file
+    size: Mapped[int] = mapped_column(Integer)
+    outputs: Mapped[bool] = mapped_column(default=True)  # kept (True) or stripped
+    mode: Mapped[str] = mapped_column(String(8))  # view | run
+    access: Mapped[str] = mapped_column(String(8))  # anyone | gateway | tenants
+    tenants: Mapped[list[str]] = mapped_column(JSON, default=list)  # for access "tenants"
+    kernel_name: Mapped[str] = mapped_column(String(128))
+    gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    # What the sharer's kernel reported (None: not asked): {"python", "packages": {name: ver}}.
+    environment: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+    views: Mapped[int] = mapped_column(Integer, default=0)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """A database made by an older gpupool lacks the columns added since: add those that are
     nullable or have a plain default, so an upgrade keeps its tenants and kernels (create_all

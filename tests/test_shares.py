@@ -1,0 +1,266 @@
+"""Shared notebook links against a real gateway process: share, list, page, copy, revoke, expire,
+restart; bad input answered clearly and nothing stored for it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import stat
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from conftest import Gateway, Reply, start_gateway
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+ENVIRONMENT = {"python": "3.12.3", "packages": {"numpy": "2.1.0", "torch": "2.5.1"}}
+
+
+def notebook(**metadata: Any) -> dict[str, Any]:
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell("# Training run"),
+            new_code_cell(
+                "print('loss 0.25')",
+                execution_count=1,
+                outputs=[new_output("stream", name="stdout", text="loss 0.25\n")],
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3-gpu-h100-x1", "display_name": "H100",
+                                 "language": "python"}, **metadata},
+    )  # fmt: skip
+    return json.loads(nbformat.writes(nb))
+
+
+def share(gw: Gateway, token: str, **options: Any) -> Reply:
+    body = {"notebook": notebook(), "name": "train.ipynb", "environment": ENVIRONMENT, **options}
+    return gw.call("POST", "/api/shares", body, token=token)
+
+
+def page(gw: Gateway, path: str, token: str = "") -> Reply:
+    headers = {"Authorization": f"token {token}"} if token else {}
+    request = urllib.request.Request(gw.url + path, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return Reply(response.status, response.read().decode(), dict(response.headers))
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, error.read().decode(), dict(error.headers))
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("shares"), "--max-share-mb", "1",
+                            "--auth-failures-per-minute", "0")  # fmt: skip
+    gateway.token = gateway.tenant("alice")
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def bob(gw: Gateway) -> str:
+    return gw.tenant("bob")
+
+
+@pytest.fixture(scope="module")
+def carol(gw: Gateway) -> str:
+    return gw.tenant("carol")
+
+
+def test_share_lists_renders_copies_and_counts(gw: Gateway, bob: str) -> None:
+    made = share(gw, gw.token, mode="run", access="gateway")
+    assert made.status == 201, made.body
+    link = made.body
+    assert len(link["id"]) == 32 and link["path"] == f"/s/{link['id']}"
+    assert (link["kernel_name"], link["gpu_type"], link["gpu_count"]) == (
+        "python3-gpu-h100-x1", "H100", 1)  # fmt: skip
+    assert link["shared_by"] == "alice" and link["expires"] is None
+
+    seen = page(gw, link["path"], bob)
+    assert seen.status == 200, seen.body
+    assert "loss 0.25" in seen.body and "H100 ×1" in seen.body  # noqa: RUF001
+    assert "torch" in seen.body and "2.5.1" in seen.body and "alice" in seen.body
+    assert "Open in JupyterLab" in seen.body and f'data-gpupool-share="{link["id"]}"' in seen.body
+
+    copy = gw.call("POST", f"/api/shares/{link['id']}/copies", token=bob)
+    assert copy.status == 201, copy.body
+    assert copy.body["kernel_name"] == "python3-gpu-h100-x1"
+    assert copy.body["packages"] == ENVIRONMENT["packages"]
+    assert copy.body["python"] == "3.12.3"
+    copied = nbformat.from_dict(copy.body["notebook"])
+    nbformat.validate(copied)
+    assert "".join(copied.cells[1].outputs[0].text) == "loss 0.25\n"
+
+    listed = gw.call("GET", "/api/shares").body
+    mine = next(s for s in listed if s["id"] == link["id"])
+    assert (mine["views"], mine["runs"]) == (1, 1)
+    assert gw.call("GET", "/api/shares", token=bob).body == []  # only one's own
+
+
+def test_snapshot_is_private_content_addressed_and_outputs_can_be_stripped(gw: Gateway) -> None:
+    nb = notebook()
+    kept = share(gw, gw.token, notebook=nb).body
+    stripped = share(gw, gw.token, notebook=nb, outputs="strip").body
+    assert stripped["outputs"] == "strip" and stripped["size"] < kept["size"]
+    folder = gw.state_dir / "shares"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert all(stat.S_IMODE(p.parent.stat().st_mode) == 0o700 for p in files)
+    again = share(gw, gw.token, notebook=nb).body  # the same notebook again: the same file
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == files
+    assert again["id"] != kept["id"]
+    copy = gw.call("POST", f"/api/shares/{stripped['id']}/copies")
+    assert copy.status == 403  # a view link; its own sharer gets no copy either
+    assert "loss 0.25\n</pre>" in page(gw, kept["path"], gw.token).body
+    assert "loss 0.25\n</pre>" not in page(gw, stripped["path"], gw.token).body
+
+
+def test_anyone_links_open_without_a_token_and_set_no_cookie(gw: Gateway) -> None:
+    link = share(gw, gw.token, access="anyone").body
+    seen = page(gw, link["path"])
+    assert seen.status == 200
+    assert "Set-Cookie" not in seen.headers
+    assert seen.headers["X-Content-Type-Options"] == "nosniff"
+    assert seen.headers["Referrer-Policy"] == "no-referrer"
+    assert "sandbox" in seen.headers["Content-Security-Policy"]
+    assert "Open in JupyterLab" not in seen.body  # a view link
+
+
+def test_restricted_revoked_expired_and_unknown_are_the_same_404(
+    gw: Gateway, bob: str, carol: str
+) -> None:
+    never = page(gw, "/s/" + "A" * 32)
+    assert never.status == 404
+    for_bob = share(gw, gw.token, access="tenants", tenants=["bob"], mode="run").body
+    for_tenants = share(gw, gw.token, access="gateway").body
+    revoked = share(gw, gw.token, access="anyone").body
+    assert gw.call("DELETE", f"/api/shares/{revoked['id']}").status == 204
+    expired = share(gw, gw.token, access="anyone", expires_in=3600).body
+    with sqlite3.connect(gw.state_dir / "gateway.db") as db:  # as if an hour went by
+        db.execute("UPDATE shares SET expires = ? WHERE id = ?", (time.time() - 1, expired["id"]))
+    assert page(gw, for_bob["path"], bob).status == 200
+    assert page(gw, for_bob["path"], gw.token).status == 200  # the sharer
+    refusals = [
+        page(gw, for_bob["path"], carol),  # another tenant
+        page(gw, for_bob["path"]),  # no token
+        page(gw, for_bob["path"], "not-a-token"),  # a wrong one
+        page(gw, for_tenants["path"]),  # tenants only, no token
+        page(gw, revoked["path"]),
+        page(gw, expired["path"]),
+        page(gw, for_bob["path"] + "?token=" + bob),  # tokens count only in the header
+    ]
+    assert [r.status for r in refusals] == [404] * len(refusals)
+    assert {r.body for r in refusals} == {never.body}
+    copies = [gw.call("POST", f"/api/shares/{s['id']}/copies", token=carol)
+              for s in (for_bob, revoked, expired)]  # fmt: skip
+    copies.append(gw.call("POST", "/api/shares/" + "A" * 32 + "/copies", token=carol))
+    assert [c.status for c in copies] == [404] * 4
+    assert len({c.body["message"] for c in copies}) == 1
+    listed = {s["id"]: s for s in gw.call("GET", "/api/shares").body}
+    assert revoked["id"] not in listed and listed[expired["id"]]["expired"] is True
+    assert gw.call("DELETE", f"/api/shares/{revoked['id']}").status == 404  # already
+    assert gw.call("DELETE", f"/api/shares/{for_bob['id']}", token=bob).status == 404  # not his
+    assert page(gw, for_bob["path"], bob).status == 200
+
+
+def test_a_view_link_gives_another_tenant_no_copy(gw: Gateway, bob: str) -> None:
+    link = share(gw, gw.token, mode="view", access="anyone").body
+    refused = gw.call("POST", f"/api/shares/{link['id']}/copies", token=bob)
+    assert refused.status == 403
+    assert "view-only" in refused.body["message"] and "notebook" not in refused.body
+    assert gw.call("POST", f"/api/shares/{link['id']}/copies", token="").status == 401
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"notebook": {"nbformat": 4, "cells": "nope"}}, "not valid nbformat 4"),
+        ({"notebook": {"nbformat": 3, "worksheets": []}}, "nbformat 4"),
+        ({"notebook": "print(1)"}, "notebook's JSON"),
+        ({"mode": "edit"}, "mode must be"),
+        ({"access": "everyone"}, "access must be"),
+        ({"access": "tenants"}, "tenants to share with"),
+        ({"access": "tenants", "tenants": ["Not A Name"]}, "not a tenant name"),
+        ({"expires_in": 1}, "expires_in"),
+        ({"expires_in": True}, "expires_in"),
+        ({"outputs": "some"}, "keep or strip"),
+        ({"name": "../x.ipynb"}, "file name"),
+        ({"kernel_name": "python3-gpu-h100-x1; rm"}, "not a gateway kernelspec"),
+        ({"environment": {"packages": {"numpy": 2}}}, "version of numpy"),
+        ({"environment": {"packages": {"<script>": "1"}}}, "not a package name"),
+        ({"environment": "numpy==2"}, "environment must be"),
+    ],
+)
+def test_bad_requests_are_400_and_store_nothing(
+    gw: Gateway, change: dict[str, Any], words: str
+) -> None:
+    before = gw.call("GET", "/api/shares").body
+    reply = share(gw, gw.token, **change)
+    assert reply.status == 400, reply.body
+    assert words in reply.body["message"]
+    assert gw.call("GET", "/api/shares").body == before
+
+
+def test_a_notebook_of_a_local_kernel_needs_a_shape(gw: Gateway) -> None:
+    body = {"notebook": notebook(kernelspec={"name": "conda-env-x", "display_name": "x"})}
+    refused = gw.call("POST", "/api/shares", body)
+    assert refused.status == 400 and "send kernel_name" in refused.body["message"]
+    made = gw.call("POST", "/api/shares", {**body, "kernel_name": "python3"})
+    assert made.status == 201 and made.body["gpu_count"] == 0
+    assert "not recorded" in page(gw, made.body["path"], gw.token).body
+
+
+def test_oversized_is_413_before_reading_and_stores_nothing(gw: Gateway) -> None:
+    files = sorted((gw.state_dir / "shares").rglob("*"))
+    # A Content-Length over the limit is refused from the headers alone: no body is sent.
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /api/shares HTTP/1.1\r\nHost: {host}\r\nAuthorization: token {gw.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 60000000\r\n\r\n".encode()
+        )
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "a share may be at most 1 MB" in answer
+    # Under the body limit, but over the snapshot limit once written out as a .ipynb: 413 too.
+    near = notebook()
+    near["cells"][1]["outputs"][0]["text"] = "\n" * 150_000  # a line each, in the file
+    reply = gw.call("POST", "/api/shares", {"notebook": near})
+    assert reply.status == 413, reply.body
+    assert "a share may be at most 1 MB" in reply.body["message"]
+    assert sorted((gw.state_dir / "shares").rglob("*")) == files
+
+
+def test_shares_survive_a_restart(tmp_path: Path) -> None:
+    first = start_gateway(tmp_path)
+    token = first.tenant("alice")
+    try:
+        link = share(first, token, access="anyone").body
+        gone = share(first, token, access="anyone").body
+        assert first.call("DELETE", f"/api/shares/{gone['id']}", token=token).status == 204
+    finally:
+        first.stop()
+    second = start_gateway(tmp_path, state=first.state_dir)
+    try:
+        assert page(second, link["path"]).status == 200
+        assert page(second, gone["path"]).status == 404
+        assert [s["id"] for s in second.call("GET", "/api/shares", token=token).body] == [
+            link["id"]
+        ]
+    finally:
+        second.stop()
+
+
+def test_a_revoked_tenants_links_end_with_it(gw: Gateway) -> None:
+    token = gw.tenant("dave")
+    link = share(gw, token, access="anyone", mode="run").body
+    assert page(gw, link["path"]).status == 200
+    revoked = gw.call("DELETE", "/api/admin/tenants/dave", token=gw.admin_token)
+    assert revoked.status == 204
+    assert page(gw, link["path"]).status == 404
+    assert gw.call("POST", f"/api/shares/{link['id']}/copies").status == 404
