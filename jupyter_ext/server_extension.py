@@ -387,6 +387,15 @@ class NoDelayConnection:
 
     websocket_handler: Any
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """A pool kernel's websocket skips the ZMQ relay and the bridge: see pool_websocket."""
+        from .pool_websocket import PoolKernelConnection, pool_target
+
+        target = pool_target(kwargs.get("parent"))
+        if target is not None:
+            return PoolKernelConnection(target, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
     def connect(self) -> Any:
         handler = self.websocket_handler
         if getattr(handler, "ws_connection", None) is not None:  # not closed meanwhile

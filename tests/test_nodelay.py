@@ -103,3 +103,40 @@ def test_without_our_extension_jupyter_server_leaves_nagle_on(tmp_path: Path) ->
     finally:
         server.stop()
     assert "gpupool: /gpupool/ routes" not in server.log_path.read_text()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("framing", [None, "v1.kernel.websocket.jupyter.org"])
+def test_a_pool_kernels_browser_websocket_goes_straight_to_the_gateway(
+    hybrid: LabServer, stack: Gateway, framing: str | None
+) -> None:
+    """jupyter_ext/pool_websocket.py: the browser's websocket of a pool kernel is one more
+    websocket at the gateway (beside the bridge's), not a ZMQ connection to the bridge; it runs
+    code in either framing, and ends at the gateway when the browser closes it."""
+    kernel_id = hybrid.post("/api/kernels", {"name": POOL_SPEC})["id"]
+    remote = next(k["id"] for k in stack.call("GET", "/api/kernels").body
+                  if k["name"] == POOL_SPEC)  # fmt: skip
+
+    def connections() -> int:
+        return int(stack.call("GET", f"/api/kernels/{remote}").body["connections"])
+
+    async def use() -> None:
+        stack.wait_for(lambda: connections() == 1, 30, "the bridge's websocket")
+        sock = await KernelSocket.open(hybrid.url, hybrid.token, kernel_id, framing)
+        try:
+            assert sock.protocol == framing
+            out, reply = await sock.execute("print(6 * 7)")
+            assert reply["status"] == "ok" and out == "42\n", (out, reply)
+            assert connections() == 2  # the bridge's and this one's, straight
+        finally:
+            sock.close()
+        await asyncio.to_thread(stack.wait_for, lambda: connections() == 1, 30, "closed")
+
+    try:
+        asyncio.run(use())
+    finally:
+        request = urllib.request.Request(
+            f"{hybrid.url}/api/kernels/{kernel_id}", method="DELETE",
+            headers={"Authorization": f"token {hybrid.token}"},
+        )  # fmt: skip
+        urllib.request.urlopen(request, timeout=60).close()
