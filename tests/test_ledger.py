@@ -219,8 +219,10 @@ def test_billed_seconds_are_the_seconds_held(tmp_path: Path, started: list[Any])
     assert interval["gpu_type"] == "H100" and interval["gpu_count"] == 1
     assert interval["interval"] == f"{kernel_id}:1"
     held = deleted - asked  # the most it can have been held, seen from here
-    assert held - 0.5 <= interval["seconds"] <= held, (interval, held)
-    assert interval["seconds"] >= deleting - running
+    assert interval["seconds"] <= held, (interval, held)
+    # The least: from when it was seen running to when its shutdown was asked. (How long the
+    # start took is the machine's load, not billing, so no bound is put on that gap.)
+    assert interval["seconds"] >= deleting - running, (interval, deleting - running)
     # It stays billed after it is gone, and no longer grows.
     time.sleep(0.3)
     assert usage(gw, kernel_id) == [interval]
@@ -232,7 +234,7 @@ def test_a_gateway_killed_mid_interval_leaves_no_gap_and_no_double_count(
     gw = gateway(tmp_path, started)
     agent = join(tmp_path, started, gw)
     token = gw.token = gw.tenant("a")
-    survivor, asked, _ = start_kernel(gw)
+    survivor, asked, running = start_kernel(gw)
     before = on_host(agent)
     dying, _, _ = start_kernel(gw)
     [dying_on_host] = on_host(agent) - before
@@ -252,14 +254,15 @@ def test_a_gateway_killed_mid_interval_leaves_no_gap_and_no_double_count(
     again.wait_for(lambda: state_of(again, dying) == "dead", 10, "the lost kernel to be seen dead")
     assert state_of(again, survivor) == "running"
     time.sleep(0.5)
+    deleting = time.time()
     assert again.call("DELETE", f"/api/kernels/{survivor}").status == 204
     deleted = time.time()
 
-    # The survivor: one interval across the restart, as long as it was held.
+    # The survivor: one interval across the restart, as long as it was held (at most from the
+    # ask to the delete's answer, at least from being seen running to the delete's ask).
     [interval] = usage(again, survivor)
     assert interval["end_reason"] == "shut_down"
-    held = deleted - asked
-    assert held - 0.5 <= interval["seconds"] <= held, (interval, held)
+    assert deleting - running <= interval["seconds"] <= deleted - asked, (interval, asked)
     # The one that ended unseen: billed until the gateway last saw it alive, not the downtime.
     [ended] = usage(again, dying)
     assert ended["end_reason"] == "died"
