@@ -177,7 +177,7 @@ def test_a_gateway_restart_keeps_kernels_and_their_variables(
     positions = [kernel(again, k)["gpupool"].get("queue_position") for k in waiting]
     assert positions == [1, 2]
     assert again.call("DELETE", f"/api/kernels/{other}").status == 204
-    again.wait_for(lambda: state_of(again, waiting[0]) == "running", 5, "the queue to move")
+    again.wait_for(lambda: state_of(again, waiting[0]) == "running", 20, "the queue to move")
     assert kernel(again, waiting[1])["gpupool"]["queue_position"] == 1
 
 
