@@ -70,9 +70,13 @@ def test_footers_match_the_gateways_ledger(stack: Gateway, tmp_path: Path) -> No
         "%%gpu\nimport time\ntime.sleep(0.5)\nscaled = arr * 2",
         "%%gpu --no-pull\nimport os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])",
         "print(scaled[-1])",
+        "%%gpu --no-pull\nraise ValueError('boom')",
     ]
     done = execute(notebook(cells), stack, tmp_path).cells
-    assert not [error_of(c) for c in done if error_of(c)], [text_of(c) for c in done]
+    assert not [error_of(c) for c in done[:4] if error_of(c)], [text_of(c) for c in done]
+    # A cell that raised on the GPU was billed too: its footer comes before the error.
+    assert error_of(done[4]).ename == "ValueError"
+    assert runs(done[4])[-1]["state"] == "done" and runs(done[4])[-1]["cost_usd"] > 0
     first, second = runs(done[1])[-1], runs(done[2])[-1]
     assert runs(done[1])[0]["state"] == "ready"  # the progress line, as the Lab renders it
     assert first["state"] == second["state"] == "done"
