@@ -4,9 +4,9 @@ A pool kernel started by the `gpupool-provisioner` looks local to jupyter_server
 would go browser → jupyter_server's ZMQ relay → the provisioner's bridge → the gateway → the
 host. For the browser's own websocket this module skips the two middle hops, as kernels-mixer
 does: the frames go to the gateway's websocket for the same kernel and back, unparsed, in the
-framing the browser chose (v1, or legacy JSON). The bridge stays for everything else that speaks ZMQ to the kernel
-(jupyter_server's activity watch, `jupyter execute`, consoles of other clients). The tenant's
-token is used here, in the server, never sent to the browser.
+framing the browser chose (v1, or legacy JSON). The bridge stays for everything else that speaks
+ZMQ to the kernel (jupyter_server's activity watch, `jupyter execute`, consoles of other
+clients). The tenant's token is used here, in the server, never sent to the browser.
 
 The gateway holds what a client sends while the kernel is queued, starting or resuming, so this
 relay needs no wait of its own; when the gateway ends its side (the kernel died, was restarted
