@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import secrets
-import shlex
 import statistics
 import subprocess
 import sys
@@ -64,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from conftest import Gateway, HostAgent, free_port, start_gateway, start_host  # noqa: E402
 from kernel_ws import V1, KernelSocket  # noqa: E402
 
-from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
+from bench.harness import describe_machine, log, run_lines, run_main  # noqa: E402
 
 WARM_SPEC = "python3-gpu-h100-x1"  # served by the warm host
 COLD_SPEC = "python3-gpu-a10g-x1"  # served by the host with --warm-per-shape 0
@@ -270,16 +268,18 @@ def wait_jupyter_server(js: JupyterServer) -> None:
 
 
 class DirectKernel:
-    """A kernel started and spoken to directly with jupyter_client (the baseline), on IPC
-    sockets like the hosts' kernels, with this Python's `python3` kernelspec."""
+    """A kernel started and spoken to directly with jupyter_client (the baseline), with this
+    Python's `python3` kernelspec: on IPC sockets like the hosts' kernels, or (`transport`
+    "tcp") on TCP loopback like a Jupyter server's own local kernels."""
 
-    def __init__(self, where: Path) -> None:
+    def __init__(self, where: Path, transport: str = "ipc") -> None:
         where = Path(tempfile.mkdtemp(prefix="direct-", dir=where))
+        ipc = {"ip": str(where / "kernel")} if transport == "ipc" else {}
         self.km = AsyncKernelManager(
             kernel_name="python3",
-            transport="ipc",
-            ip=str(where / "kernel"),
+            transport=transport,
             connection_file=str(where / "kernel.json"),
+            **ipc,
         )
         self.kc: Any = None
 
@@ -664,12 +664,6 @@ def machine() -> str:
 MEASURED = ("kernel_gateway", "gpu_host", "bench/gateway.py", "tests/kernel_ws.py")
 
 
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
-    script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
-    return shlex.join([exe, script, *sys.argv[1:]])
-
-
 @dataclass
 class Row:
     what: str
@@ -835,11 +829,8 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
                 f"{ratio(value, base)} time, {base / value:.2f}x rate", "n/a", series.check)
         )  # fmt: skip
 
-    print(f"command: `{command_line()}`")
-    print(f"machine: {machine()}")
-    print(f"commit: {commit(MEASURED)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"took: {elapsed:.0f} s")
+    for line in run_lines(machine(), MEASURED, elapsed):
+        print(line)
     protocols = ", ".join(f"{k}: {v or 'legacy JSON'}" for k, v in sorted(bench.protocols.items()))
     print(f"websocket framing (v1 asked for everywhere): {protocols}")
     if NOT_QUIET:

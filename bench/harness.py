@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,6 +40,20 @@ def commit(measured: Sequence[str]) -> str:
         return "unknown (no git)"
     changed = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
     return f"{head}, with uncommitted changes in {', '.join(changed)}" if changed else head
+
+
+def command_line() -> str:
+    """How this bench was run, as a reader would type it."""
+    exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
+    script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
+    return shlex.join([exe, script, *sys.argv[1:]])
+
+
+def run_lines(machine: str, measured: Sequence[str], elapsed: float) -> list[str]:
+    """The lines that head every bench's output: command, machine, commit, date, time taken."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return [f"command: `{command_line()}`", f"machine: {machine}", f"commit: {commit(measured)}",
+            f"date: {now:%Y-%m-%d %H:%M UTC}", f"took: {elapsed:.0f} s"]  # fmt: skip
 
 
 def describe_machine(packages: Sequence[str], gpus: str = "fake H100s") -> str:

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
-import shlex
 import socket
 import statistics
 import subprocess
@@ -49,7 +47,7 @@ from jupyter_client.manager import AsyncKernelManager
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
+from bench.harness import describe_machine, log, run_lines, run_main  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
 GPU_BODY = {"name": "python3", "gpu_type": "H100", "gpu_count": 1}
@@ -548,12 +546,6 @@ def machine() -> str:
 MEASURED = ("gpu_host", "bench/host_start.py", "tests/kernel_ws.py")  # what the numbers depend on
 
 
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
-    script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
-    return shlex.join([exe, script, *sys.argv[1:]])
-
-
 def table(rows: list[Row]) -> Iterator[str]:
     yield "| measurement | path | n | median | p90 | vs baseline | check |"
     yield "|---|---|--:|--:|--:|--:|---|"
@@ -632,11 +624,8 @@ async def bench(args: argparse.Namespace, state: Agents) -> None:
                 f"{ratio(value, base)} time ({base / value:.2f}x rate)", series.check)
         )  # fmt: skip
 
-    print(f"command: `{command_line()}`")
-    print(f"machine: {machine()}")
-    print(f"commit: {commit(MEASURED)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"took: {elapsed:.0f} s")
+    for line in run_lines(machine(), MEASURED, elapsed):
+        print(line)
     if NOT_QUIET:
         print(
             f"warning: {len(NOT_QUIET)} waits for a quiet machine gave up: something else was "

@@ -54,13 +54,12 @@ from bench.gateway import (  # noqa: E402
     NOT_QUIET,
     Http,
     Server,
-    command_line,
     log,
     median,
     p90,
     wait_quiet,
 )
-from bench.harness import commit, describe_machine, run_main  # noqa: E402
+from bench.harness import describe_machine, run_lines, run_main  # noqa: E402
 from tests.conftest import Gateway, HostAgent, start_gateway, start_host  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
@@ -531,11 +530,8 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
                 f"output {secs(c.to_output)}"
             )
     elapsed = time.perf_counter() - started
-    print(f"command: `{command_line()}`")
-    print(f"machine: {machine()}")
-    print(f"commit: {commit(MEASURED)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"took: {elapsed:.0f} s")
+    for line in run_lines(machine(), MEASURED, elapsed):
+        print(line)
     if NOT_QUIET:
         print(
             f"warning: {len(NOT_QUIET)} waits for the bench's processes to go idle gave up "

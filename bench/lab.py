@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import os
 import secrets
 import statistics
@@ -56,9 +55,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from jupyter_client.manager import AsyncKernelManager
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -68,11 +64,10 @@ from bench.gateway import (  # noqa: E402
     LOCAL_NOISE,
     NOT_QUIET,
     TIMEOUT,
+    DirectKernel,
     Http,
     JupyterServer,
     Server,
-    command_line,
-    left,
     log,
     median,
     met,
@@ -83,7 +78,7 @@ from bench.gateway import (  # noqa: E402
     wait_jupyter_server,
     wait_quiet,
 )
-from bench.harness import commit, describe_machine, run_main  # noqa: E402
+from bench.harness import describe_machine, run_lines, run_main  # noqa: E402
 from tests.conftest import Gateway, free_port, start_stack  # noqa: E402
 from tests.kernel_ws import V1, KernelSocket  # noqa: E402
 
@@ -151,44 +146,6 @@ def hybrid_lab_env(where: Path, stack: Gateway) -> dict[str, str]:
         "JUPYTER_PATH": str(where / "data"),
         "JUPYTER_DATA_DIR": str(where / "user-data"),
     }
-
-
-class DirectKernel:
-    """A local ipykernel started and spoken to with jupyter_client over ZMQ, on TCP loopback as
-    Lab's own local kernels are (the baseline)."""
-
-    def __init__(self) -> None:
-        self.km = AsyncKernelManager(kernel_name="python3")
-        self.kc: Any = None
-
-    async def start(self) -> None:
-        await asyncio.wait_for(self.km.start_kernel(), TIMEOUT)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        await self.kc.wait_for_ready(timeout=TIMEOUT)
-
-    async def execute(self, code: str) -> dict[str, Any]:
-        msg_id = self.kc.execute(code, store_history=False)
-        reply: dict[str, Any] | None = None
-        idle = False
-        deadline = time.monotonic() + TIMEOUT
-        while not idle:
-            msg = await self.kc.get_iopub_msg(timeout=left(deadline))
-            idle = (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
-                    and msg["content"]["execution_state"] == "idle")  # fmt: skip
-        while reply is None:
-            msg = await self.kc.get_shell_msg(timeout=left(deadline))
-            if msg["parent_header"].get("msg_id") == msg_id:
-                reply = msg["content"]
-        return reply
-
-    async def stop(self) -> None:
-        if self.kc is not None:
-            self.kc.stop_channels()
-            self.kc = None
-        with contextlib.suppress(Exception):
-            if self.km.has_kernel:
-                await asyncio.wait_for(self.km.shutdown_kernel(now=True), 20)
 
 
 # -- everything started, so that it can all be stopped ----------------------------------------
@@ -297,7 +254,7 @@ LABELS = {
 async def round_trips(bench: Bench, servers: Servers, iterations: int) -> dict[str, list[float]]:
     """`iterations` timed `1+1` per path, in up to 5 interleaved rounds, after 10 untimed ones
     per round; a fresh websocket per round. Every reply is checked."""
-    bench.direct = DirectKernel()
+    bench.direct = DirectKernel(bench.where, transport="tcp")  # as Lab reaches local kernels
     await bench.direct.start()
     ids: dict[str, str] = {}
     targets: dict[str, Server] = {
@@ -327,7 +284,7 @@ async def round_trips(bench: Bench, servers: Servers, iterations: int) -> dict[s
                     t0 = time.perf_counter()
                     if sock is None:
                         assert bench.direct is not None
-                        reply = await bench.direct.execute("1+1")
+                        _, reply = await bench.direct.execute("1+1")
                     else:
                         reply = (await socket_execute(sock, "1+1"))[1]
                     elapsed = time.perf_counter() - t0
@@ -516,11 +473,9 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
         skipped = "--opens 0"
     elapsed = time.perf_counter() - started
 
-    print(f"command: `{command_line()}`")
-    print(f"machine: {machine()}{f'; chromium {version}' if version else ''}")
-    print(f"commit: {commit(MEASURED)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"took: {elapsed:.0f} s")
+    browser = f"; chromium {version}" if version else ""
+    for line in run_lines(machine() + browser, MEASURED, elapsed):
+        print(line)
     framing = ", ".join(f"{k}: {v or 'legacy JSON'}" for k, v in sorted(bench.protocols.items()))
     print(f"websocket framing (v1 asked for everywhere): {framing}")
     if NOT_QUIET:

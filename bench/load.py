@@ -50,7 +50,6 @@ import json
 import os
 import resource
 import secrets
-import shlex
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ from conftest import Gateway, HostAgent, free_port, start_gateway, start_host  #
 from kernel_ws import V1, KernelSocket, ws_url  # noqa: E402
 
 from bench.gateway import Http, Server, ms  # noqa: E402
-from bench.harness import commit, describe_machine, log, run_main  # noqa: E402
+from bench.harness import command_line, commit, describe_machine, log, run_main  # noqa: E402
 
 GPU_SPEC = "python3-gpu-h100-x1"
 JKG_VERSION = "3.0.1"
@@ -616,12 +615,6 @@ async def run_load(bench: Started, system: System, args: argparse.Namespace) -> 
 
 def machine() -> str:
     return describe_machine(("jupyter_server", "jupyter_client", "ipykernel", "tornado", "pyzmq"))
-
-
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
-    script = os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]
-    return shlex.join([exe, script, *sys.argv[1:]])
 
 
 def measured_from() -> Path:

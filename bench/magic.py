@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import logging
 import os
 import sys
@@ -53,8 +52,8 @@ from jupyter_client.manager import AsyncKernelManager
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.gateway import NOT_QUIET, command_line, log, median, ms, p90, wait_quiet  # noqa: E402
-from bench.harness import commit, describe_machine, run_main  # noqa: E402
+from bench.gateway import NOT_QUIET, log, median, ms, p90, wait_quiet  # noqa: E402
+from bench.harness import describe_machine, run_lines, run_main  # noqa: E402
 from tests.conftest import Gateway, start_stack  # noqa: E402
 
 NBYTES = 100_000_000
@@ -371,11 +370,8 @@ async def run_bench(args: argparse.Namespace, bench: Bench) -> None:
     log(f"100 MB push and pull: {args.reps} repetitions")
     moved = await transfers(kernel, args.reps)
     elapsed = time.perf_counter() - started
-    print(f"command: `{command_line()}`")
-    print(f"machine: {machine()}")
-    print(f"commit: {commit(MEASURED)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"took: {elapsed:.0f} s")
+    for line in run_lines(machine(), MEASURED, elapsed):
+        print(line)
     if NOT_QUIET:
         print(
             f"warning: {len(NOT_QUIET)} waits for the bench's processes to go idle gave up "
