@@ -129,13 +129,10 @@ def legacy_parts(data: str | bytes) -> tuple[str, list[bytes]]:
 
 
 class Bridge:
-    def __init__(
-        self, info: dict[str, Any], api: GatewayApi, kernel_id: str, owned: bool = False
-    ) -> None:
+    def __init__(self, info: dict[str, Any], api: GatewayApi, kernel_id: str) -> None:
         self.info = info
         self.api = api
         self.kernel_id = kernel_id
-        self.owned = owned
         key = str(info.get("key", "")).encode()
         scheme = str(info.get("signature_scheme", "hmac-sha256"))
         digest = getattr(hashlib, scheme.split("-", 1)[-1])
@@ -441,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         "--wait-seconds",
         type=float,
         default=0.0,
-        help="with --kernel-id: how long the kernel may stay queued or starting",
+        help="how long the kernel may stay queued or starting (with --kernel-name: "
+        "$GPUPOOL_QUEUE_TIMEOUT, else 900)",
     )
     args = parser.parse_args(argv)
     with open(args.connection_file) as f:
@@ -452,21 +450,20 @@ def main(argv: list[str] | None = None) -> None:
         say(str(error))
         sys.exit(1)
     api = GatewayApi(url, token)
-    kernel_id, owned = args.kernel_id, False
+    kernel_id, owned, wait_s = args.kernel_id, False, args.wait_seconds
     if args.kernel_name:
         try:
             kernel_id = str(api.start_kernel(args.kernel_name)["id"])
-            owned = True
-            say(f"started pool kernel {kernel_id} ({args.kernel_name})")
-            wait_until_running(api, kernel_id, float(os.environ.get("GPUPOOL_QUEUE_TIMEOUT", 900)))
-        except (GatewayError, TimeoutError) as error:
-            if owned:
-                api.shutdown(kernel_id)
-            say(credentials.explain(error, url) if isinstance(error, GatewayError) else str(error))
+        except GatewayError as error:
+            say(credentials.explain(error, url))
             sys.exit(1)
+        owned = True
+        say(f"started pool kernel {kernel_id} ({args.kernel_name})")
+        # Its ports are bound at once; the client's messages wait in the bridge while queued.
+        wait_s = wait_s or float(os.environ.get("GPUPOOL_QUEUE_TIMEOUT", 900))
     code = 1
     try:
-        code = asyncio.run(Bridge(info, api, kernel_id, owned).run(args.wait_seconds))
+        code = asyncio.run(Bridge(info, api, kernel_id).run(wait_s))
     finally:
         if owned:
             try:

@@ -122,6 +122,13 @@ class GpupoolProvisioner(LocalProvisioner):
         kwargs["env"] = env
         return kwargs
 
+    def websocket_target(self) -> tuple[str, str, str] | None:
+        """(gateway URL, token, the gateway's kernel id) once the pool kernel exists: where
+        Lab's server relays a browser's websocket for it (pool_websocket.py)."""
+        if not self.gateway_kernel_id or self._api is None:
+            return None
+        return self._api.url, self._api.token, self.gateway_kernel_id
+
     async def send_signal(self, signum: int) -> None:
         if signum == signal.SIGINT and self.gateway_kernel_id:
             try:

@@ -28,13 +28,9 @@ MAX_MESSAGE_BYTES = 64 << 20  # as the bridge's and the gateway's own limit
 
 def pool_target(kernel: Any) -> tuple[str, str, str] | None:
     """(gateway URL, token, the gateway's kernel id) of a kernel the pool provisioner runs,
-    else None (a local kernel)."""
-    provisioner = getattr(kernel, "provisioner", None)
-    remote = getattr(provisioner, "gateway_kernel_id", "")
-    api = getattr(provisioner, "_api", None)
-    if not remote or api is None:
-        return None
-    return api.url, api.token, remote
+    else None (a local kernel, or one of another provisioner)."""
+    target = getattr(getattr(kernel, "provisioner", None), "websocket_target", None)
+    return target() if callable(target) else None
 
 
 class PoolKernelConnection(BaseKernelWebsocketConnection):

@@ -31,6 +31,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode
 from traitlets.config import Configurable
 
+from .pool_websocket import PoolKernelConnection, pool_target
+
 URL_ENV = "GPUPOOL_URL"
 TOKEN_ENV = "GPUPOOL_TOKEN"
 KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -389,8 +391,6 @@ class NoDelayConnection:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """A pool kernel's websocket skips the ZMQ relay and the bridge: see pool_websocket."""
-        from .pool_websocket import PoolKernelConnection, pool_target
-
         target = pool_target(kwargs.get("parent"))
         if target is not None:
             return PoolKernelConnection(target, **kwargs)
