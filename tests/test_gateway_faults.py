@@ -308,11 +308,15 @@ class SlowHost:
                 "gpupool": {"gpus": [f"GPU-{self.started}"]}}  # fmt: skip
 
 
-def one_gpu_gateway(tmp_path: Path, fake: SlowHost) -> tuple[GatewayKernels, HostView, Tenant]:
+def in_process_gateway(
+    tmp_path: Path, host_api: Any, gpus: list[dict[str, Any]] | None = None
+) -> tuple[GatewayKernels, HostView, Tenant]:
+    """The gateway's kernels in this process, over one host ("box") whose API is `host_api`,
+    with `gpus` (default: one H100, GPU-1), and one tenant "a"."""
     db = open_store(str(tmp_path / "gateway.db"))
     pool = Pool()
     host = HostView("0f0f0f0f-0000-0000-0000-000000000001", "box", "http://127.0.0.1:9", "t")
-    host.update([{"uuid": "GPU-1", "gpu_type": "H100", "memory_total": 80 << 30}])
+    host.update(gpus or [{"uuid": "GPU-1", "gpu_type": "H100", "memory_total": 80 << 30}])
     pool.hosts[host.id] = host
     with db() as s:
         s.add(Host(id=host.id, name=host.name, url=host.url, token=host.token, gpus=[]))
@@ -320,14 +324,14 @@ def one_gpu_gateway(tmp_path: Path, fake: SlowHost) -> tuple[GatewayKernels, Hos
         s.add(tenant)
         s.commit()
     kernels = GatewayKernels(db, pool)
-    kernels.host_call = fake  # type: ignore[method-assign]
+    kernels.host_call = host_api  # type: ignore[method-assign]
     return kernels, host, tenant
 
 
 def test_a_kernel_shut_down_while_its_host_starts_it_stays_down(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake = SlowHost()
-        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, host, tenant = in_process_gateway(tmp_path, fake)
         creating = asyncio.create_task(kernels.create(tenant, H100_X1, {}))
         await asyncio.sleep(0.05)
         [kernel_id] = kernels.live
@@ -346,7 +350,7 @@ def test_a_kernel_shut_down_while_its_host_starts_it_stays_down(tmp_path: Path) 
 def test_a_stale_host_answer_requeues_without_holding_the_client(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake = SlowHost(fail_first=409)
-        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, _host, tenant = in_process_gateway(tmp_path, fake)
         model = await asyncio.wait_for(kernels.create(tenant, H100_X1, {}), 5)
         assert model["gpupool"]["state"] == "queued", model
         assert model["gpupool"]["queue_position"] == 1
@@ -358,7 +362,7 @@ def test_a_heartbeat_sent_before_a_start_does_not_kill_the_new_kernel(tmp_path: 
     async def scenario() -> None:
         fake = SlowHost()
         fake.release.set()
-        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, host, tenant = in_process_gateway(tmp_path, fake)
         model = await kernels.create(tenant, H100_X1, {})
         assert model["gpupool"]["state"] == "running"
         # A heartbeat composed just before the host started the kernel arrives after its reply.
@@ -414,7 +418,7 @@ def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         fake = CheckpointingHost()
-        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, host, tenant = in_process_gateway(tmp_path, fake)
         host.update([{"uuid": f"GPU-{n}", "gpu_type": "H100"} for n in (1, 2)])
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle"))
@@ -460,7 +464,7 @@ def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
     async def scenario() -> None:
         fake = SlowCheckpoint()
         fake.stopped.set()
-        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, _host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         found_idle = time.time() - 0.1
         suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=found_idle))
@@ -500,7 +504,7 @@ def test_a_restart_during_the_checkpoint_stops_the_suspend_not_the_kernel(
 
     async def scenario() -> None:
         fake = FailingCheckpoint()
-        kernels, _host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, _host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=time.time()))
         await asyncio.sleep(0.05)
@@ -519,7 +523,7 @@ def test_a_host_kernel_of_a_kernel_shut_down_while_its_host_was_unreachable_is_s
     async def scenario() -> None:
         fake = CheckpointingHost()
         fake.stopped.set()
-        kernels, host, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         report = {"id": "on-host-1", "execution_state": "idle", "last_activity": iso(time.time()),
                   "gpupool": {"owner": kernel_id}}  # fmt: skip
@@ -539,7 +543,7 @@ def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> N
     async def scenario() -> None:
         fake = CheckpointingHost()
         fake.stopped.set()
-        kernels, keeper, tenant = one_gpu_gateway(tmp_path, fake)
+        kernels, keeper, tenant = in_process_gateway(tmp_path, fake)
         other = HostView("0f0f0f0f-0000-0000-0000-000000000002", "box2", "http://127.0.0.1:9", "t")
         other.update([{"uuid": "GPU-B", "gpu_type": "H100"}])
         kernels.pool.hosts[other.id] = other

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from kernel_ws import run_code
+from test_gateway_faults import in_process_gateway
 
-from kernel_gateway.kernels import GatewayKernels
-from kernel_gateway.pool import HostView, Pool
-from kernel_gateway.store import Host, Tenant, open_store
+from kernel_gateway.pool import HostView
 
 GIB = 1 << 30
 H100_X1 = "python3-gpu-h100-x1"
@@ -97,18 +96,9 @@ def reading(uuid: str, utilization: int | None, used_gib: float) -> dict[str, An
 
 def test_each_heartbeat_updates_what_the_kernel_shows(tmp_path: Path) -> None:
     async def scenario() -> None:
-        db = open_store(str(tmp_path / "gateway.db"))
-        pool = Pool()
-        host = HostView("0f0f0f0f-0000-0000-0000-000000000001", "box", "http://127.0.0.1:9", "t")
-        host.update([reading("GPU-1", 0, 0), reading("GPU-2", 99, 70)])
-        pool.hosts[host.id] = host
-        with db() as s:
-            s.add(Host(id=host.id, name=host.name, url=host.url, token=host.token, gpus=[]))
-            tenant = Tenant(name="a")
-            s.add(tenant)
-            s.commit()
-        kernels = GatewayKernels(db, pool)
-        kernels.host_call = StartsAtOnce()  # type: ignore[method-assign]
+        kernels, host, tenant = in_process_gateway(
+            tmp_path, StartsAtOnce(), [reading("GPU-1", 0, 0), reading("GPU-2", 99, 70)]
+        )
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
 
         def shown() -> list[dict[str, Any]]:
