@@ -50,6 +50,12 @@ class LabServer:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
+    def delete(self, path: str) -> None:
+        request = urllib.request.Request(
+            self.url + path, method="DELETE", headers={"Authorization": f"token {self.token}"}
+        )
+        urllib.request.urlopen(request, timeout=60).close()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -165,11 +171,7 @@ def test_a_running_gpu_kernel_and_usage(lab: LabServer, stack: Gateway) -> None:
         assert usage["kernels"][0]["open"] and usage["budget"]["budget_usd"] is None
         assert stack.token not in text
     finally:
-        req = urllib.request.Request(
-            f"{lab.url}/api/kernels/{kernel['id']}", method="DELETE",
-            headers={"Authorization": f"token {lab.token}"},
-        )  # fmt: skip
-        urllib.request.urlopen(req, timeout=60).close()
+        lab.delete(f"/api/kernels/{kernel['id']}")
 
 
 @pytest.mark.parametrize("case", ["unreachable", "wrong token", "not configured"])

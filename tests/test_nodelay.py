@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,11 +68,7 @@ def nodelay_of_a_kernel_websocket(server: LabServer, kernel_name: str) -> bool:
     try:
         return asyncio.run(probe())
     finally:
-        request = urllib.request.Request(
-            f"{server.url}/api/kernels/{kernel_id}", method="DELETE",
-            headers={"Authorization": f"token {server.token}"},
-        )  # fmt: skip
-        urllib.request.urlopen(request, timeout=60).close()
+        server.delete(f"/api/kernels/{kernel_id}")
 
 
 @pytest.mark.timeout(180)
@@ -135,8 +130,4 @@ def test_a_pool_kernels_browser_websocket_goes_straight_to_the_gateway(
     try:
         asyncio.run(use())
     finally:
-        request = urllib.request.Request(
-            f"{hybrid.url}/api/kernels/{kernel_id}", method="DELETE",
-            headers={"Authorization": f"token {hybrid.token}"},
-        )  # fmt: skip
-        urllib.request.urlopen(request, timeout=60).close()
+        hybrid.delete(f"/api/kernels/{kernel_id}")

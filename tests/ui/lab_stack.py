@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"needs Debian's chromium at {CHROMIUM} (`make install` installs it as root)",
                 allow_module_level=True)  # fmt: skip
 
-from playwright.sync_api import Browser, Page, Playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Playwright, sync_playwright  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = ROOT / "jupyter_ext" / "labextension"  # the front end `make install` builds
@@ -87,3 +88,30 @@ def open_lab(browser: Browser, url: str) -> Page:
     page.goto(url)
     page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
     return page
+
+
+@contextlib.contextmanager
+def lab_page(url: str) -> Iterator[Page]:
+    """Chromium on Lab at `url`, its launcher shown; closed after."""
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            yield open_lab(browser, url)
+        finally:
+            browser.close()
+
+
+def gateway(up: dict[str, Any], method: str, path: str, body: Any = None) -> Any:
+    """The gateway's REST API with the demo tenant's token (what another client would do)."""
+    request = urllib.request.Request(
+        up["gateway"] + path, method=method, headers={"Authorization": f"token {up['token']}"},
+        data=None if body is None else json.dumps(body).encode(),
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read()
+    return json.loads(text) if text else None
+
+
+def gateway_kernels(up: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo tenant's kernels as the gateway lists them (every state but dead)."""
+    return list(gateway(up, "GET", "/api/kernels"))

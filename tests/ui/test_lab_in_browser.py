@@ -10,22 +10,20 @@ without it, or without the built front end (`make install` builds it)."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_stack import BUILT, lab_with_front_end, launch, open_lab
+from lab_stack import BUILT, gateway, lab_page, lab_with_front_end
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, expect  # noqa: E402
 
 WAIT_MS = 60_000
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
@@ -43,21 +41,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def page(up: dict[str, Any]) -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield open_lab(browser, up["lab"])
-        browser.close()
-
-
-def gateway(up: dict[str, Any], method: str, path: str, body: Any = None) -> Any:
-    """The gateway's REST API with the demo tenant's token (what another client would do)."""
-    request = urllib.request.Request(
-        up["gateway"] + path, method=method, headers={"Authorization": f"token {up['token']}"},
-        data=None if body is None else json.dumps(body).encode(),
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        text = answer.read()
-    return json.loads(text) if text else None
+    with lab_page(up["lab"]) as page:
+        yield page
 
 
 def cost(text: str) -> float:

@@ -6,22 +6,20 @@ Uses Debian's chromium; skips without it, or without the built front end."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_stack import BUILT, lab_with_front_end, launch, open_lab
+from lab_stack import BUILT, gateway_kernels, lab_page, lab_with_front_end
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, expect  # noqa: E402
 
 WAIT_MS = 60_000
 NOTEBOOK_TAB = ".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current"
@@ -35,19 +33,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def page(up: dict[str, Any]) -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield open_lab(browser, up["lab"])
-        browser.close()
-
-
-def gateway_kernels(up: dict[str, Any]) -> list[dict[str, Any]]:
-    """The demo tenant's kernels as the gateway lists them (every state but dead)."""
-    request = urllib.request.Request(
-        up["gateway"] + "/api/kernels", headers={"Authorization": f"token {up['token']}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return list(json.loads(response.read()))
+    with lab_page(up["lab"]) as page:
+        yield page
 
 
 @pytest.mark.timeout(300)

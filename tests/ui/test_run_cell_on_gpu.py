@@ -20,7 +20,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from lab_stack import BUILT, lab_with_front_end, launch
+from lab_stack import BUILT, gateway_kernels, lab_with_front_end, launch
 from nbformat.v4 import new_code_cell, new_notebook
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -28,7 +28,6 @@ if not (BUILT / "package.json").exists():
     pytest.skip("the Lab front end is not built; `make install` builds it", allow_module_level=True)
 
 from playwright.sync_api import Locator, Page, expect, sync_playwright  # noqa: E402
-from test_lab_kernel_details import gateway_kernels  # noqa: E402
 from test_run_footer import installed_kernel_config  # noqa: E402
 
 WAIT_MS = 60_000
