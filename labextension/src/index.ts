@@ -14,7 +14,7 @@ import { CellGpu } from './cellgpu';
 import { ClosingGuard } from './closing';
 import { KernelSetup } from './kernelsetup';
 import { PoolLauncher } from './launcher';
-import { pickShape, PICK_COMMAND } from './picker';
+import { pickShape, PICK_COMMAND, sessionDialogsPlugin } from './picker';
 import { KernelStatus } from './status';
 import { UsagePanel } from './usage';
 
@@ -89,10 +89,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.commands.addCommand(PICK_COMMAND, {
       label: 'GPU Pool: Change Kernel to a GPU Shape\u2026',
       isEnabled: () => !!notebooks.currentWidget && (pool?.shapes.length ?? 0) > 0,
-      execute: async () => {
-        await pool?.refresh(); // free and queue as they are now
-        await pickShape(notebooks, pool?.shapes ?? [], settings.showCost);
-      }
+      execute: () => pickShape(notebooks, settings.showCost)
     });
     palette?.addItem({ command: PICK_COMMAND, category: 'GPU Pool' });
     mainMenu?.kernelMenu.addGroup([{ command: PICK_COMMAND }], 100);
@@ -125,4 +122,4 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+export default [plugin, sessionDialogsPlugin];

@@ -81,6 +81,22 @@ def test_launcher_status_bar_and_usage_panel(page: Page, up: dict[str, Any]) -> 
     assert "suspends in" in text, text
     page.screenshot(path=str(SHOTS / "status-bar.png"))
 
+    # Lab's own Select Kernel dialog (the toolbar's kernel name) is the table: local kernels,
+    # the pool's shapes with price and what picking each will do, and No Kernel.
+    page.locator(f"{NOTEBOOK} .jp-Toolbar-kernelName").click()
+    dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
+    rows = dialog.locator(".gpupool-picker tbody tr")
+    expect(rows).to_have_count(4, timeout=WAIT_MS)
+    expect(rows.filter(has_text="Python 3 (ipykernel)")).to_contain_text("on this machine")
+    expect(rows.filter(has_text="H100 \u00d72")).to_contain_text("queued, position 1")
+    one = rows.filter(has_text="H100 \u00d71")
+    expect(one).to_contain_text(re.compile(r"80 GB\$\d+\.\d\d/h"))
+    expect(one.locator("input")).to_be_checked()  # the kernel the notebook has
+    expect(rows.last).to_contain_text("No Kernel")
+    page.screenshot(path=str(SHOTS / "select-kernel.png"))
+    dialog.locator(".jp-Dialog-button", has_text="Cancel").click()
+    expect(dialog).to_have_count(0)
+
     page.locator('.lm-MenuBar-itemLabel:text("View")').click()
     expect(page.locator(".lm-Menu-itemLabel", has_text="GPU Pool: Show Usage")).to_be_visible()
     page.keyboard.press("Escape")
