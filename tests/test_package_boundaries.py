@@ -4,6 +4,9 @@ the wire formats (and run each other only as commands)."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -30,3 +33,25 @@ def test_the_three_packages_never_import_each_other() -> None:
         for other in sorted(imported(path) & set(PACKAGES) - {package})
     ]
     assert not crossings, crossings
+
+
+def test_a_jupyter_kernel_gateway_install_in_the_same_place_is_named_at_import(
+    tmp_path: Path,
+) -> None:
+    """Jupyter Kernel Gateway's files mixed into our `kernel_gateway` folder: one clear line."""
+    shutil.copytree(REPO / "kernel_gateway", tmp_path / "kernel_gateway")
+    (tmp_path / "kernel_gateway" / "gatewayapp.py").write_text("# Jupyter Kernel Gateway\n")
+    run = subprocess.run(
+        [sys.executable, "-c", "import kernel_gateway"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "ImportError: Jupyter Kernel Gateway (jupyter-kernel-gateway) is installed in the same "
+        "environment as gpupool and shares its import name `kernel_gateway`: install them in "
+        "separate virtual environments."
+    )
