@@ -256,3 +256,12 @@ def test_gateway_trouble_is_one_clear_json_error(case: str, tmp_path: Path) -> N
     finally:
         server.stop()
     assert "w" * 64 not in server.log_path.read_text()
+
+
+def test_package_differences_name_each_changed_or_missing_package() -> None:
+    from jupyter_ext.share_cli import package_differences
+
+    shared = {"numpy": "2.1.3", "Torch": "2.5.1", "pandas": "2.2.0"}
+    yours = {"NumPy": "2.1.3", "torch": "2.4.0"}
+    assert package_differences(shared, yours) == [("Torch", "2.5.1", "2.4.0"),
+                                                  ("pandas", "2.2.0", None)]  # fmt: skip
