@@ -52,6 +52,10 @@ class GpupoolLab(Configurable):
         config=True
     )
     request_timeout = Float(10.0, help="Seconds to wait for the gateway.").tag(config=True)
+    max_share_mb = Float(
+        64.0, help="The largest notebook file this server reads to share, in MB (10^6 bytes); "
+        "the gateway has its own limit (50 MB by default).",
+    ).tag(config=True)  # fmt: skip
 
 
 class GatewayUnavailable(Exception):
@@ -68,7 +72,7 @@ class Gateway:
     def __init__(self, config: GpupoolLab, serverapp: Any) -> None:
         self.config = config
         self.serverapp = serverapp
-        self.client: AsyncHTTPClient | None = None
+        self.clients: dict[int, AsyncHTTPClient] = {}  # by the largest answer each reads
 
     def target(self) -> tuple[str, str]:
         url = self.config.gateway_url or os.environ.get(URL_ENV, "")
@@ -90,21 +94,43 @@ class Gateway:
         return url.rstrip("/"), token
 
     async def get(self, path: str) -> Any:
+        return await self.call("GET", path)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        max_bytes: int = MAX_GATEWAY_BYTES,
+        timeout: float | None = None,
+        passthrough: tuple[int, ...] = (),
+    ) -> Any:
+        """The gateway's JSON answer to `method path` (with `body` as JSON). An error status in
+        `passthrough` comes back as itself with the gateway's own message (reason "refused")."""
         url, token = self.target()
+        timeout = timeout or self.config.request_timeout
         request = HTTPRequest(
             url + path,
-            headers={"Authorization": f"token {token}"},
-            request_timeout=self.config.request_timeout,
+            method=method,
+            headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body),
+            request_timeout=timeout,
             connect_timeout=self.config.request_timeout,
             validate_cert=True,
         )
-        if self.client is None:  # made on the server's own loop, on first use
-            self.client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_GATEWAY_BYTES)
+        client = self.clients.get(max_bytes)
+        if client is None:  # made on the server's own loop, on first use
+            client = AsyncHTTPClient(force_instance=True, max_body_size=max_bytes)
+            self.clients[max_bytes] = client
         try:
-            response = await self.client.fetch(request)
+            response = await client.fetch(request)
         except HTTPClientError as error:
-            body = error.response.body if error.response is not None else b""
-            raise _from_status(url, error.code, _message(body), token) from None
+            body_bytes = error.response.body if error.response is not None else b""
+            if error.code in passthrough:
+                detail = _scrub(_message(body_bytes), token)
+                raise GatewayUnavailable(error.code, "refused", detail) from None
+            raise _from_status(url, error.code, _message(body_bytes), token) from None
         except (OSError, TimeoutError) as error:
             raise GatewayUnavailable(
                 502,
@@ -288,18 +314,26 @@ class KernelHandler(GpupoolHandler):
         }
 
     def gateway_kernel_id(self, kernel_id: str) -> str:
-        """The gateway's id of this server's kernel: the same in gateway mode; a kernel started
-        by the pool's provisioner names its own (`gateway_kernel_id`)."""
-        if _gateway_client(self.serverapp) is not None:
-            return kernel_id
-        try:
-            kernel = self.kernel_manager.get_kernel(kernel_id)
-        except KeyError:
-            raise tornado.web.HTTPError(404, "No such kernel in this Jupyter server.") from None
-        remote = getattr(getattr(kernel, "provisioner", None), "gateway_kernel_id", None)
-        if isinstance(remote, str) and remote:
-            return remote
-        raise tornado.web.HTTPError(404, "This kernel runs on this machine, not in the pool.")
+        """The gateway's id of this server's kernel (see `pool_kernel_id`); 404 for a kernel
+        that runs on this machine."""
+        remote = pool_kernel_id(self, kernel_id)
+        if remote is None:
+            raise tornado.web.HTTPError(404, "This kernel runs on this machine, not in the pool.")
+        return remote
+
+
+def pool_kernel_id(handler: Any, kernel_id: str) -> str | None:
+    """The gateway's id of this server's kernel `kernel_id`: the same in gateway mode; a kernel
+    started by the pool's provisioner names its own (`gateway_kernel_id`); None for a kernel
+    that runs on this machine; 404 for one this server does not have."""
+    if _gateway_client(handler.serverapp) is not None:
+        return kernel_id
+    try:
+        kernel = handler.kernel_manager.get_kernel(kernel_id)
+    except KeyError:
+        raise tornado.web.HTTPError(404, "No such kernel in this Jupyter server.") from None
+    remote = getattr(getattr(kernel, "provisioner", None), "gateway_kernel_id", None)
+    return remote if isinstance(remote, str) and remote else None
 
 
 class CompanionHandler(KernelHandler):
@@ -523,6 +557,8 @@ def _apply_to_kernels(serverapp: Any, preferences: Preferences) -> None:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
+    from . import lab_shares  # it builds on this module's handlers
+
     web_app = serverapp.web_app
     _nodelay_on_kernel_websockets(serverapp)
     web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
@@ -537,6 +573,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
             (url_path_join(base, "companions", r"([^/]+)"), CompanionHandler),
             (url_path_join(base, "usage"), UsageHandler),
             (url_path_join(base, "preferences"), PreferencesHandler),
+            *lab_shares.handlers(base),
         ],
     )
     serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")

@@ -83,13 +83,33 @@ def ask_environment(api: GatewayApi, kernel_id: str) -> dict[str, Any]:
         channel.forget(msg_id)
     finally:
         channel.close()
-    answer = msg["content"].get("user_expressions", {}).get("environment", {})
+    return environment_of(msg["content"], kernel_id)
+
+
+def environment_of(reply: dict[str, Any], kernel_id: str) -> dict[str, Any]:
+    """The environment in an execute_reply's content to ENVIRONMENT_EXPRESSION, or ShareError."""
+    answer = (reply.get("user_expressions") or {}).get("environment") or {}
     if answer.get("status") != "ok":
         raise ShareError(
             f"kernel {kernel_id} could not list its packages: {answer.get('ename', '')} "
             f"{answer.get('evalue', '')}".rstrip()
         )
-    return dict(json.loads(ast.literal_eval(answer["data"]["text/plain"])))
+    try:
+        found = json.loads(ast.literal_eval(answer["data"]["text/plain"]))
+    except (KeyError, TypeError, ValueError, SyntaxError):
+        raise ShareError(f"kernel {kernel_id} answered no package list.") from None
+    if not isinstance(found, dict):
+        raise ShareError(f"kernel {kernel_id} answered no package list.")
+    return found
+
+
+def package_differences(
+    shared: dict[str, str], yours: dict[str, str]
+) -> list[tuple[str, str, str | None]]:
+    """(name, shared version, your version or None when missing) for each package of the share
+    whose version your kernel does not have; names compared without case."""
+    lower = {k.lower(): v for k, v in yours.items()}
+    return [(n, v, lower.get(n.lower())) for n, v in shared.items() if lower.get(n.lower()) != v]
 
 
 def read_notebook(path: Path) -> dict[str, Any]:
@@ -166,9 +186,8 @@ def copy(api: GatewayApi, args: argparse.Namespace) -> str:
     theirs: dict[str, str] = got.get("packages") or {}
     if args.kernel and theirs:
         mine = ask_environment(api, args.kernel).get("packages", {})
-        lower = {k.lower(): v for k, v in mine.items()}
-        differ = [f"  {n}: shared {v}, yours {lower.get(n.lower(), 'missing')}"
-                  for n, v in theirs.items() if lower.get(n.lower()) != v]  # fmt: skip
+        differ = [f"  {n}: shared {v}, yours {y or 'missing'}"
+                  for n, v, y in package_differences(theirs, mine)]  # fmt: skip
         lines.append(f"{len(differ)} package(s) differ from kernel {args.kernel}:" if differ
                      else "your kernel has the same package versions.")  # fmt: skip
         lines += differ

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import ApiError
@@ -243,15 +243,24 @@ class Shares:
         return [self.model(row, tenant.name) for row in rows]
 
     def revoke(self, tenant: Tenant, share_id: str) -> None:
+        """Revoke at once; the snapshot file goes too when no other live share holds it."""
+        live = (Share.id == share_id, Share.tenant_id == tenant.id, Share.revoked.is_(None))
         with self.db() as s:
-            done = s.execute(
-                update(Share)
-                .where(Share.id == share_id, Share.tenant_id == tenant.id, Share.revoked.is_(None))
-                .values(revoked=time.time())
-            )
+            digest = s.scalar(select(Share.digest).where(*live))
+            done = s.execute(update(Share).where(*live).values(revoked=time.time()))
             s.commit()
-        if getattr(done, "rowcount", 0) != 1:
-            raise not_found()
+            if digest is None or getattr(done, "rowcount", 0) != 1:
+                raise not_found()
+            # create() and revoke() run on the gateway's one event loop, never interleaved, so
+            # no share can start holding this digest between the count and the unlink.
+            holders = s.scalar(
+                select(func.count())
+                .select_from(Share)
+                .where(Share.digest == digest, Share.revoked.is_(None))
+            )
+        if not holders:
+            self._path(digest).unlink(missing_ok=True)
+            self._rendered.pop(digest, None)
 
     def open(self, share_id: str, viewer: Tenant | None) -> tuple[Share, str] | None:
         """The share and its sharer's name if `viewer` (None: no token) may open it now."""

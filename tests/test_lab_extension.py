@@ -34,8 +34,14 @@ class LabServer:
     log_path: Path
 
     def get(self, path: str, auth: bool = True, body: bytes | None = None) -> tuple[int, str]:
+        return self.send("GET", path, body, auth)
+
+    def send(
+        self, method: str, path: str, body: bytes | None = None, auth: bool = True
+    ) -> tuple[int, str]:
+        """The status and text of any request, errors included."""
         headers = {"Authorization": f"token {self.token}"} if auth else {}
-        request = urllib.request.Request(self.url + path, data=body, headers=headers, method="GET")
+        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, response.read().decode()

@@ -264,3 +264,23 @@ def test_a_revoked_tenants_links_end_with_it(gw: Gateway) -> None:
     assert revoked.status == 204
     assert page(gw, link["path"]).status == 404
     assert gw.call("POST", f"/api/shares/{link['id']}/copies").status == 404
+
+
+def test_revoking_the_last_share_of_a_snapshot_deletes_its_file(gw: Gateway) -> None:
+    """Content-addressed: two shares of one notebook hold one file, which goes with the last."""
+    nb = notebook(title="revoke-me")  # a snapshot no other test shares
+    first, second = (share(gw, gw.token, notebook=nb).body for _ in range(2))
+    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
+        [(digest,)] = db.execute("SELECT DISTINCT digest FROM shares WHERE id IN (?, ?)",
+                                 (first["id"], second["id"])).fetchall()  # fmt: skip
+    path = gw.state_dir / "shares" / digest[:2] / digest
+    assert path.is_file()
+    assert gw.call("DELETE", f"/api/shares/{first['id']}").status == 204
+    assert path.is_file()  # the second share still shows it
+    assert page(gw, second["path"], gw.token).status == 200
+    assert gw.call("DELETE", f"/api/shares/{second['id']}").status == 204
+    assert not path.exists()
+    assert page(gw, second["path"], gw.token).status == 404
+    # Sharing it again stores it again.
+    again = share(gw, gw.token, notebook=nb).body
+    assert path.is_file() and page(gw, again["path"], gw.token).status == 200

@@ -89,13 +89,14 @@ export function reportOnce(error: unknown): void {
   Notification.error(`GPU pool: ${message}`, { autoClose: 10000 });
 }
 
-/** GET /gpupool/<path> on this Jupyter server (which holds the gateway's token). */
-export async function requestAPI<T>(path: string): Promise<T> {
+/** GET (or `init`'s method) /gpupool/<path> on this Jupyter server (which holds the
+ * gateway's token). */
+export async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
   const settings = ServerConnection.makeSettings();
   const url = URLExt.join(settings.baseUrl, 'gpupool', path);
   let response: Response;
   try {
-    response = await ServerConnection.makeRequest(url, {}, settings);
+    response = await ServerConnection.makeRequest(url, init, settings);
   } catch (error) {
     throw new GpupoolError(0, 'server unreachable', 'This Jupyter server does not answer.');
   }

@@ -15,6 +15,7 @@ import { ClosingGuard } from './closing';
 import { KernelSetup } from './kernelsetup';
 import { PoolLauncher } from './launcher';
 import { pickShape, PICK_COMMAND, sessionDialogsPlugin } from './picker';
+import { registerSharing } from './share';
 import { KernelStatus } from './status';
 import { UsagePanel } from './usage';
 
@@ -57,6 +58,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const kernels = new KernelSetup(() => settings); // %%gpu's default shape, idle timeout
     kernels.track(notebooks);
     new CellGpu(app, notebooks, options); // Run Cell on GPU: a %%gpu first line, a badge
+    registerSharing(app, notebooks, palette, mainMenu); // Share notebook link…, Open shared…
 
     if (statusBar) {
       const status = new KernelStatus(notebooks, () => pool?.shapes ?? [], options.showCost);

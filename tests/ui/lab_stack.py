@@ -62,10 +62,9 @@ def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[
             proc.wait(10)
 
 
-@contextlib.contextmanager
-def lab_with_front_end(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
-    """`gpupool up` (hybrid) with this checkout's built front end and server extension where
-    Jupyter looks, and Lab's news question off (it would cover screenshots)."""
+def front_end_env(folder: Path) -> dict[str, str]:
+    """This checkout's built front end and server extension where a Jupyter with this
+    environment looks, and Lab's news question off (it would cover screenshots)."""
     data = folder / "data" / "labextensions" / "@gpupool"
     data.mkdir(parents=True)
     (data / "labextension").symlink_to(BUILT)
@@ -76,10 +75,31 @@ def lab_with_front_end(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
     (config / "labconfig").mkdir()
     news = {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}
     (config / "labconfig" / "page_config.json").write_text(json.dumps(news))
-    with gpupool_up(
-        folder, JUPYTER_PATH=str(folder / "data"), JUPYTER_CONFIG_DIR=str(config), **env
-    ) as lines:
+    return {"JUPYTER_PATH": str(folder / "data"), "JUPYTER_CONFIG_DIR": str(config)}
+
+
+@contextlib.contextmanager
+def lab_with_front_end(folder: Path, **env: str) -> Iterator[dict[str, Any]]:
+    """`gpupool up` (hybrid) with this checkout's front end (`front_end_env`)."""
+    with gpupool_up(folder, **front_end_env(folder), **env) as lines:
         yield lines
+
+
+@contextlib.contextmanager
+def tenant_lab(folder: Path, gateway_url: str, token: str) -> Iterator[str]:
+    """Another tenant's own Lab beside local kernels (as on a laptop: GPUPOOL_URL and
+    GPUPOOL_TOKEN) with this checkout's front end, its workspace `folder`; yields its URL with
+    its Lab token."""
+    from test_lab_extension import start_server
+
+    env = front_end_env(folder)
+    env.update(GPUPOOL_URL=gateway_url, GPUPOOL_TOKEN=token,
+               JUPYTER_DATA_DIR=str(folder / "data"))  # fmt: skip
+    server = start_server(folder, env=env)
+    try:
+        yield f"{server.url}/lab?token={server.token}"
+    finally:
+        server.stop()
 
 
 def open_lab(browser: Browser, url: str) -> Page:
