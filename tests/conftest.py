@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,12 @@ import pytest
 from kernel_gateway.up import host_state_dir
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs into a
+# data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a pool shape
+# left there by a test would show up in every later Lab on this machine.
+_DATA = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-data-")
+os.environ["JUPYTER_DATA_DIR"] = _DATA.name
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
