@@ -10,7 +10,7 @@ LAB_NODE_STAMP := labextension/node_modules/.installed-stamp
 LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/schema/*.json labextension/style/*) \
 	labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test test-quick demo bench clean
 
 install: $(STAMP) $(LAB_STAMP)
 
@@ -65,8 +65,16 @@ lint: install
 	$(BIN)/ruff format --check gpu_host kernel_gateway jupyter_ext tests bench
 	$(BIN)/mypy
 
+# Test files run in parallel (one file per worker, as files share their servers); most of the
+# time is spent waiting on kernels, Lab and the browser, so more workers than cores pays.
+TEST_WORKERS ?= 4
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# For the edit-test loop: the suite without the tests marked slow.
+test-quick: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 demo: install
 	$(BIN)/gpupool up

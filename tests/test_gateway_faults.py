@@ -27,6 +27,8 @@ from kernel_gateway.kernels import GatewayKernels, iso
 from kernel_gateway.pool import HostView, Pool
 from kernel_gateway.store import Host, Kernel, Tenant, open_store
 
+pytestmark = pytest.mark.slow
+
 H100_X1 = "python3-gpu-h100-x1"
 HOST_TIMEOUT = 2.0
 

@@ -205,6 +205,7 @@ def test_gateway_trouble_is_one_clear_json_error(case: str, stack: Gateway, tmp_
     assert wrong not in server.log_path.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_wheel_installs_both_extensions_enabled(tmp_path: Path) -> None:
     """Built as the release is (hatch-jupyter-builder, the prebuilt front end as shared-data),

@@ -228,6 +228,7 @@ def test_billed_seconds_are_the_seconds_held(tmp_path: Path, started: list[Any])
     assert usage(gw, kernel_id) == [interval]
 
 
+@pytest.mark.slow
 def test_a_gateway_killed_mid_interval_leaves_no_gap_and_no_double_count(
     tmp_path: Path, started: list[Any]
 ) -> None:

@@ -236,6 +236,7 @@ def test_oversized_is_413_before_reading_and_stores_nothing(gw: Gateway) -> None
     assert sorted((gw.state_dir / "shares").rglob("*")) == files
 
 
+@pytest.mark.slow
 def test_shares_survive_a_restart(tmp_path: Path) -> None:
     first = start_gateway(tmp_path)
     token = first.tenant("alice")

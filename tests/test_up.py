@@ -22,6 +22,8 @@ from kernel_ws import run_code
 from kernel_gateway.store import Kernel, open_store
 from kernel_gateway.up import host_state_dir
 
+pytestmark = pytest.mark.slow
+
 
 def process_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every live process (zombies left out)."""

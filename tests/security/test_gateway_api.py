@@ -152,6 +152,7 @@ def test_a_heartbeat_with_bad_gpu_readings_is_400_and_changes_nothing(gw, field,
         assert reply.status == 200, (good, reply.body)
 
 
+@pytest.mark.slow
 def test_a_bad_host_row_left_in_the_database_does_not_stop_the_gateway(tmp_path):
     """A row saved by an older gateway (which stored reports unchecked) is skipped at start."""
     gw = start_gateway(tmp_path)

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Gateway
 from kernel_ws import KernelSocket
 from pool_processes import (
@@ -31,6 +32,8 @@ from pool_processes import (
     started,
     state_of,
 )
+
+pytestmark = pytest.mark.slow
 
 __all__ = ["started"]  # the fixture
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Gateway, start_gateway, start_host
 
 from kernel_gateway.tokens import host_token
@@ -51,6 +52,7 @@ def test_state_folder_0700_and_its_files_0600(tmp_path: Path) -> None:
         gateway.stop()
 
 
+@pytest.mark.slow
 def test_host_tokens_are_kept_as_digests_and_survive_a_restart(tmp_path: Path) -> None:
     gateway = start_gateway(tmp_path)
     try:

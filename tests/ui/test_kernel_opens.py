@@ -17,6 +17,8 @@ import pytest
 from lab_stack import gpupool_up, launch
 from playwright.sync_api import Browser, Page, sync_playwright
 
+pytestmark = pytest.mark.slow
+
 OPENS = 20  # of each kind: a hang 1 open in 4 (the old bug) goes unseen 0.3% of runs
 # How the launcher cards' titles begin (the GPU card goes on with its price).
 CARDS = {"gpu": "Python 3 · H100 \u00d71", "cpu": "Python 3 · CPU"}

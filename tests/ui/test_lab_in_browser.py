@@ -25,6 +25,8 @@ if not (BUILT / "package.json").exists():
 
 from playwright.sync_api import Page, expect  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 WAIT_MS = 60_000
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 IDLE_S = 20  # every pool kernel of this Lab is suspended after this long idle

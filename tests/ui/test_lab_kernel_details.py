@@ -21,6 +21,8 @@ if not (BUILT / "package.json").exists():
 
 from playwright.sync_api import Page, expect  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 WAIT_MS = 60_000
 NOTEBOOK_TAB = ".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current"
 

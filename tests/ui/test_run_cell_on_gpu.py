@@ -30,6 +30,8 @@ if not (BUILT / "package.json").exists():
 from playwright.sync_api import Locator, Page, expect, sync_playwright  # noqa: E402
 from test_run_footer import installed_kernel_config  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 WAIT_MS = 60_000
 WHERE = 'import os; print(os.environ.get("CUDA_VISIBLE_DEVICES"))'
 UUID = re.compile(r"GPU-[0-9a-fA-F-]+")

@@ -24,6 +24,8 @@ if not (BUILT / "package.json").exists():
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 WAIT_MS = 90_000
 WHERE = 'import os; print("GPUs:", os.environ.get("CUDA_VISIBLE_DEVICES"))'
 UUID = re.compile(r"GPUs: GPU-[0-9a-fA-F-]+")

@@ -16,6 +16,8 @@ from lab_stack import ROOT, launch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from playwright.sync_api import sync_playwright
 
+pytestmark = pytest.mark.slow
+
 SHOTS = ROOT / "docs" / "screenshots"
 STEAL = (
     "document.title='pwned';"
