@@ -117,8 +117,8 @@ export class PoolLauncher {
           kernelName: shape.kernel_name,
           label: isDefault ? `${label} (default)` : label,
           caption: shape.kernel_name
-            ? `New notebook on ${shape.display_name}`
-            : `${shape.display_name}: this Jupyter server has no kernelspec for it yet`
+            ? `New notebook on ${label}`
+            : `${label}: this Jupyter server has no kernelspec for it yet`
         }
       })
     );

@@ -7,6 +7,7 @@ import {
   showDialog
 } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
+import { KernelSpec } from '@jupyterlab/services';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { Widget } from '@lumino/widgets';
 
@@ -112,12 +113,19 @@ class KernelTable extends Widget {
   }
 }
 
-/** The pool's shapes that have a kernelspec here, as rows. */
-async function poolChoices(): Promise<IChoice[]> {
+/** The pool's shapes that have a kernelspec here, as rows named as Lab names their kernels
+ * (the gateway's display name carries a price, which has its own column). */
+async function poolChoices(specs?: KernelSpec.ISpecModels | null): Promise<IChoice[]> {
   const { shapes } = await requestAPI<{ shapes: IShape[] }>('shapes');
   return shapes
     .filter(shape => !!shape.kernel_name)
-    .map(shape => ({ kernelName: shape.kernel_name, label: shape.display_name, shape }));
+    .map(shape => ({
+      kernelName: shape.kernel_name,
+      label:
+        specs?.kernelspecs[shape.kernel_name!]?.display_name ??
+        shapeLabel(shape.gpu_type, shape.gpu_count),
+      shape
+    }));
 }
 
 /** The kernels of this machine (every kernelspec that is not a pool shape), as rows. */
@@ -172,7 +180,7 @@ export class PoolSessionDialogs extends SessionContextDialogs {
       let pool: IChoice[] = [];
       let note = '';
       try {
-        pool = await poolChoices();
+        pool = await poolChoices(sessionContext.specsManager.specs);
       } catch (error) {
         const why = error instanceof Error ? error.message : String(error);
         note = `GPU pool unavailable: ${why} Local kernels still work.`;
@@ -224,7 +232,7 @@ export async function pickShape(tracker: INotebookTracker, showCost: boolean): P
   const table = new KernelTable(showCost, null);
   const rows = async (): Promise<[IChoice[], string]> => {
     try {
-      return [await poolChoices(), ''];
+      return [await poolChoices(panel.sessionContext.specsManager.specs), ''];
     } catch (error) {
       const why = error instanceof Error ? error.message : String(error);
       return [[], `GPU pool unavailable: ${why}`];
