@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml jupyter-config/server-config/gpupool.json \
 			|| { apt-get update && apt-get install -y --no-install-recommends chromium; } \
 			|| echo "chromium could not be installed; the browser tests will skip."; \
 	fi
+	@# The database tests (and `pytest --db postgresql`) start a PostgreSQL server of their own
+	@# with initdb and pg_ctl; as root, install Debian's server when missing, else they skip.
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+			&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends postgresql \
+			|| { apt-get update && apt-get install -y --no-install-recommends postgresql; } \
+			|| echo "PostgreSQL could not be installed; the PostgreSQL tests will skip."; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# The front end builds against the JupyterLab it will run in, so that comes first.
@@ -65,8 +73,12 @@ lint: install
 	$(BIN)/ruff format --check gpu_host kernel_gateway jupyter_ext tests bench
 	$(BIN)/mypy
 
+# The suite on SQLite, then representative gateway modules again on a real PostgreSQL.
+PG_TESTS := tests/test_gateway_bad_input.py tests/test_gateway_queue.py tests/test_usage_budget.py
+
 test: lint
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --db postgresql $(PG_TESTS)
 
 demo: install
 	$(BIN)/gpupool up
