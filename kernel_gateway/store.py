@@ -230,7 +230,13 @@ def make_engine(url_or_path: str) -> Engine:
         options = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_SECONDS}}
     try:
         engine = create_engine(url, **options)
-    except (ArgumentError, NoSuchModuleError, ImportError) as error:
+    except ImportError as error:  # the URL's driver is not installed
+        hint = ("install it: pip install 'gpupool[postgresql]'" if url.startswith("postgresql")
+                else "use postgresql+psycopg://user:password@host:5432/name, sqlite:///path, "
+                "or a file path")  # fmt: skip
+        raise SystemExit(f"gpupool: cannot use the database URL {safe_url(url)}: its driver is "
+                         f"missing ({error}); {hint}.") from None  # fmt: skip
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:  # ValueError: a bad port
         raise SystemExit(f"gpupool: cannot use the database URL {safe_url(url)}: {error}. "
                          "Use postgresql+psycopg://user:password@host:5432/name, "
                          "sqlite:///path, or a file path.") from None  # fmt: skip
@@ -250,7 +256,7 @@ def safe_url(url: str) -> str:
     """A database URL as logs and messages may show it: without its password."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "(not a URL)"
 
 
@@ -264,6 +270,12 @@ def open_store(url_or_path: str) -> sessionmaker[Session]:
             f"gpupool: cannot reach the database at {safe_url(str(engine.url))}: "
             f"{str(error.orig).strip().splitlines()[0] if error.orig else error}. Check that it "
             "runs and that the URL, user and password are right."
+        ) from None
+    except DBAPIError as error:
+        raise SystemExit(
+            f"gpupool: the database at {safe_url(str(engine.url))} refused the schema upgrade: "
+            f"{str(error.orig).strip().splitlines()[0] if error.orig else error}. Its user must "
+            "be allowed to create and alter tables in it."
         ) from None
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -112,6 +112,7 @@ def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
         ("nonsense://x", "cannot use the database URL"),
         ("postgresql+psycopg://gpupool:secret@127.0.0.1:1/x", "cannot reach the database"),
         ("mysql://u:p@127.0.0.1:1/x", "cannot use the database URL"),  # no driver installed
+        ("postgresql+psycopg://u:secret@127.0.0.1:port/x", "cannot use the database URL"),
     ],
 )
 def test_a_bad_database_url_is_one_clear_sentence(url: str, says: str, tmp_path: Path) -> None:
@@ -215,3 +216,18 @@ def outage(gateway: Gateway, server: Postgres) -> None:
 def test_an_unknown_kind_of_database_is_refused_before_any_connection() -> None:
     with pytest.raises(SystemExit, match="cannot use the database URL"):
         make_engine("nonsense://x")
+
+
+def test_a_database_user_that_may_not_create_tables_is_told_so(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    import psycopg
+
+    url = postgres.database(str(tmp_path))
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=gpupool dbname=postgres",
+                         autocommit=True) as connection:  # fmt: skip
+        connection.execute("DROP ROLE IF EXISTS reader")
+        connection.execute("CREATE ROLE reader LOGIN")
+    reader = url.replace("//gpupool@", "//reader@")
+    with pytest.raises(SystemExit, match="must be allowed to create and alter tables"):
+        open_store(reader)
