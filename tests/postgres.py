@@ -51,16 +51,28 @@ class Postgres:
             ) from None
         self.bin = folder
         self.prefix: list[str] = []
-        self.base = Path(tempfile.mkdtemp(prefix="gpupool-pg-"))
+        owner = None
         if os.geteuid() == 0:  # postgres will not run as root: as nobody, in a folder of theirs
-            nobody = pwd.getpwnam("nobody")
-            os.chown(self.base, nobody.pw_uid, nobody.pw_gid)
+            try:
+                owner = pwd.getpwnam("nobody")
+            except KeyError:
+                raise Unavailable("running as root, and there is no user nobody to run the "
+                                  "server as") from None  # fmt: skip
+            if shutil.which("runuser") is None:
+                raise Unavailable("running as root, and runuser (util-linux) is missing")
             self.prefix = ["runuser", "-u", "nobody", "--"]
+        self.base = Path(tempfile.mkdtemp(prefix="gpupool-pg-"))
+        if owner is not None:
+            os.chown(self.base, owner.pw_uid, owner.pw_gid)
         self.data = self.base / "data"
         self.log = self.base / "server.log"
-        self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")  # fmt: skip
-        self.start()
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
+                      "--no-sync", "--no-instructions")  # fmt: skip
+            self.start()
+        except Unavailable:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     def _run(self, tool: str, *args: str) -> None:
         done = subprocess.run([*self.prefix, str(self.bin / tool), *args], capture_output=True,

@@ -146,7 +146,7 @@ def test_replicas_and_commands_share_tokens_through_postgresql(
         assert second.call("GET", "/api/admin/tenants", token=admin).status == 200
         assert second.call("GET", "/api/admin/tenants", token=second.admin_token).status == 401
         assert second.call("GET", "/api/kernels", token=made.body["token"]).status == 200
-        register = {"url": "http://127.0.0.1:1", "gpus": []}
+        register = {"url": "http://127.0.0.1:1", "gpus": [], "isolates": True}
         assert second.call("POST", "/api/hosts/register", register, token="c" * 64).status == 401
         assert second.call("POST", "/api/hosts/register", register, token=join).status != 401
         # The commands read the same database.
