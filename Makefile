@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml jupyter-config/server-config/gpupool.json \
 			|| { apt-get update && apt-get install -y --no-install-recommends chromium; } \
 			|| echo "chromium could not be installed; the browser tests will skip."; \
 	fi
+	@# The database tests (and `pytest --db postgresql`) start a PostgreSQL server of their own
+	@# with initdb and pg_ctl; as root, install Debian's server when missing, else they skip.
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+			&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends postgresql \
+			|| { apt-get update && apt-get install -y --no-install-recommends postgresql; } \
+			|| echo "PostgreSQL could not be installed; the PostgreSQL tests will skip."; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# The front end builds against the JupyterLab it will run in, so that comes first.
@@ -68,13 +76,17 @@ lint: install
 # Test files run in parallel (one file per worker, as files share their servers); most of the
 # time is spent waiting on kernels, Lab and the browser, so more workers than cores pays.
 TEST_WORKERS ?= 4
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# The suite on SQLite, then representative gateway modules again on a real PostgreSQL.
+PG_TESTS := tests/test_gateway_bad_input.py tests/test_gateway_queue.py tests/test_usage_budget.py
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
+	$(PYTEST) --db postgresql $(PG_TESTS)
 
-# For the edit-test loop: the suite without the tests marked slow.
+# For the edit-test loop: the suite without the tests marked slow, on SQLite.
 test-quick: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	$(BIN)/gpupool up

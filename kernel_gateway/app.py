@@ -57,6 +57,7 @@ class GatewayApp(Application):
         "port": "GatewayApp.port",
         "state-dir": "GatewayApp.state_dir",
         "db": "GatewayApp.db_url",
+        "db-url": "GatewayApp.db_url",
         "host-timeout": "GatewayApp.host_timeout",
         "max-message-mb": "GatewayApp.max_message_mb",
         "idle-timeout": "GatewayApp.idle_timeout",
@@ -76,9 +77,15 @@ class GatewayApp(Application):
     state_dir = Unicode(".gpupool", help="Folder for the database and the token files.").tag(
         config=True
     )
-    db_url = Unicode("", help="SQLAlchemy URL; default SQLite in the state folder.").tag(
-        config=True
-    )
+    db_url = Unicode(
+        "", help="Database URL: postgresql+psycopg://user:password@host:5432/name for replicas "
+        "sharing one database (or $GPUPOOL_DB_URL); default: SQLite in the state folder.",
+    ).tag(config=True)  # fmt: skip
+
+    @default("db_url")
+    def _db_url(self) -> str:
+        return os.environ.get("GPUPOOL_DB_URL", "")
+
     admin_token = Unicode(
         help="Admin token. Default: $GPUPOOL_ADMIN_TOKEN or state/admin-token."
     ).tag(config=True)
@@ -164,14 +171,26 @@ class GatewayApp(Application):
             Path(self.state_dir) / "join-token"
         )
 
+    def given(self, name: str) -> bool:
+        """Whether the `name` token was given (option, config or environment), not made or
+        read from the state folder."""
+        return f"{name}_token" in self.config.GatewayApp or bool(
+            os.environ.get(f"GPUPOOL_{name.upper()}_TOKEN")
+        )
+
     def make_state(self) -> GatewayState:
         private_folder(Path(self.state_dir))
         if not self.db_url:
             private_file(Path(self.state_dir) / "gateway.db")
         db = open_store(self.db_url or str(Path(self.state_dir) / "gateway.db"))
+        # A token given to this gateway becomes every replica's. One from the state folder does
+        # too when the database lives there (the default: deleting the file makes a new token);
+        # with a shared database (--db-url) it is stored only where the database has none.
+        own = not self.db_url
         state = GatewayState(
-            db, self.admin_token, self.join_token, self.host_timeout, host_key=self.host_key
-        )
+            db, self.admin_token, self.join_token, self.host_timeout, host_key=self.host_key,
+            replace_secrets={n for n in ("admin", "join") if own or self.given(n)},
+        )  # fmt: skip
         kernels = state.kernels
         kernels.idle_default, kernels.idle_action = self.idle_timeout, self.idle_action
         kernels.idle_min, kernels.idle_max = self.idle_min, self.idle_max

@@ -4,6 +4,7 @@ the body bounded in size and JSON depth before it is parsed; and JSON errors."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -14,9 +15,10 @@ from tornado.http1connection import HTTP1Connection
 from .errors import ApiError
 from .log_redaction import request_summary
 from .state import GatewayState
-from .store import Tenant
+from .store import DB_RETRY_SECONDS, Tenant, unavailable
 from .tokens import same
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_HOST_REPORT_BYTES = 1 << 20  # a busy host's heartbeat lists every kernel it runs
 MAX_JSON_DEPTH = 32  # deeper nesting than any request of ours, far from Python's recursion limit
@@ -144,8 +146,7 @@ class GatewayHandler(web.RequestHandler):
             if not (metrics_token and token and same(token, metrics_token)):
                 self.require_admin("this needs the gateway's metrics (scrape) or admin token.")
         elif self.who == "join":
-            token, join = self.given_token(), self.state.join_token
-            if not token or not join or not same(token, join):
+            if not self.state.is_join(self.given_token()):
                 raise ApiError(401, "registering a host needs the cluster join token.")
         elif self.who == "host":
             view = self.state.pool.hosts.get(self.path_kwargs.get("host_id", ""))
@@ -191,6 +192,11 @@ class GatewayHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None, None))[1]
+        if error is not None and unavailable(error):  # rolled back: nothing half-written
+            error = ApiError(
+                503, "the gateway's database is not answering; nothing was changed. Try again "
+                f"in {DB_RETRY_SECONDS} s.", retry_after=DB_RETRY_SECONDS,
+            )  # fmt: skip
         if isinstance(error, ApiError):
             self.set_status(error.status)
             status_code, message = error.status, error.message
@@ -223,4 +229,8 @@ class GatewayHandler(web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ApiError):
             return  # an answer, not a failure
+        if unavailable(value):  # one line, not a traceback per request while it is down
+            log.warning("%s: the database is not answering: %s", self._request_summary(),
+                        str(getattr(value, "orig", None) or value).strip()[:300])  # fmt: skip
+            return
         super().log_exception(typ, value, tb)

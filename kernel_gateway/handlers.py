@@ -16,7 +16,7 @@ from .openapi import OPENAPI
 from .shapes import CPU, Shape, shape_of_name
 from .share_page import NOT_FOUND_PAGE, PAGE_HEADERS, page
 from .shares import Shares, not_found
-from .store import Tenant
+from .store import DB_RETRY_SECONDS, Tenant, ping
 
 KERNEL_ID = r"(?P<kernel_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
 MAX_ENV_KEYS = 256
@@ -277,6 +277,23 @@ class MetricsHandler(GatewayHandler):
         self.finish(render_metrics(self.state))
 
 
+class HealthHandler(GatewayHandler):
+    """For load balancers and Kubernetes probes: 200 while this replica can reach the database,
+    else 503 with Retry-After (a replica that cannot is taken out of rotation, not restarted in
+    a loop: the database, not the replica, is what is down)."""
+
+    who = "anyone"
+
+    def get(self) -> None:
+        problem = ping(self.state.db)
+        if problem:
+            raise ApiError(
+                503, f"this gateway cannot reach its database ({problem[:200]}); try again "
+                "shortly.", retry_after=DB_RETRY_SECONDS,
+            )  # fmt: skip
+        self.reply({"status": "ok", "database": "ok"})
+
+
 class OpenApiHandler(GatewayHandler):
     who = "anyone"
 
@@ -413,5 +430,6 @@ def routes() -> list[tuple[str, Any]]:
         (r"/s/(?P<share_id>[^/]+)", SharePageHandler),
         (r"/metrics", MetricsHandler),
         (r"/api/openapi.json", OpenApiHandler),
+        (r"/api/health", HealthHandler),
         (r".*", NotFoundHandler),
     ]

@@ -158,5 +158,12 @@ OPENAPI: dict[str, Any] = {
         },
         "/metrics": {"get": _op("Prometheus metrics", "metrics_token|admin_token")},
         "/api/openapi.json": {"get": _op("This description", "anyone")},
+        "/api/health": {
+            "get": _op(
+                "200 while this gateway reaches its database, else 503 with Retry-After (for "
+                "load balancers and readiness probes)",
+                "anyone",
+            )
+        },
     },
 }

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import select
@@ -21,7 +22,7 @@ from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
 from .shares import Shares
-from .store import Host, Kernel, Tenant, Token
+from .store import Host, Kernel, Secret, Tenant, Token
 from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
 
@@ -43,9 +44,12 @@ class GatewayState:
         host_timeout: float,
         serving: bool = True,
         host_key: str = "",
+        replace_secrets: Collection[str] = ("admin", "join"),
     ) -> None:
         """`serving`: this process is the gateway, so it takes over the state left by the last
-        one (queue, ledger repair); `gpupool tenant` only edits tenants, beside a live one."""
+        one (queue, ledger repair); `gpupool tenant` only edits tenants, beside a live one.
+        The admin and join tokens given are checked by their digests in the database: stored
+        where it has none, and those named in `replace_secrets` in place of others (app.py)."""
         self.db = db
         self.admin_token = admin_token
         self.join_token = join_token
@@ -61,6 +65,13 @@ class GatewayState:
         self.unheard = self.pool.unheard
         self.probing: set[str] = set()  # hosts whose heartbeats are late, being asked directly
         if serving:
+            for name, token in (("admin", admin_token), ("join", join_token)):
+                if token and not self.keep_secret(name, token, name in replace_secrets):
+                    log.warning(
+                        "the %s token of this gateway's state folder is not the one in its "
+                        "database, which another gateway set; that one is used. To replace it, "
+                        "start a gateway with GPUPOOL_%s_TOKEN set.", name, name.upper(),
+                    )  # fmt: skip
             self._load()
 
     def _load(self) -> None:
@@ -105,7 +116,35 @@ class GatewayState:
     # -- identity --------------------------------------------------------------------------
 
     def is_admin(self, token: str) -> bool:
-        return bool(token) and same(token, self.admin_token)
+        return self._is_secret("admin", token)
+
+    def is_join(self, token: str) -> bool:
+        return self._is_secret("join", token)
+
+    def _is_secret(self, name: str, token: str) -> bool:
+        """Whether `token` is the gateway's admin or join token: its digest against the one in
+        the database, which every replica and command shares."""
+        if not token:
+            return False
+        with self.db() as s:
+            row = s.get(Secret, name)
+        return row is not None and same(digest(token), row.digest)
+
+    def keep_secret(self, name: str, token: str, replace: bool) -> bool:
+        """Put `token`'s digest in the database as the `name` token: where it has none, or,
+        with `replace`, in place of another. False: the database keeps another one."""
+        with self.db() as s:
+            row = s.get(Secret, name)
+            if row is None:
+                s.add(Secret(name=name, digest=digest(token), updated=time.time()))
+            elif not same(row.digest, digest(token)):
+                if not replace:
+                    return False
+                row.digest, row.updated = digest(token), time.time()
+                log.warning("the %s token this gateway was given replaces the one in the "
+                            "database, for every replica and command", name)  # fmt: skip
+            s.commit()
+        return True
 
     def tenant_for(self, token: str) -> Tenant | None:
         with self.db() as s:

@@ -1,12 +1,22 @@
 """What the gateway must not forget: tenants, tokens, hosts, kernels and the ledger, in SQLite
-(or any SQLAlchemy URL, PostgreSQL included)."""
+(the embedded default) or PostgreSQL (`--db-url postgresql+psycopg://...`, for replicas). The
+schema is made and changed by the Alembic migrations in migrations/, applied by open_store."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     Engine,
@@ -16,10 +26,23 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
-    inspect,
+    make_url,
     text,
 )  # fmt: skip
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as TimeoutError_
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+CONNECT_SECONDS = 5
+DB_RETRY_SECONDS = 5  # Retry-After of a 503 while the database does not answer
 
 
 class Base(DeclarativeBase):
@@ -138,36 +161,85 @@ class Share(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0)
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """A database made by an older gpupool lacks the columns added since: add those that are
-    nullable or have a plain default, so an upgrade keeps its tenants and kernels (create_all
-    makes new tables, never new columns)."""
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                continue
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                kind = column.type.compile(engine.dialect)
-                default = getattr(column.default, "arg", None)
-                if isinstance(default, (int, float)) and not isinstance(default, bool):
-                    kind += f" DEFAULT {default!r}"
-                elif not column.nullable:
-                    continue
-                connection.execute(
-                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-                )
+class Secret(Base):
+    """A gateway-wide token kept as its digest ("admin", "join"): every replica, and every
+    command run against the database, checks tokens against the same row."""
+
+    __tablename__ = "secrets"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    updated: Mapped[float] = mapped_column(Float, default=time.time)
 
 
-def open_store(url_or_path: str) -> sessionmaker[Session]:
-    """Open (creating if new) the database; a plain path means SQLite in WAL mode."""
-    url = url_or_path if "://" in url_or_path else f"sqlite:///{Path(url_or_path).resolve()}"
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# pg_advisory_xact_lock's key for schema upgrades: any fixed number no other user of the
+# database takes ("gpupool" in ASCII).
+UPGRADE_LOCK = 0x677075706F6F6C
+
+
+def database_url(url_or_path: str) -> str:
+    """A SQLAlchemy URL; a plain path means a SQLite file."""
+    return url_or_path if "://" in url_or_path else f"sqlite:///{Path(url_or_path).resolve()}"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (made if missing), held until the block ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest migration, once however many gateways start at once: on
+    PostgreSQL under an advisory lock held by the upgrading transaction, on SQLite under a lock
+    on a file beside the database. A database made before migrations is adopted (0001)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    sqlite_file = _sqlite_file(str(engine.url)) if engine.dialect.name == "sqlite" else None
+    lock = _file_lock(Path(f"{sqlite_file}.lock")) if sqlite_file else nullcontext()
+    with lock, engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK})
+        context = MigrationContext.configure(connection)
+        head = ScriptDirectory.from_config(config).get_current_head()
+        if context.get_current_revision() == head:
+            return  # the common case: another replica (or this one, before) did it
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        log.info("upgraded the gateway's database schema to revision %s", head)
+
+
+def make_engine(url_or_path: str) -> Engine:
+    url = database_url(url_or_path)
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        # A connection left from before a database restart is found dead and replaced at once,
+        # and a database that does not answer fails a request in seconds, not minutes.
+        options = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_SECONDS}}
+    try:
+        engine = create_engine(url, **options)
+    except ImportError as error:  # the URL's driver is not installed
+        hint = ("install it: pip install 'gpupool[postgresql]'" if url.startswith("postgresql")
+                else "use postgresql+psycopg://user:password@host:5432/name, sqlite:///path, "
+                "or a file path")  # fmt: skip
+        raise SystemExit(f"gpupool: cannot use the database URL {safe_url(url)}: its driver is "
+                         f"missing ({error}); {hint}.") from None  # fmt: skip
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:  # ValueError: a bad port
+        raise SystemExit(f"gpupool: cannot use the database URL {safe_url(url)}: {error}. "
+                         "Use postgresql+psycopg://user:password@host:5432/name, "
+                         "sqlite:///path, or a file path.") from None  # fmt: skip
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -177,6 +249,50 @@ def open_store(url_or_path: str) -> sessionmaker[Session]:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    return engine
+
+
+def safe_url(url: str) -> str:
+    """A database URL as logs and messages may show it: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(not a URL)"
+
+
+def open_store(url_or_path: str) -> sessionmaker[Session]:
+    """Open the database (creating a SQLite file if new) with its schema upgraded."""
+    engine = make_engine(url_or_path)
+    try:
+        upgrade(engine)
+    except OperationalError as error:
+        raise SystemExit(
+            f"gpupool: cannot reach the database at {safe_url(str(engine.url))}: "
+            f"{str(error.orig).strip().splitlines()[0] if error.orig else error}. Check that it "
+            "runs and that the URL, user and password are right."
+        ) from None
+    except DBAPIError as error:
+        raise SystemExit(
+            f"gpupool: the database at {safe_url(str(engine.url))} refused the schema upgrade: "
+            f"{str(error.orig).strip().splitlines()[0] if error.orig else error}. Its user must "
+            "be allowed to create and alter tables in it."
+        ) from None
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot be reached now (down, restarting, the network),
+    as opposed to a mistake in a request."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError | InterfaceError | TimeoutError_)
+
+
+def ping(db: sessionmaker[Session]) -> str:
+    """Why the database does not answer a query, in a few words; empty when it does."""
+    try:
+        with db() as s:
+            s.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        return (str(getattr(error, "orig", None) or error).strip().splitlines() or ["no answer"])[0]
+    return ""

@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     # --state-dir may come before or after the action.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", default=argparse.SUPPRESS, help="the gateway's state folder")
+    common.add_argument(
+        "--db-url", default=argparse.SUPPRESS,
+        help="the gateways' database, as their --db-url (default: $GPUPOOL_DB_URL, else the "
+        "state folder's SQLite)",
+    )  # fmt: skip
     parser = argparse.ArgumentParser(prog="gpupool tenant", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="action", required=True)
     create = sub.add_parser(
@@ -55,14 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.state_dir = getattr(args, "state_dir", ".gpupool")
 
+    db_url = getattr(args, "db_url", None) or os.environ.get("GPUPOOL_DB_URL", "")
     db_path = Path(args.state_dir) / "gateway.db"
-    if not db_path.exists():
+    if not db_url and not db_path.exists():
         sys.exit(f"gpupool tenant: no gateway state in {args.state_dir}/; run 'gpupool up' or "
-                 "'gpupool gateway' here first, or pass --state-dir.")  # fmt: skip
+                 "'gpupool gateway' here first, or pass --state-dir or --db-url.")  # fmt: skip
     # Beside a live gateway: only tenants are touched, never its kernels, queue or ledger.
     state = GatewayState(
-        open_store(str(db_path)), admin_token="", join_token="", host_timeout=1, serving=False
-    )
+        open_store(db_url or str(db_path)), admin_token="", join_token="", host_timeout=1,
+        serving=False,
+    )  # fmt: skip
     try:
         if args.action == "create":
             shared = state.shared_hosts()
@@ -90,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         elif args.action == "revoke":
             state.revoke_tenant(args.name)  # its tokens stop working now, gateway or not
             print(f"revoked tenant {args.name} and all its tokens")
-            print(_end_at_gateway(Path(args.state_dir), args.name))
+            if db_url and not (Path(args.state_dir) / "gateway.json").exists():
+                print("its websockets and kernels end when a gateway on this database is sent "
+                      f"DELETE /api/admin/tenants/{args.name} with the admin token, or when one "
+                      "next starts.")  # fmt: skip
+            else:
+                print(_end_at_gateway(Path(args.state_dir), args.name))
         else:
             for t in state.tenants():
                 tokens = ", ".join(k["prefix"] + "…" for k in t["tokens"] if not k["revoked"])

@@ -92,7 +92,8 @@ async def delete_kernels(state: GatewayState) -> None:
 async def run(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir).resolve()
     made_state = not state_dir.exists()
-    gateway = GatewayApp(ip="127.0.0.1", port=args.port, state_dir=str(state_dir))
+    database = {"db_url": args.db_url} if args.db_url else {}
+    gateway = GatewayApp(ip="127.0.0.1", port=args.port, state_dir=str(state_dir), **database)
     try:
         server, url, state = await gateway.serve()
     except OSError as error:
@@ -242,4 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         "JupyterLab with --gateway-url, every kernel the pool's",
     )  # fmt: skip
     parser.add_argument("--state-dir", default=".gpupool", help="where state is kept")
+    parser.add_argument(
+        "--db-url", default="", help="the gateway's database (postgresql+psycopg://...); default: "
+        "$GPUPOOL_DB_URL, else SQLite in the state folder",
+    )  # fmt: skip
     asyncio.run(run(parser.parse_args(argv)))

@@ -102,12 +102,12 @@ def _from_api(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def _from_state(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     db_path = Path(args.state_dir) / "gateway.db"
-    if not db_path.exists():
+    if not args.db_url and not db_path.exists():
         raise SystemExit(
-            f"gpupool usage: no gateway state in {args.state_dir}/; pass --state-dir, or --url "
-            "and a token to ask a gateway."
+            f"gpupool usage: no gateway state in {args.state_dir}/; pass --state-dir or "
+            "--db-url, or --url and a token to ask a gateway."
         )
-    db = open_store(str(db_path))
+    db = open_store(args.db_url or str(db_path))
     ledger = Ledger(db)
     budgets = Budgets(ledger)
     with db() as s:
@@ -135,6 +135,8 @@ def _from_state(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gpupool usage", description=__doc__)
     parser.add_argument("--state-dir", default=".gpupool", help="the gateway's state folder")
+    parser.add_argument("--db-url", default=os.environ.get("GPUPOOL_DB_URL", ""),
+                        help="the gateways' database, as their --db-url")  # fmt: skip
     parser.add_argument("--tenant", default="", help="only this tenant (state folder only)")
     parser.add_argument("--since", default="", help="ISO 8601 time, e.g. 2025-05-01")
     parser.add_argument("--until", default="", help="ISO 8601 time, e.g. 2025-06-01T00:00:00Z")

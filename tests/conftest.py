@@ -18,10 +18,59 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import Postgres, Unavailable
 
 from kernel_gateway.up import host_state_dir
 
 REPO = Path(__file__).resolve().parent.parent
+# The database the gateways of this run use (--db), and the PostgreSQL server made for it.
+DATABASE: dict[str, Any] = {"backend": "sqlite"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--db", choices=("sqlite", "postgresql"), default="sqlite",
+        help="the database every gateway of the tests uses: sqlite (its state folder's, the "
+        "default) or postgresql (one server started for the run, a database per state folder)",
+    )  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    DATABASE["backend"] = config.getoption("--db")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = DATABASE.pop("server", None)
+    if server is not None:
+        server.close()
+
+
+def shared_postgres() -> Postgres:
+    """The run's PostgreSQL server, started on first use; the test skips if there can be none."""
+    if "server" not in DATABASE:
+        if "unavailable" in DATABASE:
+            pytest.skip(DATABASE["unavailable"])
+        try:
+            DATABASE["server"] = Postgres(free_port())
+        except Unavailable as why:
+            DATABASE["unavailable"] = f"PostgreSQL tests skipped: {why}"
+            pytest.skip(DATABASE["unavailable"])
+    server: Postgres = DATABASE["server"]
+    return server
+
+
+def database_url(state: Path) -> str:
+    """The --db-url for a gateway on `state` under --db postgresql ("" under sqlite): the same
+    database each time for one state folder, so a restarted gateway finds its state."""
+    if DATABASE["backend"] != "postgresql":
+        return ""
+    return shared_postgres().database(str(state.resolve()))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    """The run's PostgreSQL server, whatever --db says (skips where there can be none)."""
+    return shared_postgres()
 
 # Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs into a
 # data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a pool shape
@@ -189,6 +238,12 @@ class Gateway:
     token: str  # the demo tenant's, when started with `up`
     state_dir: Path
     log_path: Path
+    db_url: str = ""  # under --db postgresql; else the state folder's SQLite
+
+    @property
+    def database(self) -> str:
+        """What store.open_store opens to read this gateway's database."""
+        return self.db_url or str(self.state_dir / "gateway.db")
 
     @property
     def admin_token(self) -> str:
@@ -236,31 +291,35 @@ def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -
     """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant."""
     state = tmp_path / "state"
     log_path = tmp_path / f"up-{time.monotonic_ns()}.log"
+    db_url = database_url(state)
     command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
                "--port", str(free_port()), "--host-port", str(free_port()),
-               "--fake-gpus", fake_gpus, "--state-dir", str(state), *extra]  # fmt: skip
+               "--fake-gpus", fake_gpus, "--state-dir", str(state),
+               *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
     )
     lines = _read_lines(proc, log_path, ("gateway", "token"))
-    return Gateway(proc, lines["gateway"], lines["token"], state, log_path)
+    return Gateway(proc, lines["gateway"], lines["token"], state, log_path, db_url)
 
 
 def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: int = 0) -> Gateway:
     """`gpupool gateway` alone (hosts join it separately); no tenant token until one is made."""
     state = state or tmp_path / "state"
     log_path = tmp_path / f"gateway-{time.monotonic_ns()}.log"
+    db_url = database_url(state) if not any(a.startswith("--db") for a in extra) else ""
     command = [sys.executable, "-m", "kernel_gateway.cli", "gateway",
-               "--port", str(port or free_port()), "--state-dir", str(state), *extra]  # fmt: skip
+               "--port", str(port or free_port()), "--state-dir", str(state),
+               *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
     )
     lines = _read_lines(proc, log_path, ("gateway",))
-    return Gateway(proc, lines["gateway"], "", state, log_path)
+    return Gateway(proc, lines["gateway"], "", state, log_path, db_url)
 
 
 @pytest.fixture(scope="module")

@@ -243,9 +243,10 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     pool: tuple[Gateway, HostAgent],
 ) -> None:
     gw, _ = pool
-    state = str(gw.state_dir)
+    # Under --db postgresql the commands find the gateway's database by its URL.
+    state = [str(gw.state_dir), *(["--db-url", gw.db_url] if gw.db_url else [])]
     # The pool's host runs with --no-isolate: a further tenant there must be accepted as shared.
-    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", state,
+    made = run_cli("tenant", "create", "terminal", "--budget-usd", "12.5", "--state-dir", *state,
                    "--allow-shared-host")  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().splitlines()[-1]
@@ -253,7 +254,7 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     time.sleep(0.3)
     delete(gw, token, kernel_id)
 
-    table = run_cli("usage", "--state-dir", state, "--tenant", "terminal")
+    table = run_cli("usage", "--state-dir", *state, "--tenant", "terminal")
     assert table.returncode == 0, table.stderr
     assert re.search(rf"terminal\s+{kernel_id[:8]}\s+H100 x1 .* shut_down\s+\d+\.\d\s+\$0\.0",
                      table.stdout), table.stdout  # fmt: skip
@@ -261,7 +262,7 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
                      re.M), table.stdout  # fmt: skip
     assert "tenant terminal: spent $0.0" in table.stdout and "a budget of $12.50" in table.stdout
 
-    csv_out = run_cli("usage", "--state-dir", state, "--tenant", "terminal", "--csv")
+    csv_out = run_cli("usage", "--state-dir", *state, "--tenant", "terminal", "--csv")
     assert csv_out.stdout.splitlines()[0].split(",") == list(CSV_COLUMNS)
     assert len(csv_out.stdout.splitlines()) == 2
 
@@ -273,14 +274,14 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     assert wrong.returncode != 0 and "not an ISO 8601 time" in wrong.stderr
 
     # Budgets from the terminal: listed, changed, removed, refused when not dollars.
-    listed = run_cli("tenant", "list", "--state-dir", state)
+    listed = run_cli("tenant", "list", "--state-dir", *state)
     assert re.search(r"^terminal\tactive\t.*budget=\$12\.50\tspent=\$0\.0", listed.stdout, re.M)
-    changed = run_cli("tenant", "budget", "terminal", "7", "--state-dir", state)
+    changed = run_cli("tenant", "budget", "terminal", "7", "--state-dir", *state)
     assert changed.returncode == 0 and "a budget of $7.00 a month" in changed.stdout
-    assert run_cli("tenant", "budget", "terminal", "none", "--state-dir", state).returncode == 0
-    bad = run_cli("tenant", "budget", "terminal", "nan", "--state-dir", state)
+    assert run_cli("tenant", "budget", "terminal", "none", "--state-dir", *state).returncode == 0
+    bad = run_cli("tenant", "budget", "terminal", "nan", "--state-dir", *state)
     assert bad.returncode != 0 and "budget_usd" in bad.stderr
-    listed = run_cli("tenant", "list", "--state-dir", state)
+    listed = run_cli("tenant", "list", "--state-dir", *state)
     assert re.search(r"^terminal\t.*budget=none\t", listed.stdout, re.M), listed.stdout
 
 

@@ -129,7 +129,7 @@ def tenant(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_second_tenant_refused_on_a_shared_host(tmp_path: Path) -> None:
-    gateway = start_gateway(tmp_path)
+    gateway = start_gateway(tmp_path, "--host-timeout", "600")  # the host never heartbeats
     try:
         register(gateway, isolates=False)
         state = gateway.state_dir

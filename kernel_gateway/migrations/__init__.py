@@ -1,0 +1,1 @@
+"""The gateway's schema as Alembic migrations; `store.open_store` applies them at start."""
