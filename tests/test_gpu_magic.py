@@ -169,6 +169,27 @@ def test_pieces_are_put_together_as_they_arrive() -> None:
         wrong.finish()
 
 
+def test_change_check_hash_is_xxhash_or_sha1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "Send only when changed" hashes with xxHash's XXH3-128 where the package is installed
+    (a dependency), with SHA-1 where it is not; either way a change of one byte is seen."""
+    import hashlib
+
+    import numpy as np
+
+    from jupyter_ext.namespace import digest
+
+    value = np.zeros(1000)
+    blobs = agent.dump(value, agent.cpu_pickler_class())
+    fast = importlib.util.find_spec("xxhash") is not None
+    assert (agent.FAST_HASH is not None) == fast
+    assert len(digest(blobs)) == (32 if fast else 40)
+    monkeypatch.setattr(agent, "FAST_HASH", None)
+    assert digest(blobs) == hashlib.sha1(b"".join(bytes(b) for b in blobs)).hexdigest()
+    before = digest(blobs)
+    value[500] = 1.0
+    assert digest(agent.dump(value, agent.cpu_pickler_class())) != before
+
+
 def test_gpu_tensors_are_pickled_as_cpu_copies() -> None:
     torch = pytest.importorskip("torch")
 
