@@ -26,13 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import log
 
 VALUE = re.compile(r"^\s*([0-9.]+)\s*(ms|s)\b")
+RATE = re.compile(r"\(([0-9.]+) (?:MiB|MB)/s\)")
+AMOUNT = re.compile(r"\b([0-9]+) (?:MiB|MB)\b")
 
 
-def seconds(cell: str) -> float | None:
-    """`153 ms (655 MB/s)`, `0.21 s (95 MiB/s)`: the time it starts with, in seconds."""
+def seconds(cell: str, what: str = "") -> float | None:
+    """`153 ms (655 MB/s)`, `0.21 s (95 MiB/s)`: the time it starts with, in seconds. Where it
+    gives a rate and `what` names the amount (`IOPub 20 MiB stdout`), the amount over the rate:
+    `0.06 s (327 MiB/s)` is printed to 10 ms, its rate to 0.3%."""
     match = VALUE.match(cell)
     if match is None:
         return None
+    rate, amount = RATE.search(cell), AMOUNT.search(what)
+    if rate is not None and amount is not None and float(rate[1]) > 0:
+        return float(amount[1]) / float(rate[1])
     return float(match[1]) / (1000 if match[2] == "ms" else 1)
 
 
@@ -43,7 +50,7 @@ def rows(output: str) -> dict[tuple[str, str], float]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 4 or not line.startswith("|") or cells[0] in ("measurement", "---"):
             continue
-        value = seconds(cells[3])
+        value = seconds(cells[3], cells[0])
         if value is not None:
             found[(cells[0], cells[1])] = value
     return found

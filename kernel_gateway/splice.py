@@ -16,9 +16,9 @@ a client (whose UTF-8 tornado checks), or one the relay cannot pass on now (the 
 running, messages are held, the session is changing hands), takes tornado's path as before.
 The kernel message inside a frame is checked by the host (`gpu_host.websocket.split_v1`).
 
-The other side's send buffer is bounded: once a large frame is waiting there, the next is not
-read until it has gone, so a slow reader holds the sender back (TCP) instead of the gateway
-holding the whole transfer in memory."""
+The other side's send buffer is bounded: once 4 MiB spliced to it wait there, the next frame's
+payload is not read until they have gone, so a slow reader holds the sender back (TCP) instead
+of the gateway holding the whole transfer, or a flood of output, in memory."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tornado.websocket import WebSocketClientConnection, WebSocketProtocol13
 BINARY = 0x2
 TEXT = 0x1
 CONTINUATION = 0x0
-HELD_BYTES = 4 << 20  # a frame this large, unsent on the other side, holds back the next read
+HELD_BYTES = 4 << 20  # spliced bytes unsent on the other side that hold back the next read
 
 
 class SplicingProtocol(WebSocketProtocol13):
@@ -42,7 +42,8 @@ class SplicingProtocol(WebSocketProtocol13):
     `splice_target(opcode, masked)` names, for each whole data frame, the stream to write it
     to as it is, or None for tornado's path."""
 
-    held: Future[None] | None = None  # the last large frame written to the other side
+    held: Future[None] | None = None  # done when all spliced so far has left the other side
+    held_bytes = 0  # spliced since `held` was last seen done
 
     async def _receive_frame(self) -> None:
         if self._decompressor is not None:  # never negotiated by the gateway; tornado's way
@@ -101,21 +102,24 @@ class SplicingProtocol(WebSocketProtocol13):
     async def _splice(self, target: IOStream, header: bytes, length: int) -> None:
         """Read the frame's payload and write it, after its header, to `target` unchanged."""
         held = self.held
-        if held is not None and not held.done():
+        if held is not None and held.done():
+            self.held, self.held_bytes = None, 0
+        elif held is not None and self.held_bytes + length > HELD_BYTES:
             try:
-                await held  # the other side has not taken the last large frame yet
+                await held  # the other side has not taken what came before yet
             except StreamClosedError:
                 pass
+            self.held, self.held_bytes = None, 0
         payload = await self._read_bytes(length)
         self._message_bytes_in += length
         if target.closed():
             return  # that side is gone: its own close ends the relay
         try:
             target.write(header)
-            written = target.write(payload)
+            self.held = target.write(payload)
         except StreamClosedError:
             return
-        self.held = written if length >= HELD_BYTES else None
+        self.held_bytes += length
 
 
 class HostConnection(WebSocketClientConnection):

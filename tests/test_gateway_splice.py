@@ -138,3 +138,39 @@ def test_messages_keep_their_order_across_both_paths(stack: Gateway, kernel: str
         for msg_id in ids:
             seen += [m["content"]["text"] for m in replies(ws, msg_id) if m["msg_type"] == "stream"]
     assert seen == [f"{index}\n" for index in range(6)]
+
+
+def rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_does_not_read_holds_back_the_gateway_not_its_memory(
+    stack: Gateway, kernel: str
+) -> None:
+    """96 MiB of output for a websocket whose client reads nothing yet: the gateway keeps a few
+    MiB of it (the rest waits at the host and in TCP), and the client still gets every byte, in
+    order, once it reads. A second websocket, reading as it comes, says when the cell is done."""
+    mib = 96
+    # Flushed each MiB: one message each (unflushed, ipykernel sends it all as one message,
+    # over the gateway's 64 MiB message limit).
+    code = (f"import sys\nfor i in range({mib}):\n"
+            "    sys.stdout.write(chr(65 + i % 26) * (1 << 20))\n"
+            "    sys.stdout.flush()\n")  # fmt: skip
+    parts = execute_parts(code)
+    msg_id = json.loads(parts[0])["msg_id"]
+    with raw_socket(stack, kernel) as slow, raw_socket(stack, kernel) as watcher:
+        before = rss(stack.proc.pid)
+        slow.send(serialize_msg_to_ws_v1(parts, "shell"))
+        seen = sum(
+            len(m["content"]["text"]) for m in replies(watcher, msg_id) if m["msg_type"] == "stream"
+        )
+        assert seen == mib << 20
+        grown = rss(stack.proc.pid) - before
+        assert grown < 48 << 20, f"the gateway grew by {grown >> 20} MiB for a reader that waits"
+        text = [m["content"]["text"] for m in replies(slow, msg_id) if m["msg_type"] == "stream"]
+    out = "".join(text)
+    assert len(out) == mib << 20
+    assert out[:: 1 << 20] == "".join(chr(65 + i % 26) for i in range(mib))
