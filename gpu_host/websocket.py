@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
 import zmq
+from jupyter_client.session import DELIM
 from jupyter_core.utils import ensure_async
 from jupyter_server._tz import utcnow
 from jupyter_server.auth.decorator import ws_authenticated
@@ -66,6 +67,24 @@ def check_legacy_binary(message: bytes) -> None:
     offsets = [int.from_bytes(view[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(count)]
     if offsets[0] < 4 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
         raise ValueError("its offsets do not fit the message")
+
+
+def v1_frame_head(channel: bytes, sizes: list[int]) -> bytes:
+    """The start of a server's websocket frame (binary, final, unmasked) that carries one v1
+    message, up to its parts: the frame header, the part count and offsets, the channel. The
+    parts follow it on the wire as they are."""
+    offsets = [8 * (len(sizes) + 3), 8 * (len(sizes) + 3) + len(channel)]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    body = b"".join(n.to_bytes(8, "little") for n in (len(offsets), *offsets)) + channel
+    length = offsets[-1]
+    if length < 126:
+        head = bytes([0x82, length])
+    elif length < 1 << 16:
+        head = bytes([0x82, 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x82, 127]) + length.to_bytes(8, "big")
+    return head + body
 
 
 # What a legacy message that passed its framing check can still fail with while it is parsed.
@@ -156,6 +175,56 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
 
         shared.add_done_callback(finish)
         return asyncio.wrap_future(self._kernel_info_future)
+
+    def connect(self) -> asyncio.Future[None] | None:  # type: ignore[override]
+        """jupyter_server's, except that a v1 connection receives its kernel's messages as ZMQ
+        frames, not copies (`copy=False`), which `handle_outgoing_message` writes out as they
+        are. Subscribed once jupyter_server has (a message between the two is a list of bytes,
+        which is handled alike)."""
+        connected = super().connect()
+        if connected is not None and self.subprotocol == V1:
+
+            def without_copies(_: Any) -> None:
+                for stream in self.channels.values():
+                    if not stream.closed():
+                        stream.on_recv_stream(self.handle_outgoing_message, copy=False)
+
+            connected.add_done_callback(without_copies)
+        return connected
+
+    def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
+        """A kernel's message to the client. In v1 (with tracebacks allowed, as here) nothing
+        in it needs reading: its parts (ZMQ frames or bytes) go into one websocket frame as
+        they are, after a header made here. jupyter_server's joins them into one v1 message
+        and tornado joins that to its frame header: two copies of every byte of a pull."""
+        if self.subprotocol != V1 or not self.multi_kernel_manager.allow_tracebacks:
+            if outgoing_msg and isinstance(outgoing_msg[0], zmq.Frame):
+                outgoing_msg = [frame.bytes for frame in outgoing_msg]
+            super().handle_outgoing_message(stream, outgoing_msg)
+            return
+        if isinstance(stream, str):
+            stream = self.channels[stream]
+        if stream.closed():
+            self.disconnect()  # as jupyter_server's: the websocket's close is on its way
+            return
+        found = (
+            i
+            for i, part in enumerate(outgoing_msg)
+            if len(part) == len(DELIM) and bytes(part) == DELIM
+        )
+        index = next(found, None)
+        if index is None:
+            self.log.warning("kernel %s: a message without a delimiter; dropped", self.kernel_id)
+            return
+        parts = [memoryview(part) for part in outgoing_msg[index + 2 :]]  # after the signature
+        ws = self.websocket_handler.ws_connection
+        if ws is None or ws.is_closing():
+            return  # jupyter_server's would raise WebSocketClosedError, and log it
+        channel = str(getattr(stream, "channel", "")).encode()
+        out = cast("WebSocketProtocol13", ws).stream
+        out.write(v1_frame_head(channel, [part.nbytes for part in parts]))
+        for part in parts:
+            out.write(part)  # a large part is kept as a view until sent, not copied
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         ws = self.websocket_handler.ws_connection

@@ -79,7 +79,7 @@ def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
     return chunks
 
 
-def split_frame(frame: bytes) -> list[memoryview]:
+def split_frame(frame: bytes | bytearray) -> list[memoryview]:
     """A v1 frame's parts (channel, header, parent, metadata, content, buffers...), as views."""
     view = memoryview(frame)
     count = int.from_bytes(view[:8], "little")
@@ -91,7 +91,7 @@ def split_frame(frame: bytes) -> list[memoryview]:
     return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
 
 
-def decode(frame: bytes, parts: list[memoryview] | None = None) -> dict[str, Any]:
+def decode(frame: bytes | bytearray, parts: list[memoryview] | None = None) -> dict[str, Any]:
     """A v1 frame as a message dict; buffers are views into the frame (no copies)."""
     parts = parts if parts is not None else split_frame(frame)
     header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[1:5])
@@ -104,6 +104,91 @@ def decode(frame: bytes, parts: list[memoryview] | None = None) -> dict[str, Any
         "buffers": parts[5:],
         "msg_type": header.get("msg_type"),
     }
+
+
+class FrameReader:
+    """Frames from the gateway off the wire. A whole binary frame within the size limit comes
+    back as its payload, read into a buffer allocated once at its size (from the socket itself
+    where the transport allows: no copy in between). Every other frame (text, fragments, ping,
+    pong, close) comes back as its raw bytes, for websockets' protocol to read and answer; so
+    does everything after a frame this reader does not take apart (over the limit, reserved
+    bits, masked), so that the protocol refuses it as it always has. websockets' own reading
+    copies each byte twice more (into its buffer and out of it)."""
+
+    def __init__(self, wire: Transport, pending: bytes = b"") -> None:
+        self.wire = wire
+        self.buffer = bytearray(pending)  # received, not yet taken
+        self.fragmented = False  # in a message that came in fragments: the protocol's
+        self.handing_over = False  # from now on, everything goes to the protocol
+
+    def _recv(self) -> bytes:
+        while True:
+            try:
+                return self.wire.recv()
+            except TimeoutError:
+                continue  # nothing came for a while; that is fine
+
+    def _fill(self, count: int) -> bool:
+        """At least `count` bytes in the buffer; False at the end of the stream."""
+        while len(self.buffer) < count:
+            data = self._recv()
+            if not data:
+                return False
+            self.buffer += data
+        return True
+
+    def _take(self, count: int) -> bytes:
+        taken = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return taken
+
+    def next(self) -> tuple[bytearray | None, bytes]:
+        """(a whole binary frame's payload, b"") or (None, raw bytes for the protocol); raw
+        b"" is the end of the stream."""
+        if self.handing_over:
+            return None, self._take(len(self.buffer)) if self.buffer else self._recv()
+        if not self._fill(2):
+            return None, self._take(len(self.buffer))
+        first, second = self.buffer[0], self.buffer[1]
+        size = second & 0x7F
+        head = 2 + (2 if size == 126 else 8 if size == 127 else 0)
+        if not self._fill(head):
+            return None, self._take(len(self.buffer))
+        length = int.from_bytes(self.buffer[2:head], "big") if head > 2 else size
+        opcode, fin = first & 0x0F, bool(first & 0x80)
+        whole = length + head + (4 if second & 0x80 else 0)
+        if first & 0x70 or second & 0x80 or length > MAX_MESSAGE_BYTES:
+            self.handing_over = True  # the protocol refuses it, and closes
+            return None, self._take(len(self.buffer))
+        if opcode != Opcode.BINARY.value or not fin or self.fragmented:
+            if opcode in (Opcode.TEXT.value, Opcode.BINARY.value):
+                self.fragmented = not fin
+            elif opcode == Opcode.CONT.value and fin:
+                self.fragmented = False
+            if not self._fill(whole):
+                return None, self._take(len(self.buffer))
+            return None, self._take(whole)
+        del self.buffer[:head]
+        payload = bytearray(length)
+        view = memoryview(payload)
+        have = min(len(self.buffer), length)
+        view[:have] = self.buffer[:have]
+        del self.buffer[:have]
+        while have < length:
+            if self.wire.reads_into:
+                try:
+                    got = self.wire.recv_into(view[have:])
+                except TimeoutError:
+                    continue
+            else:
+                data = self._recv()
+                got = min(len(data), length - have)
+                view[have : have + got] = data[:got]
+                self.buffer += data[got:]
+            if not got:
+                return None, b""  # the end of the stream, in the middle of a frame
+            have += got
+        return payload, b""
 
 
 class KernelChannel:
@@ -142,7 +227,7 @@ class KernelChannel:
             request.headers["Authorization"] = f"token {self.token}"
             protocol.send_request(request)
             wire.send(b"".join(protocol.data_to_send()))
-            response, early = self._handshake(wire, protocol)
+            response, early, leftover = self._handshake(wire, protocol)
         except BaseException:
             sock.close()
             raise
@@ -152,24 +237,50 @@ class KernelChannel:
         wire.settimeout(IO_TIMEOUT_S)
         self._wire, self._protocol = wire, protocol
         threading.Thread(
-            target=self._read, args=(wire, protocol, early), name="gpupool-websocket", daemon=True
+            target=self._read,
+            args=(wire, protocol, early, leftover),
+            name="gpupool-websocket",
+            daemon=True,
         ).start()
 
     @staticmethod
-    def _handshake(wire: Transport, protocol: ClientProtocol) -> tuple[Response | None, list]:
-        """Read until the handshake's answer; frames that came in the same packets follow it."""
+    def _handshake(
+        wire: Transport, protocol: ClientProtocol
+    ) -> tuple[Response | None, list, bytes]:
+        """Read until the handshake's answer. A 101 goes to the protocol up to its blank line;
+        what came after it (frames) is returned as bytes, for `FrameReader`. Any other answer
+        goes to the protocol whole (its body says why), with the events that followed it."""
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            data = wire.recv()
+            if not data:
+                break
+            head += data
+        end = head.find(b"\r\n\r\n")
+        if end >= 0 and head.startswith(b"HTTP/1.1 101 "):
+            protocol.receive_data(head[: end + 4])
+            events = protocol.events_received()
+            response = next((e for e in events if isinstance(e, Response)), None)
+            return response, [], head[end + 4 :]
+        # Not a 101 (or no answer): the protocol reads it all, as it came.
+        ended = not head
+        if ended:
+            protocol.receive_eof()
+        else:
+            protocol.receive_data(head)
         while True:
+            events = protocol.events_received()
+            for index, event in enumerate(events):
+                if isinstance(event, Response):
+                    return event, events[index + 1 :], b""
+            if ended:
+                return None, [], b""
             data = wire.recv()
             if data:
                 protocol.receive_data(data)
             else:
                 protocol.receive_eof()
-            events = protocol.events_received()
-            for index, event in enumerate(events):
-                if isinstance(event, Response):
-                    return event, events[index + 1 :]
-            if not data:
-                return None, []
+                ended = True
 
     def _refusal(self, response: Response | None, protocol: ClientProtocol) -> str:
         """Why the gateway did not open the websocket, in its own words where it gave them."""
@@ -192,12 +303,17 @@ class KernelChannel:
             )
         return f"the websocket handshake failed: {protocol.handshake_exc}"
 
-    def _read(self, wire: Transport, protocol: ClientProtocol, early: list) -> None:
-        """The reader thread: frames to messages, messages to the queue of their request."""
+    def _read(
+        self, wire: Transport, protocol: ClientProtocol, early: list, leftover: bytes
+    ) -> None:
+        """The reader thread: frames to messages, messages to the queue of their request. A
+        whole binary frame (every v1 message the gateway sends) is read by `FrameReader`
+        straight into a buffer of its size; the protocol reads the rest."""
         pieces: list[bytes] = []  # a message that came in fragments
         binary = True  # what the message being put together is; v1 messages are binary
         reason = ""
         events: list = list(early)
+        frames = FrameReader(wire, leftover)
         try:
             while True:
                 for event in events:
@@ -215,12 +331,13 @@ class KernelChannel:
                 if protocol.state is State.CLOSED:
                     break
                 try:
-                    data = wire.recv()
-                except TimeoutError:
-                    continue  # nothing came for a while; that is fine
+                    message, data = frames.next()
                 except OSError as error:
                     reason = f"the connection broke ({error})"
-                    data = b""
+                    message, data = None, b""
+                if message is not None:
+                    self._deliver(message)
+                    continue
                 with self._state:
                     if data:
                         protocol.receive_data(data)
@@ -249,7 +366,7 @@ class KernelChannel:
             reason = f"a message was over {MAX_MESSAGE_BYTES >> 20} MiB"
         return f"the GPU kernel's websocket closed ({reason or 'no reason given'})"
 
-    def _deliver(self, frame: bytes) -> None:
+    def _deliver(self, frame: bytes | bytearray) -> None:
         """Hand a message to the request it answers. Its parent is read first, so a message
         nobody waits for (the idle after a cell, a background thread's output) costs little;
         `busy` is dropped too: every request makes one and none needs it."""

@@ -296,7 +296,9 @@ class Companion:
             if self.channel is None or not self.channel.open or not self.compatible:
                 self.connect()
             self.check_stand_ins(ns, (cell.reads | cell.forced) - cell.writes)
-            payload = self.sent.payload(ns, cell.reads | cell.forced, cell.forced)
+            payload = self.sent.payload(
+                ns, cell.reads | cell.forced, cell.forced, limit=cell.max_bytes
+            )
             self.check_payload(payload, cell)
             try:
                 reply, received = self.exchange(cell, payload, output, deadline)

@@ -182,9 +182,17 @@ class SentValues:
         except Exception:
             self.digests.pop(name, None)
 
-    def payload(self, ns: Mapping[str, Any], names: Iterable[str], forced: set[str]) -> Payload:
+    def payload(
+        self,
+        ns: Mapping[str, Any],
+        names: Iterable[str],
+        forced: set[str],
+        limit: int | None = None,
+    ) -> Payload:
         """Pickle each name that exists in `ns` and changed since it was last sent; a name that
-        cannot be pickled is skipped (or, when `forced`, reported)."""
+        cannot be pickled is skipped (or, when `forced`, reported). Once the payload is over
+        `limit` bytes (the cell is refused then), a name never sent is counted unhashed: a
+        1 GB array over --max-bytes is refused at once, not after hashing it."""
         payload = Payload()
         for name in sorted(set(names)):
             if name not in ns:
@@ -197,13 +205,17 @@ class SentValues:
             except Exception as error:
                 payload.skipped[name] = f"{type(error).__name__}: {error}"
                 continue
+            size = nbytes(blobs)
+            if limit is not None and payload.total + size > limit and name not in self.digests:
+                payload.sizes[name] = size  # the cell is refused for its size: never sent
+                continue
             key = digest(blobs)
             if self.digests.get(name) == key and name not in forced:
                 continue
             payload.names.append(name)
             payload.items.append(blobs)
             payload.digests[name] = key
-            payload.sizes[name] = nbytes(blobs)
+            payload.sizes[name] = size
             payload.needs[name] = stream_packages - _not_packages()
         return payload
 

@@ -27,12 +27,18 @@ def send_all(sock: socket.socket, data: bytes) -> None:
 class Transport:
     """A plain TCP socket."""
 
+    reads_into = True  # `recv_into` fills a caller's buffer with no copy in between
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
     def recv(self) -> bytes:
         """Bytes that arrived (waits for some); b"" at the end of the stream."""
         return self.sock.recv(READ_BYTES)
+
+    def recv_into(self, view: memoryview) -> int:
+        """Bytes that arrived, into `view` (waits for some); 0 at the end of the stream."""
+        return self.sock.recv_into(view)
 
     def send(self, data: bytes) -> None:
         """All of `data`, in order with other sends (callers take turns)."""
@@ -55,6 +61,8 @@ class Transport:
 class TlsTransport(Transport):
     """TLS over a TCP socket, the session in memory. The handshake runs in the constructor;
     the certificate is checked against the system's trust store (SSL_CERT_FILE, where set)."""
+
+    reads_into = False  # decrypted records come as bytes: use `recv`
 
     def __init__(
         self, sock: socket.socket, server_hostname: str, context: ssl.SSLContext | None = None

@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from tornado import web
 from tornado.httpclient import HTTPRequest
+from tornado.iostream import IOStream
 from tornado.websocket import (
-    WebSocketClientConnection,
     WebSocketClosedError,
     WebSocketHandler,
-    websocket_connect,
+    WebSocketProtocol,
+    WebSocketProtocol13,
 )
 
 from .base import tenant_of, token_of
 from .errors import ApiError
+from .splice import HostConnection, SplicingProtocol, connect_host
 from .state import GatewayState
 from .store import Tenant
 
@@ -55,7 +57,7 @@ def read_session_id(handler: web.RequestHandler) -> str:
 
 
 class ChannelsHandler(WebSocketHandler):
-    upstream: WebSocketClientConnection | None = None
+    upstream: HostConnection | None = None
     relay: asyncio.Task[None] | None = None
     # Per (kernel id, session id): the connection relayed to the host, and the others; see _own.
     owners: dict[tuple[str, str], ChannelsHandler] = {}
@@ -63,7 +65,7 @@ class ChannelsHandler(WebSocketHandler):
     session_key: tuple[str, str] | None = None
     replaced = False
     older: ChannelsHandler | None = None  # the connection this one took its session from
-    connecting: asyncio.Future[WebSocketClientConnection] | None = None  # to the host
+    connecting: asyncio.Future[HostConnection] | None = None  # to the host
     watch: asyncio.Task[None] | None = None
     counted: bool = False  # counted among its tenant's open websockets
     tenant: Tenant
@@ -204,13 +206,13 @@ class ChannelsHandler(WebSocketHandler):
         if self.session_id:
             url += f"?session_id={quote(self.session_id, safe='')}"
         limit = self.settings.get("websocket_max_message_size", 64 << 20)
-        self.connecting = connecting = asyncio.ensure_future(websocket_connect(
+        self.connecting = connecting = asyncio.ensure_future(connect_host(
             # A host busy with a burst of handshakes may take longer than tornado's default 20 s.
             HTTPRequest(url, headers={"Authorization": f"token {host.token}"},
                         connect_timeout=HOST_CONNECT_TIMEOUT,
                         request_timeout=HOST_CONNECT_TIMEOUT),
-            subprotocols=[self.selected_subprotocol] if self.selected_subprotocol else None,
-            max_message_size=limit,
+            [self.selected_subprotocol] if self.selected_subprotocol else None,
+            limit,
         ))  # fmt: skip
         try:
             # Shielded: a connection that completes after this client left is closed, not left
@@ -239,9 +241,10 @@ class ChannelsHandler(WebSocketHandler):
         else:
             self.pending.clear()
         self.upstream = upstream
+        upstream.relay = self  # from now on its data frames may go straight to the client
         live = self.state.kernels._live(self.kernel_id)
         while True:
-            received = await upstream.read_message()
+            received = await upstream.read_message()  # what splice_to_client did not take
             if received is None:
                 break
             live.touch()
@@ -249,6 +252,7 @@ class ChannelsHandler(WebSocketHandler):
                 self.write_message(received, binary=isinstance(received, bytes))
             except WebSocketClosedError:
                 break
+        upstream.relay = None
         self.upstream = None
         # The host refused what this client sent (1007: malformed, 1009: over the host's size
         # limit, 1013: at its connection cap): its own words, which name the limit.
@@ -271,6 +275,37 @@ class ChannelsHandler(WebSocketHandler):
             return False
         self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")
         return False
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if type(protocol) is WebSocketProtocol13:
+            return SplicingProtocol(self, False, protocol.params)
+        return protocol
+
+    def splice_target(self, opcode: int, masked: bool) -> IOStream | None:
+        """The host's stream, when a whole binary message from the client may be written to it
+        as it came (`splice`): the client's frame is masked, as the host wants from a client,
+        and nothing is held or owed first. Else None: `on_message` does the rest."""
+        upstream = self.upstream
+        if opcode != 0x2 or not masked or upstream is None or upstream.protocol is None:
+            return None
+        if not self.owned.is_set() or self.session_key in self.waiting:
+            return None  # the session changes hands first (on_message)
+        live = self.state.kernels._live(self.kernel_id)
+        if live.suspended or upstream.protocol.is_closing():
+            return None  # held and resumed, or held for a reconnect (on_message)
+        live.touch()
+        live.last_client_message = live.last_activity
+        return upstream.protocol.stream
+
+    def splice_to_client(self, masked: bool) -> IOStream | None:
+        """This client's stream, for a whole data frame from the host to be written to as it
+        came (a host's frames are unmasked, as a client wants them); else None."""
+        connection = self.ws_connection
+        if masked or connection is None or connection.is_closing():
+            return None
+        self.state.kernels._live(self.kernel_id).touch()
+        return cast("IOStream", connection.stream)
 
     def on_message(self, message: str | bytes) -> None:
         if not self.owned.is_set():
@@ -321,6 +356,6 @@ class ChannelsHandler(WebSocketHandler):
         return True  # token auth, not cookies: a page on another origin cannot use it
 
 
-def _close_unused(connecting: asyncio.Future[WebSocketClientConnection]) -> None:
+def _close_unused(connecting: asyncio.Future[HostConnection]) -> None:
     if not connecting.cancelled() and connecting.exception() is None:
         connecting.result().close()

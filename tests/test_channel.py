@@ -252,6 +252,54 @@ def test_frames_the_library_reads_back_whatever_the_pieces() -> None:
         assert got.data == b"".join(bytes(p) for p in pieces)
 
 
+@pytest.mark.parametrize("reads_into", [True, False], ids=["plain", "tls-like"])
+def test_frame_reader_takes_whole_binary_frames_and_hands_the_rest_on(reads_into: bool) -> None:
+    """Whole binary frames come back as payloads, read into a buffer of their size (straight
+    from the socket, or via `recv` as under TLS), whatever the packets; pings, fragments and
+    text come back raw for the protocol; a frame over the limit hands everything after it on."""
+    import os
+    import socket
+
+    from jupyter_ext.transport import Transport
+
+    class Wire(Transport):
+        pass
+
+    Wire.reads_into = reads_into
+    big = os.urandom(3 << 20)
+    over = channel_module.MAX_MESSAGE_BYTES + 1
+    stream = (bytes([0x82, 127]) + len(big).to_bytes(8, "big") + big
+              + bytes([0x89, 3]) + b"abc"  # a ping
+              + bytes([0x02, 2]) + b"xy" + bytes([0x89, 0]) + bytes([0x80, 1]) + b"z"  # fragments
+              + bytes([0x81, 2]) + b"hi" + bytes([0x82, 5]) + b"hello"
+              + bytes([0x82, 126]) + (300).to_bytes(2, "big") + b"q" * 300
+              + bytes([0x82, 127]) + over.to_bytes(8, "big") + b"rest")  # fmt: skip
+    here, there = socket.socketpair()
+    writer = threading.Thread(target=lambda: (there.sendall(stream), there.close()))
+    writer.start()
+    # The first bytes came with the handshake's answer.
+    frames = channel_module.FrameReader(Wire(here), stream[:5])
+    assert here.recv(5, socket.MSG_WAITALL) == stream[:5]
+    got: list[tuple[str, bytes]] = []
+    while True:
+        message, raw = frames.next()
+        if message is None and not raw:
+            break
+        got.append(("message", bytes(message)) if message is not None else ("raw", raw))
+    writer.join(10)
+    here.close()
+    assert got[0] == ("message", big)
+    assert got[1:6] == [("raw", bytes([0x89, 3]) + b"abc"), ("raw", bytes([0x02, 2]) + b"xy"),
+                        ("raw", bytes([0x89, 0])), ("raw", bytes([0x80, 1]) + b"z"),
+                        ("raw", bytes([0x81, 2]) + b"hi")]  # fmt: skip
+    assert got[6:8] == [("message", b"hello"), ("message", b"q" * 300)]
+    assert (
+        b"".join(raw for _, raw in got[8:])
+        == bytes([0x82, 127]) + over.to_bytes(8, "big") + b"rest"
+    )
+    assert all(kind == "raw" for kind, _ in got[8:])
+
+
 def test_quiet_spells_text_fragments_and_a_cut_off_send(
     servers: list[Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -120,6 +120,59 @@ def test_a_stand_in_for_a_remote_value_is_never_sent() -> None:
         companion.check_stand_ins({"huge": ref, "n": 1}, {"huge", "n"})
 
 
+def test_a_1gb_push_or_pull_is_refused_at_the_default_limit_naming_max_bytes() -> None:
+    """At the default --max-bytes (256 MB) a 1 GB array is neither sent nor brought back, and
+    the words say which option to raise. Cheap: the array's pages are never touched (calloc),
+    pickling takes its buffer as it is, and a value over the limit is not hashed."""
+    import numpy as np
+
+    from jupyter_ext.companion import Cell, Companion, Shape
+    from jupyter_ext.errors import GpuTransferError
+    from jupyter_ext.gateway_api import GatewayApi
+    from jupyter_ext.magics import GpuMagics
+    from jupyter_ext.namespace import RemoteValue
+
+    limit = parse_size(GpuMagics.max_bytes.default_value)
+    assert limit == 256_000_000
+    ns = {"big": np.zeros(125_000_000), "small": 1}  # 1 GB
+    began = time.monotonic()
+    payload = SentValues().payload(ns, {"big", "small"}, set(), limit=limit)
+    assert time.monotonic() - began < 5 and payload.sizes["big"] > 10**9
+    assert "big" not in payload.names and "big" not in payload.digests
+    companion = Companion(GatewayApi("http://127.0.0.1:9", "t"), Shape("H100", 1))
+    cell = Cell("big.sum()", None, {"big", "small"}, set(), [], limit)
+    with pytest.raises(GpuTransferError) as refused:
+        companion.check_payload(payload, cell)
+    words = str(refused.value)
+    assert "over --max-bytes 256.0 MB" in words and "big (1.0 GB)" in words
+    assert "Nothing was sent" in words and "raise the limit with --max-bytes" in words
+
+    # Back from the GPU kernel: the agent keeps it there and says how large it is.
+    class Shell:
+        user_ns = {"big": np.zeros(125_000_000)}
+        execution_count = 1
+
+        def run_cell(self, code: str, **_: Any) -> Any:
+            return type("Result", (), {"error_before_exec": None, "error_in_exec": None})()
+
+    there = agent.CellAgent(Shell(), comm=None, overrides={})
+    data = {"id": "r", "names": [], "code": "pass", "count": None, "pull": ["big"],
+            "max_bytes": limit}  # fmt: skip
+    reply, items = there.run(data, [])
+    assert reply["names"] == [] and items == [] and reply["kept"]["big"] > 10**9
+    companion.kernel_id = "k1"
+    here: dict[str, Any] = {}
+    outcome = companion.finish(
+        Cell("", None, set(), set(), ["big"], limit), SentValues().payload({}, set(), set()),
+        reply, agent.Assembler([], []), here, None,
+    )  # fmt: skip
+    assert isinstance(here["big"], RemoteValue)
+    assert outcome.notes == [
+        "big stays on the GPU kernel: 1.0 GB is over --max-bytes 256.0 MB; fetch it with "
+        "big.fetch() or `%gpu pull big`"
+    ]
+
+
 def test_payload_pieces_fit_the_hosts_websocket_limit() -> None:
     import numpy as np
 
@@ -167,6 +220,27 @@ def test_pieces_are_put_together_as_they_arrive() -> None:
         wrong.add(message)
     with pytest.raises(ValueError, match="short"):
         wrong.finish()
+
+
+def test_change_check_hash_is_xxhash_or_sha1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "Send only when changed" hashes with xxHash's XXH3-128 where the package is installed
+    (a dependency), with SHA-1 where it is not; either way a change of one byte is seen."""
+    import hashlib
+
+    import numpy as np
+
+    from jupyter_ext.namespace import digest
+
+    value = np.zeros(1000)
+    blobs = agent.dump(value, agent.cpu_pickler_class())
+    fast = importlib.util.find_spec("xxhash") is not None
+    assert (agent.FAST_HASH is not None) == fast
+    assert len(digest(blobs)) == (32 if fast else 40)
+    monkeypatch.setattr(agent, "FAST_HASH", None)
+    assert digest(blobs) == hashlib.sha1(b"".join(bytes(b) for b in blobs)).hexdigest()
+    before = digest(blobs)
+    value[500] = 1.0
+    assert digest(agent.dump(value, agent.cpu_pickler_class())) != before
 
 
 def test_gpu_tensors_are_pickled_as_cpu_copies() -> None:
