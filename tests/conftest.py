@@ -72,6 +72,7 @@ def postgres() -> Postgres:
     """The run's PostgreSQL server, whatever --db says (skips where there can be none)."""
     return shared_postgres()
 
+
 # Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs into a
 # data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a pool shape
 # left there by a test would show up in every later Lab on this machine.
