@@ -76,7 +76,7 @@ lint: install
 # Test files run in parallel (one file per worker, as files share their servers); most of the
 # time is spent waiting on kernels, Lab and the browser, so more workers than cores pays.
 TEST_WORKERS ?= 4
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 # The suite on SQLite, then representative gateway modules again on a real PostgreSQL.
 PG_TESTS := tests/test_gateway_bad_input.py tests/test_gateway_queue.py tests/test_usage_budget.py
 
