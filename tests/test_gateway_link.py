@@ -106,7 +106,9 @@ def test_registers_and_heartbeats_with_activity(host_factory):
 
         # The gateway reaches the agent with the token it issued, not the agent's own.
         issued = gateway.tokens["host-1"]
-        model = agent.call("POST", "/api/kernels", {"gpu_type": "H100"}, token=issued).body
+        reply = agent.call("POST", "/api/kernels", {"gpu_type": "H100"}, token=issued)
+        assert reply.status == 201, reply.body
+        model = reply.body
         assert asyncio.run(run_code(agent.url, issued, model["id"], "print('via gateway token')"))
         ran_at = time.time()
 

@@ -75,6 +75,16 @@ def replies(
             return
 
 
+def subscribed(ws: ClientConnection) -> None:
+    """Return once this websocket gets the kernel's output: a fresh one's IOPub subscription at
+    the host can lag its open on a busy machine (ZMQ's slow joiner), and output sent before it
+    is not this websocket's to see."""
+    parts = execute_parts("pass")
+    ws.send(serialize_msg_to_ws_v1(parts, "shell"))
+    for _ in replies(ws, json.loads(parts[0])["msg_id"]):
+        pass
+
+
 def stream_text(ws: ClientConnection, msg_id: str, size: int) -> list[str]:
     """The stdout of `msg_id` until `size` characters came: on a loaded machine ipykernel's
     flush can time out and send the last output after the idle status."""
@@ -183,6 +193,8 @@ def test_a_client_that_does_not_read_holds_back_the_gateway_not_its_memory(
     parts = execute_parts(code)
     msg_id = json.loads(parts[0])["msg_id"]
     with raw_socket(stack, kernel) as slow, raw_socket(stack, kernel) as watcher:
+        subscribed(slow)
+        subscribed(watcher)
         before = rss(stack.proc.pid)
         slow.send(serialize_msg_to_ws_v1(parts, "shell"))
         seen = sum(len(part) for part in stream_text(watcher, msg_id, mib << 20))
