@@ -135,3 +135,17 @@ def gateway(up: dict[str, Any], method: str, path: str, body: Any = None) -> Any
 def gateway_kernels(up: dict[str, Any]) -> list[dict[str, Any]]:
     """The demo tenant's kernels as the gateway lists them (every state but dead)."""
     return list(gateway(up, "GET", "/api/kernels"))
+
+
+NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook shown
+
+
+def run_cell(page: Page, code: str) -> Any:
+    """Type `code` into the shown notebook's last cell and run it (Shift+Enter adds a new last
+    cell); returns that cell."""
+    cells = page.locator(f"{NOTEBOOK} .jp-Cell")
+    cell = cells.nth(cells.count() - 1)
+    cell.locator(".cm-content").click()
+    page.keyboard.type(code)
+    page.keyboard.press("Shift+Enter")
+    return cell

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_stack import BUILT, gateway, lab_page, lab_with_front_end
+from lab_stack import BUILT, NOTEBOOK, gateway, lab_page, lab_with_front_end, run_cell
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
@@ -28,7 +28,6 @@ from playwright.sync_api import Page, expect  # noqa: E402
 pytestmark = pytest.mark.slow
 
 WAIT_MS = 60_000
-NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 IDLE_S = 20  # every pool kernel of this Lab is suspended after this long idle
 RESULT = '.jp-OutputArea-output[data-mime-type="text/plain"]'  # not a stream
 
@@ -140,17 +139,6 @@ def test_launcher_status_bar_and_usage_panel(page: Page, up: dict[str, Any]) -> 
     expect(toast).to_be_visible()
     page.wait_for_timeout(1000)  # the toast slides in
     page.screenshot(path=str(SHOTS / "notification.png"))
-
-
-def run_cell(page: Page, code: str) -> Any:
-    """Type `code` into the notebook's last cell and run it (Shift+Enter adds a new last cell);
-    returns that cell."""
-    cells = page.locator(f"{NOTEBOOK} .jp-Cell")
-    cell = cells.nth(cells.count() - 1)
-    cell.locator(".cm-content").click()
-    page.keyboard.type(code)
-    page.keyboard.press("Shift+Enter")
-    return cell
 
 
 def ran(cell: Any) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_stack import BUILT, gateway_kernels, lab_page, lab_with_front_end
+from lab_stack import BUILT, gateway_kernels, lab_page, lab_with_front_end, run_cell
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 if not (BUILT / "package.json").exists():
@@ -24,7 +24,6 @@ from playwright.sync_api import Page, expect  # noqa: E402
 pytestmark = pytest.mark.slow
 
 WAIT_MS = 60_000
-NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 POOL_CARDS = '.jp-LauncherCard[data-category="GPU pool"]'
 
 
@@ -43,15 +42,6 @@ def page(up: dict[str, Any]) -> Iterator[Page]:
 def new_launcher(page: Page) -> None:
     page.locator('.lm-MenuBar-itemLabel:text("File")').click()
     page.locator(".lm-Menu-itemLabel", has_text="New Launcher").click()
-
-
-def run_cell(page: Page, code: str) -> Any:
-    cells = page.locator(f"{NOTEBOOK} .jp-Cell")
-    cell = cells.nth(cells.count() - 1)
-    cell.locator(".cm-content").click()
-    page.keyboard.type(code)
-    page.keyboard.press("Shift+Enter")
-    return cell
 
 
 @pytest.mark.timeout(300)
