@@ -98,6 +98,8 @@ def test_registers_and_heartbeats_with_activity(host_factory):
     try:
         agent = host_factory(*link_args(gateway.url))
         wait(lambda: gateway.registrations, 20, "registration")
+        # The agent adopts the issued token when the reply reaches it; a heartbeat shows it has.
+        wait(lambda: gateway.heartbeats, 20, "the first heartbeat")
         registered = gateway.registrations[0]
         assert registered["url"] == agent.url
         assert registered["source"] == "fake"
