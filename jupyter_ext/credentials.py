@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({credentials_path()}, mode 0600). The token is read from stdin or a prompt.",
     )
     parser.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8888")
+    # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
     if sys.stdin.isatty():

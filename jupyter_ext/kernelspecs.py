@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     sync = sub.add_parser("sync", help="install one kernelspec per pool shape, remove gone ones")
     sync.add_argument("--url", default="", help="the gateway (default: $GPUPOOL_URL, login file)")
     sub.add_parser("list", help="the pool kernelspecs installed here")
+    # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.action == "list":
         for name, path in sorted(installed().items()):

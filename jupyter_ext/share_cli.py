@@ -248,7 +248,9 @@ def parser_for(command: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else argv
     command = args_in[0] if args_in and args_in[0] in ("list", "revoke", "copy") else "share"
-    args = parser_for(command).parse_args(args_in[1:] if command != "share" else args_in)
+    parser = parser_for(command)
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
+    args = parser.parse_args(args_in[1:] if command != "share" else args_in)
     try:
         url, token = resolve()
         api = GatewayApi(url, token)

@@ -10,9 +10,10 @@ from importlib.metadata import entry_points
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     commands = {ep.name: ep for ep in entry_points(group="gpupool.commands")}
-    if not args or args[0] in ("-h", "--help", "help") or args[0] not in commands:
+    helps = ("-h", "--help", "--help-all", "help")
+    if not args or args[0] in helps or args[0] not in commands:
         known = ", ".join(sorted(commands))
-        if args and args[0] not in ("-h", "--help", "help"):
+        if args and args[0] not in helps:
             print(
                 f"gpupool: unknown command {args[0]!r}; the commands are: {known}.", file=sys.stderr
             )

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         "token", parents=[common], help="make another token for a tenant; prints it once"
     )
     token.add_argument("name")
+    # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.state_dir = getattr(args, "state_dir", ".gpupool")
 

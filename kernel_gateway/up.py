@@ -247,4 +247,6 @@ def main(argv: list[str] | None = None) -> None:
         "--db-url", default="", help="the gateway's database (postgresql+psycopg://...); default: "
         "$GPUPOOL_DB_URL, else SQLite in the state folder",
     )  # fmt: skip
+    # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     asyncio.run(run(parser.parse_args(argv)))

@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default=os.environ.get("GPUPOOL_URL", ""),
                         help="ask this gateway instead ($GPUPOOL_URL)")  # fmt: skip
     parser.add_argument("--token", default="", help="tenant token for --url ($GPUPOOL_TOKEN)")
+    # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
+    parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         _report, text = _from_api(args) if args.url else _from_state(args)
