@@ -39,6 +39,13 @@ def pytest_configure(config: pytest.Config) -> None:
     DATABASE["backend"] = config.getoption("--db")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test marked slow first: pytest-xdist hands out whole modules in this order,
+    so the long ones start at once instead of running alone at the end of the run."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     server = DATABASE.pop("server", None)
     if server is not None:
@@ -65,6 +72,18 @@ def database_url(state: Path) -> str:
     if DATABASE["backend"] != "postgresql":
         return ""
     return shared_postgres().database(str(state.resolve()))
+
+
+@pytest.fixture(scope="module")
+def on_postgresql() -> Iterator[None]:
+    """Every gateway this module starts uses PostgreSQL, whatever --db says: the modules
+    `test_*_on_postgresql.py` rerun a SQLite module this way within the same run (a worker runs
+    one module at a time, so the switch holds for exactly that module)."""
+    shared_postgres()
+    before = DATABASE["backend"]
+    DATABASE["backend"] = "postgresql"
+    yield
+    DATABASE["backend"] = before
 
 
 @pytest.fixture(scope="session")
