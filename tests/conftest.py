@@ -98,6 +98,17 @@ def postgres() -> Postgres:
 _DATA = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-data-")
 os.environ["JUPYTER_DATA_DIR"] = _DATA.name
 
+# Hosts the tests start keep no warm kernels unless a test asks (`--warm-per-shape 1`, or
+# `start_stack(..., warm=True)`): each warm kernel costs a second of CPU, and most of the
+# suite's ~200 hosts never take theirs. Config files in JUPYTER_CONFIG_PATH rank below the
+# command line, so an explicit option still wins; the browser tests' `gpupool up` keeps the
+# product's default (lab_stack starts it without JUPYTER_* variables).
+_CONFIG = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-config-")
+(Path(_CONFIG.name) / "gpupool_host_config.json").write_text(
+    json.dumps({"HostKernelManager": {"warm_per_shape": 0}})
+)
+os.environ["JUPYTER_CONFIG_PATH"] = _CONFIG.name
+
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made with the openssl command."""
@@ -243,8 +254,9 @@ def host_factory(tmp_path: Path) -> Iterator[Any]:
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
     """One agent with two fake H100s and one A10G, shared by a module's tests."""
     agent = start_host(
-        tmp_path_factory.mktemp("host"), "--fake-gpus", "H100:2,A10G:1", "--no-isolate"
-    )
+        tmp_path_factory.mktemp("host"), "--fake-gpus", "H100:2,A10G:1", "--no-isolate",
+        "--warm-per-shape", "1",
+    )  # fmt: skip
     yield agent
     agent.stop()
 
@@ -307,8 +319,11 @@ def _read_lines(
     return found
 
 
-def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -> Gateway:
-    """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant."""
+def start_stack(
+    tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str, warm: bool = False
+) -> Gateway:
+    """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant;
+    with `warm`, the host keeps the product's warm kernels (one per shape)."""
     state = tmp_path / "state"
     log_path = tmp_path / f"up-{time.monotonic_ns()}.log"
     db_url = database_url(state)
@@ -317,6 +332,8 @@ def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -
                "--fake-gpus", fake_gpus, "--state-dir", str(state),
                *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    if warm:
+        env.pop("JUPYTER_CONFIG_PATH", None)
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
@@ -343,9 +360,13 @@ def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One embedded stack (gateway + host with two fake H100s and an A10G) for a module."""
-    gateway = start_stack(tmp_path_factory.mktemp("stack"))
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One embedded stack (gateway + host with two fake H100s and an A10G) for a module; its
+    host keeps warm kernels where the module sets `WARM_KERNELS = True`."""
+    warm = bool(getattr(request.module, "WARM_KERNELS", False))
+    gateway = start_stack(tmp_path_factory.mktemp("stack"), warm=warm)
     yield gateway
     gateway.stop()
     # As root, `gpupool up` keeps its host's tenant folders outside the state folder.
