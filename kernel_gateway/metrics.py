@@ -3,7 +3,10 @@ GPU-seconds billed.
 
 What the gateway holds now (kernels, GPUs, the queue, open intervals) is read at each scrape by
 `GatewayCollector`; only events are counted as they happen (start latency, seconds billed). This
-module imports no other module of the gateway: those that count into it import it."""
+module imports none of the gateway's modules that count into it (only `shapes`, a leaf).
+
+`gpupool_kernels{state="resuming"}` is 0: a resuming kernel is a queued or starting row with a
+checkpoint, counted under its row's state."""
 
 from __future__ import annotations
 
@@ -14,9 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# Shown from 0 when none is in that state; "resuming" is a queued or starting row with a
-# checkpoint, which `kernel_counts` counts under its row's state.
-KERNEL_STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
+from .shapes import STATES as KERNEL_STATES  # each shown, from 0
 
 EVENTS = CollectorRegistry()  # counted where they happen; every gateway's scrape shows them
 START_SECONDS = Histogram(
