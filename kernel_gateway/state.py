@@ -164,7 +164,12 @@ class GatewayState:
         idle_min: float | None = None,
         idle_max: float | None = None,
         budget_usd: Any = None,
+        allow_shared_host: bool = False,
+        how_to_allow: str = 'send "allow_shared_host": true',
     ) -> tuple[Tenant, str]:
+        """A new tenant and its first token. A tenant beside others on a host that runs every
+        tenant's kernels as one Unix user (no isolation) is refused with 409 unless
+        `allow_shared_host`; `how_to_allow` says, in the caller's words, how to accept it."""
         if not isinstance(name, str) or not TENANT_NAME.match(name):
             raise ApiError(
                 400, "a tenant name is 1 to 24 lower-case letters, digits or dashes, "
@@ -181,9 +186,16 @@ class GatewayState:
         if idle_min is not None and idle_max is not None and idle_min > idle_max:
             raise ApiError(400, f"idle_min ({idle_min:g}) is above idle_max ({idle_max:g}).")
         budget = read_budget(budget_usd)
+        shared = [] if allow_shared_host else self.shared_hosts()
         with self.db() as s:
             if s.scalars(select(Tenant).where(Tenant.name == name)).first():
                 raise ApiError(409, f"tenant {name} already exists; create a token for it instead.")
+            if shared and s.scalars(select(Tenant.id).limit(1)).first() is not None:
+                raise ApiError(
+                    409, f"host {shared[0]} runs every tenant's kernels as one Unix user, so a "
+                    "second tenant could read the first one's files and kernels; run that host "
+                    f"as root to isolate tenants, or {how_to_allow} to accept this.",
+                )  # fmt: skip
             tenant = Tenant(
                 name=name, max_gpus=max_gpus, max_kernels=max_kernels,
                 idle_min=idle_min, idle_max=idle_max, budget_usd=budget,
