@@ -21,7 +21,7 @@ from .errors import ApiError
 from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
-from .shares import Shares
+from .shares import SWEEP_SECONDS, Shares
 from .store import Host, Kernel, Secret, Tenant, Token
 from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
@@ -60,6 +60,7 @@ class GatewayState:
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self.shares: Shares | None = None  # set by the app, which knows the state folder
+        self.share_sweep_seconds = SWEEP_SECONDS  # the app sets it from its option
         self._watch: asyncio.Task[None] | None = None
         self._budget_watch: asyncio.Task[None] | None = None
         self.unheard = self.pool.unheard
@@ -287,6 +288,8 @@ class GatewayState:
         for socket in sockets:
             socket.close(1008, REVOKED_CLOSE)  # 1008: policy violation
         ended = await self.kernels.end_tenant(tenant, "shut down: its tenant was revoked")
+        if self.shares is not None:  # its links answer 404 now: their snapshots go at once
+            self.shares.sweep()
         log.warning("revoked tenant %s: closed %d websocket(s), shut down %d kernel(s)",
                     tenant.name, len(sockets), ended)  # fmt: skip
         return {"name": tenant.name, "websockets_closed": len(sockets), "kernels_shut_down": ended}
@@ -392,6 +395,8 @@ class GatewayState:
         self._idle = loop.create_task(IdleWatcher(self.kernels).run())
         self._budget_watch = loop.create_task(self._watch_budgets())
         self._revoked = loop.create_task(self._end_revoked())
+        if self.shares is not None:
+            self._sweep = loop.create_task(self.shares.sweep_forever(self.share_sweep_seconds))
 
     async def _watch_budgets(self) -> None:
         """Stop the GPU billing of tenants that reach their budget while their kernels run."""
