@@ -22,7 +22,7 @@ from .handlers import routes
 from .log_redaction import log_request, redact_all_logs
 from .metrics import Readings, gateway_registry
 from .private_files import private_file, private_folder
-from .shares import DEFAULT_MAX_BYTES, Shares
+from .shares import DEFAULT_MAX_BYTES, SWEEP_SECONDS, Shares
 from .state import GatewayState
 from .store import open_store
 from .tenant_limits import DEFAULT_REQUESTS, DEFAULT_WEBSOCKETS
@@ -71,6 +71,7 @@ class GatewayApp(Application):
         "max-tenant-requests": "GatewayApp.max_tenant_requests",
         "metrics-token-file": "GatewayApp.metrics_token_file",
         "max-share-mb": "GatewayApp.max_share_mb",
+        "share-sweep-seconds": "GatewayApp.share_sweep_seconds",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -131,6 +132,11 @@ class GatewayApp(Application):
     max_share_mb = Float(
         DEFAULT_MAX_BYTES / 1e6, help="Largest notebook snapshot a shared link may hold, in MB "
         "(10^6 bytes); a larger share is refused with 413.",
+    ).tag(config=True)  # fmt: skip
+    share_sweep_seconds = Float(
+        SWEEP_SECONDS, help="How often the snapshot files of shared links that expired (or "
+        "were revoked, or whose tenant was) are looked for and deleted, where no live link "
+        "holds the same snapshot; seconds.",
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
     max_tenant_websockets = Int(
@@ -210,6 +216,11 @@ class GatewayApp(Application):
         if not 0 < self.max_share_mb <= 10_000:
             raise SystemExit(f"--max-share-mb is {self.max_share_mb}; use above 0, up to 10000.")
         state.shares = Shares(db, Path(self.state_dir) / "shares", int(self.max_share_mb * 1e6))
+        if not 0.1 <= self.share_sweep_seconds <= 86_400:
+            raise SystemExit(
+                f"--share-sweep-seconds is {self.share_sweep_seconds:g}; use 0.1 to 86400."
+            )
+        state.share_sweep_seconds = self.share_sweep_seconds
         return state
 
     def make_app(self, state: GatewayState) -> web.Application:

@@ -199,9 +199,18 @@ class TenantsHandler(GatewayHandler):
         name = body.get("name")
         if not isinstance(name, str):
             raise ApiError(400, 'send {"name": NAME} to create a tenant.')
+        shared_ok = body.get("allow_shared_host", False)
+        if not isinstance(shared_ok, bool):
+            raise ApiError(
+                400, "allow_shared_host must be true or false: true accepts a further tenant on "
+                "a host that runs every tenant's kernels as one Unix user.",
+            )  # fmt: skip
+        # As `gpupool tenant create`: a second tenant on a host that cannot isolate is refused
+        # (409) unless the admin accepts it explicitly.
         tenant, token = self.state.create_tenant(
             name, body.get("max_gpus"), body.get("max_kernels"),
             body.get("idle_min"), body.get("idle_max"), body.get("budget_usd"),
+            allow_shared_host=shared_ok,
         )  # fmt: skip
         self.reply({"name": tenant.name, "token": token}, 201)
 

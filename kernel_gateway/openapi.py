@@ -110,7 +110,14 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/admin/tenants": {
             "get": _op("Tenants", "admin_token"),
-            "post": _op("Create a tenant; its token is shown once", "admin_token", "201", True),
+            "post": _op(
+                "Create a tenant; its token is shown once. {name, max_gpus, max_kernels, "
+                "idle_min, idle_max, budget_usd, allow_shared_host}; 409 for a further tenant "
+                "while a host cannot isolate tenants, unless allow_shared_host is true",
+                "admin_token",
+                "201",
+                True,
+            ),
         },
         "/api/admin/tenants/{name}": {
             "parameters": NAME,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, not_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import ApiError
@@ -37,6 +38,9 @@ MAX_NAME = 255
 MIN_EXPIRES, MAX_EXPIRES = 60, 366 * 24 * 3600  # seconds
 DEFAULT_MAX_BYTES = 50 * 1000 * 1000
 RENDER_CACHE_BYTES = 256 << 20  # rendered pages kept in memory, most recently used first
+SWEEP_SECONDS = 60.0  # how often snapshots of links that expired are looked for (--option)
+
+log = logging.getLogger(__name__)
 
 
 def new_share_id() -> str:
@@ -249,18 +253,73 @@ class Shares:
             digest = s.scalar(select(Share.digest).where(*live))
             done = s.execute(update(Share).where(*live).values(revoked=time.time()))
             s.commit()
-            if digest is None or getattr(done, "rowcount", 0) != 1:
-                raise not_found()
-            # create() and revoke() run on the gateway's one event loop, never interleaved, so
-            # no share can start holding this digest between the count and the unlink.
-            holders = s.scalar(
-                select(func.count())
-                .select_from(Share)
-                .where(Share.digest == digest, Share.revoked.is_(None))
+        if digest is None or getattr(done, "rowcount", 0) != 1:
+            raise not_found()
+        self._delete_unheld({digest})
+
+    # -- snapshots no link can show any more ----------------------------------------------
+
+    @staticmethod
+    def _live(now: float) -> ColumnElement[bool]:
+        """A share that can still be opened: not revoked, not expired, its tenant not revoked
+        (as `open` decides; the query joins Tenant)."""
+        return and_(
+            Share.revoked.is_(None),
+            or_(Share.expires.is_(None), Share.expires > now),
+            Tenant.revoked.is_(False),
+        )
+
+    def _delete_unheld(self, digests: set[str], now: float | None = None) -> int:
+        """Delete the snapshot files among `digests` that no live share holds; how many went.
+        Called on the gateway's one event loop with no await inside, as create() is, so no
+        share can start holding a digest between the query and the unlink."""
+        if not digests:
+            return 0
+        now = time.time() if now is None else now
+        with self.db() as s:
+            held = set(
+                s.scalars(
+                    select(Share.digest)
+                    .join(Tenant, Tenant.id == Share.tenant_id)
+                    .where(Share.digest.in_(digests), self._live(now))
+                    .distinct()
+                ).all()
             )
-        if not holders:
-            self._path(digest).unlink(missing_ok=True)
+        deleted = 0
+        for digest in digests - held:
+            path = self._path(digest)
+            if path.exists():
+                path.unlink(missing_ok=True)
+                deleted += 1
             self._rendered.pop(digest, None)
+        return deleted
+
+    def sweep(self) -> int:
+        """Delete the snapshot files of links that expired, were revoked or whose tenant was
+        revoked, where no live link holds the same snapshot; how many files went."""
+        now = time.time()
+        with self.db() as s:
+            dead = set(
+                s.scalars(
+                    select(Share.digest)
+                    .join(Tenant, Tenant.id == Share.tenant_id)
+                    .where(not_(self._live(now)))
+                    .distinct()
+                ).all()
+            )
+        deleted = self._delete_unheld(dead, now)
+        if deleted:
+            log.info("deleted %d snapshot file(s) of expired or revoked shared links", deleted)
+        return deleted
+
+    async def sweep_forever(self, every: float) -> None:
+        """The gateway's periodic sweep: a link that expires is found within `every` seconds."""
+        while True:
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweeping the snapshots of ended links failed; trying again later")
+            await asyncio.sleep(every)
 
     def open(self, share_id: str, viewer: Tenant | None) -> tuple[Share, str] | None:
         """The share and its sharer's name if `viewer` (None: no token) may open it now."""

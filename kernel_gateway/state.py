@@ -21,7 +21,7 @@ from .errors import ApiError
 from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
-from .shares import Shares
+from .shares import SWEEP_SECONDS, Shares
 from .store import Host, Kernel, Secret, Tenant, Token
 from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
@@ -60,6 +60,7 @@ class GatewayState:
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self.shares: Shares | None = None  # set by the app, which knows the state folder
+        self.share_sweep_seconds = SWEEP_SECONDS  # the app sets it from its option
         self._watch: asyncio.Task[None] | None = None
         self._budget_watch: asyncio.Task[None] | None = None
         self.unheard = self.pool.unheard
@@ -164,7 +165,12 @@ class GatewayState:
         idle_min: float | None = None,
         idle_max: float | None = None,
         budget_usd: Any = None,
+        allow_shared_host: bool = False,
+        how_to_allow: str = 'send "allow_shared_host": true',
     ) -> tuple[Tenant, str]:
+        """A new tenant and its first token. A tenant beside others on a host that runs every
+        tenant's kernels as one Unix user (no isolation) is refused with 409 unless
+        `allow_shared_host`; `how_to_allow` says, in the caller's words, how to accept it."""
         if not isinstance(name, str) or not TENANT_NAME.match(name):
             raise ApiError(
                 400, "a tenant name is 1 to 24 lower-case letters, digits or dashes, "
@@ -181,9 +187,16 @@ class GatewayState:
         if idle_min is not None and idle_max is not None and idle_min > idle_max:
             raise ApiError(400, f"idle_min ({idle_min:g}) is above idle_max ({idle_max:g}).")
         budget = read_budget(budget_usd)
+        shared = [] if allow_shared_host else self.shared_hosts()
         with self.db() as s:
             if s.scalars(select(Tenant).where(Tenant.name == name)).first():
                 raise ApiError(409, f"tenant {name} already exists; create a token for it instead.")
+            if shared and s.scalars(select(Tenant.id).limit(1)).first() is not None:
+                raise ApiError(
+                    409, f"host {shared[0]} runs every tenant's kernels as one Unix user, so a "
+                    "second tenant could read the first one's files and kernels; run that host "
+                    f"as root to isolate tenants, or {how_to_allow} to accept this.",
+                )  # fmt: skip
             tenant = Tenant(
                 name=name, max_gpus=max_gpus, max_kernels=max_kernels,
                 idle_min=idle_min, idle_max=idle_max, budget_usd=budget,
@@ -275,6 +288,8 @@ class GatewayState:
         for socket in sockets:
             socket.close(1008, REVOKED_CLOSE)  # 1008: policy violation
         ended = await self.kernels.end_tenant(tenant, "shut down: its tenant was revoked")
+        if self.shares is not None:  # its links answer 404 now: their snapshots go at once
+            self.shares.sweep()
         log.warning("revoked tenant %s: closed %d websocket(s), shut down %d kernel(s)",
                     tenant.name, len(sockets), ended)  # fmt: skip
         return {"name": tenant.name, "websockets_closed": len(sockets), "kernels_shut_down": ended}
@@ -380,6 +395,8 @@ class GatewayState:
         self._idle = loop.create_task(IdleWatcher(self.kernels).run())
         self._budget_watch = loop.create_task(self._watch_budgets())
         self._revoked = loop.create_task(self._end_revoked())
+        if self.shares is not None:
+            self._sweep = loop.create_task(self.shares.sweep_forever(self.share_sweep_seconds))
 
     async def _watch_budgets(self) -> None:
         """Stop the GPU billing of tenants that reach their budget while their kernels run."""

@@ -74,17 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     try:
         if args.action == "create":
-            shared = state.shared_hosts()
-            if shared and state.tenants() and not args.allow_shared_host:
-                sys.exit(
-                    f"gpupool tenant: host {shared[0]} runs every tenant's kernels as one Unix "
-                    "user, so a second tenant could read the first one's files and kernels; run "
-                    "that host as root to isolate tenants, or pass --allow-shared-host to accept "
-                    "this."
-                )
             tenant, secret = state.create_tenant(
-                args.name, args.max_gpus, args.max_kernels, budget_usd=args.budget_usd
-            )
+                args.name, args.max_gpus, args.max_kernels, budget_usd=args.budget_usd,
+                allow_shared_host=args.allow_shared_host, how_to_allow="pass --allow-shared-host",
+            )  # fmt: skip
             print(f"created tenant {tenant.name}; its token is shown this once:")
             print(secret)
         elif args.action == "token":

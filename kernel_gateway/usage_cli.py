@@ -1,8 +1,8 @@
 """`gpupool usage`: GPU time billed, per interval and in total, as a table (or CSV).
 
 On the gateway's machine it reads the state folder, every tenant's or one's (`--tenant`); from
-anywhere else it asks a gateway's /api/usage with a tenant token (`--url`, and `--token` or
-$GPUPOOL_TOKEN), which shows that tenant's own usage."""
+anywhere else it asks a gateway's /api/usage with a tenant token (`--url`, and $GPUPOOL_TOKEN
+or `--token-file`), which shows that tenant's own usage."""
 
 from __future__ import annotations
 
@@ -70,10 +70,48 @@ def render(report: dict[str, Any], budgets: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+MAX_TOKEN_FILE = 4096  # a token is 64 characters; a file much longer is not a token file
+ON_ARGV = (
+    "gpupool usage: warning: the token is on the command line, where every user of this "
+    "machine can read it (ps); pass it in $GPUPOOL_TOKEN or --token-file instead."
+)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    """The tenant token: --token-file (a file, or - for stdin), else $GPUPOOL_TOKEN, else
+    --token, which works but is warned about (DESIGN: no secret on a command line)."""
+    if args.token and args.token_file:
+        raise SystemExit("gpupool usage: give the token once: --token-file or --token, not both.")
+    if args.token_file:
+        where = "stdin" if args.token_file == "-" else args.token_file
+        try:
+            if args.token_file == "-":
+                text = sys.stdin.read(MAX_TOKEN_FILE + 1)
+            else:
+                with open(args.token_file, encoding="utf-8") as f:
+                    text = f.read(MAX_TOKEN_FILE + 1)
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemExit(f"gpupool usage: cannot read --token-file {where}: {error}") from None
+        token = text.strip()
+        if len(text) > MAX_TOKEN_FILE or not token or any(c.isspace() for c in token):
+            raise SystemExit(
+                f"gpupool usage: --token-file {where} must hold one tenant token (one line, "
+                "as `gpupool tenant create` printed it)."
+            )
+        return token
+    if args.token:
+        print(ON_ARGV, file=sys.stderr, flush=True)
+        return str(args.token)
+    return os.environ.get("GPUPOOL_TOKEN", "")
+
+
 def _from_api(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    token = args.token or os.environ.get("GPUPOOL_TOKEN", "")
+    token = read_token(args)
     if not token:
-        raise SystemExit("gpupool usage: --url needs a tenant token: --token T or $GPUPOOL_TOKEN.")
+        raise SystemExit(
+            "gpupool usage: --url needs a tenant token: set $GPUPOOL_TOKEN, or pass --token-file "
+            "FILE (- reads it from stdin)."
+        )
     query = {k: v for k, v in (("since", args.since), ("until", args.until),
                                 ("kernel", args.kernel)) if v}  # fmt: skip
     if args.csv:
@@ -144,7 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", action="store_true", help="print CSV with a header row")
     parser.add_argument("--url", default=os.environ.get("GPUPOOL_URL", ""),
                         help="ask this gateway instead ($GPUPOOL_URL)")  # fmt: skip
-    parser.add_argument("--token", default="", help="tenant token for --url ($GPUPOOL_TOKEN)")
+    parser.add_argument(
+        "--token-file", default="",
+        help="file holding the tenant token for --url; - reads it from stdin (or set "
+        "$GPUPOOL_TOKEN)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token", default="", help="the token itself: every user of the machine can read a "
+        "command line, so prefer $GPUPOOL_TOKEN or --token-file (warned about)",
+    )  # fmt: skip
     # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
     parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

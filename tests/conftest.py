@@ -292,10 +292,11 @@ class Gateway:
     stop = HostAgent.stop
 
     def tenant(self, name: str, **caps: int) -> str:
-        """Create a tenant through the admin API; returns its token."""
-        reply = self.call(
-            "POST", "/api/admin/tenants", {"name": name, **caps}, token=self.admin_token
-        )
+        """Create a tenant through the admin API; returns its token. Tests run many tenants on
+        hosts started with --no-isolate, so this accepts a shared host (allow_shared_host);
+        tests/security/test_secrets.py checks the refusal without it."""
+        body = {"name": name, "allow_shared_host": True, **caps}
+        reply = self.call("POST", "/api/admin/tenants", body, token=self.admin_token)
         assert reply.status == 201, reply.body
         return str(reply.body["token"])
 

@@ -4,9 +4,12 @@ restart; bad input answered clearly and nothing stored for it."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -54,8 +57,11 @@ def page(gw: Gateway, path: str, token: str = "") -> Reply:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # Sweeps for the snapshots of ended links every 0.2 s (60 s by default), so that tests
+    # await a sweep in well under a second.
     gateway = start_gateway(tmp_path_factory.mktemp("shares"), "--max-share-mb", "1",
-                            "--auth-failures-per-minute", "0")  # fmt: skip
+                            "--auth-failures-per-minute", "0",
+                            "--share-sweep-seconds", "0.2")  # fmt: skip
     gateway.token = gateway.tenant("alice")
     yield gateway
     gateway.stop()
@@ -285,3 +291,71 @@ def test_revoking_the_last_share_of_a_snapshot_deletes_its_file(gw: Gateway) -> 
     # Sharing it again stores it again.
     again = share(gw, gw.token, notebook=nb).body
     assert path.is_file() and page(gw, again["path"], gw.token).status == 200
+
+
+def snapshot_of(gw: Gateway, link: dict[str, Any]) -> Path:
+    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
+        [(digest,)] = db.execute("SELECT digest FROM shares WHERE id = ?", (link["id"],))
+    return Path(gw.state_dir / "shares" / digest[:2] / digest)
+
+
+def expire(gw: Gateway, *links: dict[str, Any]) -> None:
+    """As if their hour went by (expires_in is at least 60 s)."""
+    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
+        db.executemany("UPDATE shares SET expires = ? WHERE id = ?",
+                       [(time.time() - 1, link["id"]) for link in links])  # fmt: skip
+
+
+def test_an_expired_links_snapshot_goes_at_the_next_sweep(gw: Gateway, bob: str) -> None:
+    """The file goes once no live link holds it; the link itself answers 404 as before."""
+    alone = share(gw, gw.token, notebook=notebook(title="expires-alone"), access="anyone",
+                  mode="run", expires_in=3600).body  # fmt: skip
+    pair = notebook(title="expires-one-of-two")  # one snapshot file for two links
+    first, second = (share(gw, gw.token, notebook=pair, expires_in=3600).body for _ in range(2))
+    gone, kept = snapshot_of(gw, alone), snapshot_of(gw, first)
+    assert gone.is_file() and kept == snapshot_of(gw, second) and kept.is_file()
+    expire(gw, alone, first)
+    gw.wait_for(lambda: not gone.exists(), 10, "the sweep to delete the expired snapshot")
+    assert kept.is_file()  # the second link still shows it
+    assert page(gw, second["path"], bob).status == 200
+    never = page(gw, "/s/" + "A" * 32)
+    expired = page(gw, alone["path"])
+    assert (expired.status, expired.body) == (404, never.body)  # as it answered before
+    assert gw.call("POST", f"/api/shares/{alone['id']}/copies", token=bob).status == 404
+    listed = {s["id"]: s for s in gw.call("GET", "/api/shares").body}
+    assert listed[alone["id"]]["expired"] is True  # its sharer still sees it, expired
+    assert gw.call("DELETE", f"/api/shares/{alone['id']}").status == 204  # and may revoke it
+    # The last link of the pair expires: the file goes at the next sweep.
+    expire(gw, second)
+    gw.wait_for(lambda: not kept.exists(), 10, "the sweep to delete the last holder's snapshot")
+    assert page(gw, second["path"], bob).status == 404
+    # Shared again: stored again.
+    again = share(gw, gw.token, notebook=pair).body
+    assert kept.is_file() and page(gw, again["path"], bob).status == 200
+
+
+def test_a_revoked_tenants_snapshots_go_with_it(gw: Gateway) -> None:
+    """Revoking a tenant deletes, at once, the snapshots only its links held."""
+    token = gw.tenant("erin")
+    own = share(gw, token, notebook=notebook(title="erin-only"), access="anyone").body
+    common = notebook(title="erin-and-alice")
+    theirs = share(gw, token, notebook=common, access="anyone").body
+    alices = share(gw, gw.token, notebook=common, access="anyone").body
+    own_file, common_file = snapshot_of(gw, own), snapshot_of(gw, theirs)
+    assert own_file.is_file() and common_file == snapshot_of(gw, alices)
+    assert gw.call("DELETE", "/api/admin/tenants/erin", token=gw.admin_token).status == 204
+    assert not own_file.exists()  # deleted by the revocation itself, not a later sweep
+    assert common_file.is_file() and page(gw, alices["path"]).status == 200
+    assert page(gw, own["path"]).status == 404 and page(gw, theirs["path"]).status == 404
+
+
+def test_a_bad_sweep_interval_is_refused_at_start(tmp_path: Path) -> None:
+    for bad in ("0", "-1", "nan", "100000", "soon"):
+        done = subprocess.run(
+            [sys.executable, "-m", "kernel_gateway.cli", "gateway", "--port", "0",
+             "--state-dir", str(tmp_path / "state"), "--share-sweep-seconds", bad],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0, (bad, done.stdout)
+        # Out of range: our sentence; not a number: traitlets' own, naming the trait.
+        assert re.search(r"share.sweep.seconds", done.stderr), (bad, done.stderr)

@@ -5,6 +5,7 @@ host processes on loopback with fake GPUs."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,9 +42,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Ho
         gw.stop()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernel_gateway.cli", *args],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The `gpupool` command; `env` adds to a copy of this environment without GPUPOOL_TOKEN."""
+    full = {k: v for k, v in os.environ.items() if k != "GPUPOOL_TOKEN"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "kernel_gateway.cli", *args], env=full,
+                          input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
 def create(gw: Gateway, token: str, name: str) -> str:
@@ -180,8 +186,9 @@ def test_a_budget_must_be_dollars_in_range(pool: tuple[Gateway, HostAgent], raw:
 def test_admins_change_budgets_and_nobody_else_does(pool: tuple[Gateway, HostAgent]) -> None:
     gw, _ = pool
     admin = gw.admin_token
-    reply = gw.call("POST", "/api/admin/tenants", {"name": "budgeted", "budget_usd": 25},
-                    token=admin)  # fmt: skip
+    # The pool's host runs with --no-isolate: a further tenant there is accepted as shared.
+    body = {"name": "budgeted", "budget_usd": 25, "allow_shared_host": True}
+    reply = gw.call("POST", "/api/admin/tenants", body, token=admin)
     assert reply.status == 201, reply.body
     token = reply.body["token"]
     path = "/api/admin/tenants/budgeted"
@@ -204,8 +211,8 @@ def test_admins_change_budgets_and_nobody_else_does(pool: tuple[Gateway, HostAge
 def test_a_budget_reached_refuses_gpus_and_stops_billing(pool: tuple[Gateway, HostAgent]) -> None:
     gw, _ = pool
     budget = 0.003  # an H100 at $3.95/h runs through it in about 2.7 s
-    reply = gw.call("POST", "/api/admin/tenants", {"name": "thrifty", "budget_usd": budget},
-                    token=gw.admin_token)  # fmt: skip
+    body = {"name": "thrifty", "budget_usd": budget, "allow_shared_host": True}
+    reply = gw.call("POST", "/api/admin/tenants", body, token=gw.admin_token)
     assert reply.status == 201, reply.body
     token = reply.body["token"]
     kernel_id = create(gw, token, H100_X1)
@@ -268,10 +275,10 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     assert len(csv_out.stdout.splitlines()) == 2
 
     # With a token, from anywhere: the same numbers through the API.
-    remote = run_cli("usage", "--url", gw.url, "--token", token)
+    remote = run_cli("usage", "--url", gw.url, env={"GPUPOOL_TOKEN": token})
     assert remote.returncode == 0, remote.stderr
     assert kernel_id[:8] in remote.stdout and "a budget of $12.50" in remote.stdout
-    wrong = run_cli("usage", "--url", gw.url, "--token", token, "--since", "soon")
+    wrong = run_cli("usage", "--url", gw.url, "--since", "soon", env={"GPUPOOL_TOKEN": token})
     assert wrong.returncode != 0 and "not an ISO 8601 time" in wrong.stderr
 
     # Budgets from the terminal: listed, changed, removed, refused when not dollars.
@@ -284,6 +291,49 @@ def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     assert bad.returncode != 0 and "budget_usd" in bad.stderr
     listed = run_cli("tenant", "list", "--state-dir", *state)
     assert re.search(r"^terminal\t.*budget=none\t", listed.stdout, re.M), listed.stdout
+
+
+def test_gpupool_usage_reads_the_token_from_the_environment_a_file_or_stdin(
+    pool: tuple[Gateway, HostAgent], tmp_path: Path
+) -> None:
+    """DESIGN: no secret on a command line (every user of the machine can read it in ps)."""
+    gw, _ = pool
+    token = gw.tenant("usage-token")
+    usage = ("usage", "--url", gw.url)
+    file = tmp_path / "token"
+    file.write_text(token + "\n")
+    for ok in (run_cli(*usage, env={"GPUPOOL_TOKEN": token}),
+               run_cli(*usage, "--token-file", str(file)),
+               run_cli(*usage, "--token-file", "-", stdin=token + "\n")):  # fmt: skip
+        assert ok.returncode == 0 and "no GPU time billed" in ok.stdout, ok.stderr
+        assert ok.stderr == "" and token not in ok.stdout
+    # On the command line it still works, with a warning that says what to do instead.
+    warned = run_cli(*usage, "--token", token)
+    assert warned.returncode == 0 and "no GPU time billed" in warned.stdout, warned.stderr
+    assert "every user of this machine can read it" in warned.stderr
+    assert "$GPUPOOL_TOKEN or --token-file" in warned.stderr and token not in warned.stderr
+    # Bad token files: each one line naming the problem, and no request sent with a guess.
+    (tmp_path / "two").write_text(token + "\n" + token + "\n")
+    (tmp_path / "big").write_text("x" * 5000)
+    (tmp_path / "blank").write_text("\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" * 10)
+    for args, words in (
+        (("--token-file", str(tmp_path / "two")), "must hold one tenant token"),
+        (("--token-file", str(tmp_path / "big")), "must hold one tenant token"),
+        (("--token-file", str(tmp_path / "blank")), "must hold one tenant token"),
+        (("--token-file", str(tmp_path / "binary")), "cannot read --token-file"),
+        (("--token-file", str(tmp_path / "missing")), "cannot read --token-file"),
+        (("--token-file", str(file), "--token", token), "not both"),
+    ):
+        bad = run_cli(*usage, *args)
+        assert bad.returncode != 0 and words in bad.stderr, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and token not in bad.stderr
+    stdin_empty = run_cli(*usage, "--token-file", "-", stdin="")
+    assert stdin_empty.returncode != 0 and "stdin must hold one tenant token" in stdin_empty.stderr
+    none = run_cli(*usage)
+    assert none.returncode != 0 and "$GPUPOOL_TOKEN" in none.stderr
+    wrong = run_cli(*usage, env={"GPUPOOL_TOKEN": "f" * 64})
+    assert wrong.returncode != 0 and "answered 401" in wrong.stderr
 
 
 def test_a_cold_start_is_billed_from_when_the_host_gave_it_its_gpus(tmp_path: Any) -> None:

@@ -146,6 +146,42 @@ def test_second_tenant_refused_on_a_shared_host(tmp_path: Path) -> None:
         gateway.stop()
 
 
+def test_the_admin_route_refuses_a_second_tenant_on_a_shared_host_too(tmp_path: Path) -> None:
+    """POST /api/admin/tenants applies the refusal of `gpupool tenant create`: 409 unless the
+    admin sends allow_shared_host: true (a boolean, nothing that merely looks true)."""
+    gateway = start_gateway(tmp_path, "--host-timeout", "600")  # the host never heartbeats
+    admin = gateway.admin_token
+
+    def create(body: Any) -> Any:
+        return gateway.call("POST", "/api/admin/tenants", body, token=admin)
+
+    try:
+        register(gateway, isolates=False)
+        assert create({"name": "first"}).status == 201  # the first tenant is alone there
+        refused = create({"name": "second"})
+        assert refused.status == 409, refused.body
+        assert "runs every tenant's kernels as one Unix user" in refused.body["message"]
+        assert '"allow_shared_host": true' in refused.body["message"]
+        for wrong in ("true", 1, "yes", None, [True], {"x": True}):
+            bad = create({"name": "second", "allow_shared_host": wrong})
+            assert bad.status == 400, (wrong, bad.body)
+            assert "allow_shared_host must be true or false" in bad.body["message"]
+        assert create({"name": "second", "allow_shared_host": False}).status == 409
+        # Not an admin: 401 before anything else, the flag changes nothing.
+        sneaky = {"name": "second", "allow_shared_host": True}
+        assert gateway.call("POST", "/api/admin/tenants", sneaky, token="").status == 401
+        names = [t["name"] for t in gateway.call("GET", "/api/admin/tenants", token=admin).body]
+        assert names == ["first"]
+        made = create({"name": "second", "allow_shared_host": True})
+        assert made.status == 201, made.body
+        again = create({"name": "second", "allow_shared_host": True})
+        assert again.status == 409 and "already exists" in again.body["message"]
+        # A bad name is 400, checked before the refusal.
+        assert create({"name": "Bad Name"}).status == 400
+    finally:
+        gateway.stop()
+
+
 def test_isolating_hosts_take_any_number_of_tenants(tmp_path: Path) -> None:
     gateway = start_gateway(tmp_path)
     try:
