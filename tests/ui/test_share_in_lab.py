@@ -53,7 +53,12 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     nbformat.write(nb, alice / NOTEBOOK)
     with lab_with_front_end(alice) as up:
         admin = (alice / ".gpupool" / "admin-token").read_text().strip()
-        made = gateway({**up, "token": admin}, "POST", "/api/admin/tenants", {"name": "bob"})
+        made = gateway(
+            {**up, "token": admin},
+            "POST",
+            "/api/admin/tenants",
+            {"name": "bob", "allow_shared_host": True},
+        )
         bob = tmp_path_factory.mktemp("bob")
         with tenant_lab(bob, up["gateway"], made["token"]) as bob_lab:
             yield {**up, "bob_lab": bob_lab, "bob_token": made["token"], "bob_folder": bob}
