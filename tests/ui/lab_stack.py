@@ -42,7 +42,9 @@ def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[
     in `folder`, two fake H100s, `env` added to a clean environment; yields its printed lines
     ("lab", "gateway", "token") and "log", its output file."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
-    full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"), **env)
+    # Its kernelspecs go to the folder's data, not the user's ~/.local (later Labs would show them).
+    full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"),
+                    JUPYTER_DATA_DIR=str(folder / "data"), **env)  # fmt: skip
     log_path = folder / "up.log"
     command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
                "--host-port", str(free_port()), "--lab-port", str(free_port()),

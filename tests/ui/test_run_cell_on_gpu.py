@@ -164,7 +164,8 @@ def test_run_cell_on_gpu_badge_footer_and_run_all(page: Page, up: dict[str, Any]
     # The saved notebook, run headless by its kernelspec, does the same.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     env.update(GPUPOOL_URL=up["gateway"], GPUPOOL_TOKEN=up["token"],
-               IPYTHONDIR=installed_kernel_config(up["folder"]))  # fmt: skip
+               IPYTHONDIR=installed_kernel_config(up["folder"]),
+               JUPYTER_DATA_DIR=str(up["folder"] / "data"))  # fmt: skip
     out = up["folder"] / "executed.ipynb"
     subprocess.run(
         [sys.executable, "-m", "jupyter", "execute", str(saved), "--output=executed"],
