@@ -47,11 +47,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from gpupool.wire import V1_PROTOCOL, v1_message, v1_split
+
 from . import credentials
 from .errors import GatewayError
 from .gateway_api import GatewayApi
 
-V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"
 MAX_MESSAGE_BYTES = 64 << 20
 ROUTES = 10_000  # requests remembered for routing their replies
@@ -73,28 +74,6 @@ def send_now(sock: zmq.Socket, parts: list[Any]) -> None:
 
 def say(text: str) -> None:
     print(f"gpupool: {text}", file=sys.stderr, flush=True)
-
-
-def v1_frame(channel: bytes, parts: list[Any]) -> bytes:
-    """A v1 websocket message: part count and offsets (8-byte little endian), then the parts."""
-    offsets = [8 * (len(parts) + 3)]
-    offsets.append(offsets[-1] + len(channel))
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
-    head = struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
-    return b"".join([head, channel, *parts])
-
-
-def v1_parts(frame: bytes) -> list[memoryview]:
-    """A v1 message's parts: channel, header, parent, metadata, content, buffers..."""
-    view = memoryview(frame)
-    count = int.from_bytes(view[:8], "little")
-    if not 6 <= count <= len(view) // 8 - 1:
-        raise ValueError("not a v1 kernel message")
-    offsets = struct.unpack_from(f"<{count}Q", view, 8)
-    if list(offsets) != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("not a v1 kernel message")
-    return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
 
 
 def legacy_message(channel: str, parts: list[bytes]) -> str | bytes:
@@ -256,7 +235,7 @@ class Bridge:
             ws = self.ws
             if ws is None:
                 continue
-            data = v1_frame(channel.encode(), parts) if self.v1 else legacy_message(channel, parts)
+            data = v1_message(channel, parts) if self.v1 else legacy_message(channel, parts)
             try:
                 await ws.send(data)
                 return
@@ -269,7 +248,7 @@ class Bridge:
         ws = await connect(
             url,
             additional_headers={"Authorization": f"token {self.api.token}"},
-            subprotocols=[Subprotocol(V1)],
+            subprotocols=[Subprotocol(V1_PROTOCOL)],
             compression=None,
             max_size=MAX_MESSAGE_BYTES,
             open_timeout=30,
@@ -277,7 +256,7 @@ class Bridge:
             ping_timeout=60,
             proxy=None,
         )
-        self.v1 = ws.subprotocol == V1
+        self.v1 = ws.subprotocol == V1_PROTOCOL
         self.ws = ws
         self.connected.set()
 
@@ -290,10 +269,10 @@ class Bridge:
                 async for data in ws:
                     if self.v1 and isinstance(data, bytes):
                         try:
-                            parts = v1_parts(data)
+                            channel, parts = v1_split(data)
                         except ValueError:
                             continue
-                        await self.to_client(bytes(parts[0]).decode(), parts[1:])
+                        await self.to_client(channel, parts)
                     else:
                         try:
                             channel, plain = legacy_parts(data)

@@ -22,7 +22,8 @@ from jupyter_server.services.kernels.connection.base import BaseKernelWebsocketC
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-V1 = "v1.kernel.websocket.jupyter.org"
+from gpupool.wire import V1_PROTOCOL
+
 MAX_MESSAGE_BYTES = 64 << 20  # as the bridge's and the gateway's own limit
 
 
@@ -38,7 +39,7 @@ class PoolKernelConnection(BaseKernelWebsocketConnection):
 
     def __init__(self, target: tuple[str, str, str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.kernel_ws_protocol = V1
+        self.kernel_ws_protocol = V1_PROTOCOL
         self.url, self.token, self.remote_id = target
         self.upstream: WebSocketClientConnection | None = None
         self.closed = False

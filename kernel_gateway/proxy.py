@@ -21,6 +21,8 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
+from gpupool.wire import V1_PROTOCOL
+
 from .base import tenant_of, token_of
 from .errors import ApiError
 from .splice import HostConnection, SplicingProtocol, connect_host
@@ -28,7 +30,6 @@ from .state import GatewayState
 from .store import Tenant
 
 log = logging.getLogger(__name__)
-V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
 HOST_CONNECT_TIMEOUT = 60.0  # seconds for the host's websocket handshake
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
@@ -102,7 +103,7 @@ class ChannelsHandler(WebSocketHandler):
         await super().get(kernel_id)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return V1 if V1 in subprotocols else None
+        return V1_PROTOCOL if V1_PROTOCOL in subprotocols else None
 
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle

@@ -1,0 +1,82 @@
+"""The wire contract shared by the host agent, the gateway and the Jupyter extension.
+
+A v1 kernel message (`v1.kernel.websocket.jupyter.org`) is one binary websocket message: the
+count of offsets (8-byte little endian), the offsets themselves (from the message's start), then
+the channel name and the parts (header, parent header, metadata, content, buffers), each from
+its offset to the next. Parts are passed as they are (views, never copies) both ways, so a
+100 MB buffer is read and written once."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+MAX_PARTS = 4096  # parts of one message: header, parent, metadata, content and its buffers
+# The four JSON parts every Jupyter message has, after the channel name.
+JSON_PARTS = 4
+# A count of offsets below this is no Jupyter message: channel, four JSON parts, the end.
+MIN_OFFSETS = 1 + JSON_PARTS + 1
+
+# GPUs one kernel may hold: the most a real node has. A host may report more (MIG instances).
+MAX_GPUS_PER_KERNEL = 8
+# GPUs one host may report: 8 GPUs of 7 MIG instances each is 56.
+MAX_GPUS_PER_HOST = 256
+
+
+def v1_head(channel: bytes, sizes: Sequence[int]) -> bytes:
+    """The start of a v1 message whose parts have these byte sizes, up to its parts: the
+    offset count, the offsets and the channel name. The parts follow it as they are."""
+    offsets = [8 * (len(sizes) + 3), 8 * (len(sizes) + 3) + len(channel)]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + channel
+
+
+def v1_pieces(channel: str | bytes, parts: Sequence[Any]) -> list[Any]:
+    """A v1 message as the pieces to write in order: its head, then the parts themselves (any
+    buffer: bytes, memoryview, numpy array; not copied)."""
+    name = channel.encode() if isinstance(channel, str) else channel
+    return [v1_head(name, [memoryview(part).nbytes for part in parts]), *parts]
+
+
+def v1_message(channel: str | bytes, parts: Sequence[Any]) -> bytes:
+    """A v1 message as one bytes object (the parts copied once, into it)."""
+    return b"".join(v1_pieces(channel, parts))
+
+
+def v1_split(message: Any) -> tuple[str, list[memoryview]]:
+    """A v1 message's channel and parts (views into it, not copies). The offset count and the
+    offsets are checked against the message's own length before use (jupyter_server's parser
+    trusts them: a count of 2**60 keeps a loop busy for good); ValueError, saying what is
+    wrong, for anything that is not a v1 message."""
+    if isinstance(message, str):
+        raise ValueError("it came as text; v1 messages are binary")
+    view = memoryview(message).cast("B")
+    count = int.from_bytes(view[:8], "little") if len(view) >= 8 else 0
+    if count > MAX_PARTS + 2:
+        raise ValueError(f"it has more than {MAX_PARTS} parts")
+    if not MIN_OFFSETS <= count <= len(view) // 8 - 1:
+        raise ValueError("its part count does not fit the message")
+    offsets = struct.unpack_from(f"<{count}Q", view, 8)
+    if offsets[0] != 8 * (count + 1) or list(offsets) != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("its offsets do not fit the message")
+    try:
+        channel = bytes(view[offsets[0] : offsets[1]]).decode()
+    except UnicodeDecodeError:
+        raise ValueError("its channel name is not UTF-8") from None
+    return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
+
+
+def frame_head(length: int, mask: bytes = b"") -> bytes:
+    """The header of one final binary websocket frame (RFC 6455) of `length` payload bytes;
+    with a 4-byte `mask` key (a client's frame), the mask bit set and the key after it."""
+    bit = 0x80 if mask else 0
+    if length < 126:
+        head = bytes([0x82, bit | length])
+    elif length < 1 << 16:
+        head = bytes([0x82, bit | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x82, bit | 127]) + length.to_bytes(8, "big")
+    return head + mask

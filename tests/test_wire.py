@@ -1,0 +1,156 @@
+"""The one v1 websocket codec (`gpupool.wire`): what it writes jupyter_server reads and the
+other way round, parts are views and never copies, and every frame that is not a v1 message
+(malformed, truncated, oversized, too many parts) is a ValueError that says why, found without
+reading more than the message holds."""
+
+from __future__ import annotations
+
+import array
+import random
+import struct
+import time
+
+import pytest
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_msg_from_ws_v1,
+    serialize_msg_to_ws_v1,
+)
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+from websockets.utils import apply_mask
+
+from gpupool import wire
+from gpupool.wire import MAX_PARTS, frame_head, v1_head, v1_message, v1_pieces, v1_split
+
+PARTS = [b'{"msg_id": "1"}', b"{}", b"{}", b'{"code": "1+1"}']
+
+
+def head(offsets: list[int]) -> bytes:
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
+
+
+def test_a_message_splits_back_into_its_channel_and_parts_as_views() -> None:
+    message = v1_message("shell", [*PARTS, b"\x00" * 1000, b""])
+    channel, parts = v1_split(message)
+    assert channel == "shell"
+    assert [bytes(p) for p in parts] == [*PARTS, b"\x00" * 1000, b""]
+    assert all(isinstance(p, memoryview) and p.obj is message for p in parts)
+
+
+def test_jupyter_server_reads_ours_and_we_read_jupyter_servers() -> None:
+    buffers = [b"\x01\x02", bytes(range(256)) * 40]
+    ours = v1_message(b"iopub", [*PARTS, *buffers])
+    assert deserialize_msg_from_ws_v1(ours) == ("iopub", [*PARTS, *buffers])
+    theirs = serialize_msg_to_ws_v1([*PARTS, *buffers], "control")
+    channel, parts = v1_split(theirs)
+    assert (channel, [bytes(p) for p in parts]) == ("control", [*PARTS, *buffers])
+
+
+def test_pieces_are_the_parts_themselves_measured_in_bytes() -> None:
+    """No copy of a buffer: a 100 MB numpy array goes out as it is. Sizes are in bytes, not
+    items (an array of doubles is 8 bytes an item)."""
+    doubles = array.array("d", [1.5] * 1000)
+    view = memoryview(b"abcdef")[2:]
+    pieces = v1_pieces("shell", [*PARTS, doubles, view])
+    assert pieces[1:] == [*PARTS, doubles, view] and pieces[-2] is doubles
+    joined = b"".join(bytes(memoryview(p).cast("B")) for p in pieces)
+    channel, parts = v1_split(joined)
+    assert (
+        channel == "shell" and bytes(parts[4]) == doubles.tobytes() and bytes(parts[5]) == b"cdef"
+    )
+    assert pieces[0] == v1_head(b"shell", [len(p) for p in PARTS] + [8000, 4])
+
+
+def test_a_bytearray_or_a_view_is_read_in_place() -> None:
+    message = bytearray(v1_message("stdin", PARTS))
+    channel, parts = v1_split(message)
+    assert channel == "stdin" and parts[0].obj is message
+    assert v1_split(memoryview(message))[0] == "stdin"
+
+
+GOOD = v1_message("shell", PARTS)
+START = 8 * 7  # the offsets of a message of 4 parts start after 7 words
+
+
+def at(*deltas: int) -> bytes:
+    """The head of a 4-part message whose offsets are START plus these."""
+    return head([START + d for d in deltas])
+
+
+# Each: a message that is not a v1 message, and what the refusal says.
+NOT_V1 = {
+    "text": ("text", "it came as text"),
+    "empty": (b"", "part count does not fit"),
+    "short": (b"\x06\0\0", "part count does not fit"),
+    "too-few-parts": (head([16] * 5), "part count does not fit"),  # no content part
+    "count-2**60": ((2**60).to_bytes(8, "little") + bytes(64), f"more than {MAX_PARTS} parts"),
+    "count-past-end": ((7).to_bytes(8, "little") + bytes(40), "part count does not fit"),
+    "first-offset-late": (at(8, 8, 8, 8, 8, 8) + bytes(16), "offsets do not fit"),
+    "first-offset-early": (at(-8, 0, 0, 0, 0, 0) + bytes(8), "offsets do not fit"),
+    "offsets-go-back": (at(0, 5, 7, 6, 8, 8) + bytes(8), "offsets do not fit"),
+    "last-offset-past-end": (at(0, 5, 6, 7, 8, 99) + bytes(8), "offsets do not fit"),
+    "channel-not-utf8": (at(0, 2, 3, 4, 5, 6) + b"\xff\xfe0000", "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize(("message", "why"), NOT_V1.values(), ids=NOT_V1.keys())
+def test_what_is_not_a_v1_message_is_refused_saying_why(message: object, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        v1_split(message)
+
+
+def test_every_truncation_of_a_message_is_refused() -> None:
+    for end in range(len(GOOD)):
+        with pytest.raises(ValueError):
+            v1_split(GOOD[:end])
+
+
+def test_at_most_max_parts_parts() -> None:
+    """MAX_PARTS parts (the four JSON parts and their buffers) pass; one more is refused before
+    its offsets are read."""
+    most = v1_message("shell", [*PARTS, *[b"x"] * (MAX_PARTS - 4)])
+    assert len(v1_split(most)[1]) == MAX_PARTS
+    with pytest.raises(ValueError, match=f"more than {MAX_PARTS} parts"):
+        v1_split(v1_message("shell", [*PARTS, *[b"x"] * (MAX_PARTS - 3)]))
+
+
+def test_random_and_oversized_counts_fail_fast_and_only_with_value_error() -> None:
+    """Random bytes, and random bytes behind a huge part count or huge offsets: never another
+    exception, never a long loop (the count is bounded before anything is read)."""
+    rng = random.Random(12)
+    started = time.monotonic()
+    for _ in range(2000):
+        size = rng.randrange(0, 200)
+        noise = rng.randbytes(size)
+        for message in (noise, (6).to_bytes(8, "little") + noise, head([2**63] * 6) + noise):
+            try:
+                channel, parts = v1_split(message)
+            except ValueError:
+                continue
+            assert len(parts) >= 4 and isinstance(channel, str)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("length", [0, 125, 126, 65535, 65536, 200_000])
+def test_frame_heads_are_what_websockets_reads(length: int) -> None:
+    """A server's head (unmasked) read by websockets' client, a client's (masked, the key
+    after the head and the payload masked with it) by its server."""
+    payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    client = ClientProtocol(parse_uri("ws://localhost/"), state=State.OPEN, max_size=None)
+    client.receive_data(frame_head(length) + payload)
+    (got,) = client.events_received()
+    assert got.opcode is Opcode.BINARY and got.fin and got.data == payload
+
+    key = b"\x12\x34\x56\x78"
+    server = ServerProtocol(state=State.OPEN, max_size=None)
+    server.receive_data(frame_head(length, key) + apply_mask(payload, key))
+    (got,) = server.events_received()
+    assert got.opcode is Opcode.BINARY and got.fin and got.data == payload
+
+
+def test_one_kernel_holds_at_most_a_nodes_gpus() -> None:
+    assert wire.MAX_GPUS_PER_KERNEL == 8
+    assert wire.MAX_GPUS_PER_KERNEL <= wire.MAX_GPUS_PER_HOST
