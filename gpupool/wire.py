@@ -8,6 +8,7 @@ its offset to the next. Parts are passed as they are (views, never copies) both 
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,33 @@ MIN_OFFSETS = 1 + JSON_PARTS + 1
 MAX_GPUS_PER_KERNEL = 8
 # GPUs one host may report: 8 GPUs of 7 MIG instances each is 56.
 MAX_GPUS_PER_HOST = 256
+
+# Kernelspec names: `python3` runs on a CPU, `python3-gpu-<type>-x<count>` on `count` GPUs of
+# `type` (NVML's name, upper case, written lower case here: python3-gpu-h100-x2).
+CPU_KERNEL_NAME = "python3"
+GPU_KERNEL_PREFIX = "python3-gpu-"
+GPU_KERNEL_NAME = re.compile(
+    r"python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]{0,31})-x(?P<count>[0-9]{1,2})"
+)
+KERNEL_NAMES = "python3, or python3-gpu-<type>-x<count> such as python3-gpu-h100-x1"
+
+
+def kernel_name(gpu_type: str | None, gpu_count: int) -> str:
+    """The kernelspec name of `gpu_count` GPUs of `gpu_type`; python3 for none."""
+    if not gpu_count or gpu_type is None:
+        return CPU_KERNEL_NAME
+    return f"{GPU_KERNEL_PREFIX}{gpu_type.lower()}-x{gpu_count}"
+
+
+def parse_kernel_name(name: str) -> tuple[str | None, int] | None:
+    """(GPU type in upper case, count) of a kernelspec name, (None, 0) for python3, None for a
+    name of neither form. The count is as written: the caller checks it against its limit."""
+    if name == CPU_KERNEL_NAME:
+        return None, 0
+    found = GPU_KERNEL_NAME.fullmatch(name)
+    if found is None:
+        return None
+    return found["type"].upper(), int(found["count"])
 
 
 def v1_head(channel: bytes, sizes: Sequence[int]) -> bytes:

@@ -7,13 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gpupool.wire import MAX_GPUS_PER_KERNEL, kernel_name
+
 # TYPE or TYPE:COUNT, as `%gpu default` and the Lab setting `defaultShape` take it.
 SHAPE_TEXT = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,31})(?::([1-9][0-9]{0,2}))?")
-
-
-def kernel_name(gpu_type: str, gpu_count: int) -> str:
-    """The kernelspec of a GPU shape, as the gateway names it."""
-    return f"python3-gpu-{gpu_type.lower()}-x{gpu_count}"
 
 
 @dataclass(frozen=True)
@@ -35,4 +32,8 @@ def parse_shape(text: str) -> Shape:
     if not found:
         raise ValueError(f"{text.strip()[:40]!r} is not a GPU shape: write TYPE or TYPE:COUNT, "
                          "e.g. H100 or H100:2")  # fmt: skip
-    return Shape(found.group(1), int(found.group(2) or 1))
+    count = int(found.group(2) or 1)
+    if count > MAX_GPUS_PER_KERNEL:
+        raise ValueError(f"{text.strip()} asks for {count} GPUs; one kernel may hold at most "
+                         f"{MAX_GPUS_PER_KERNEL}: ask for fewer")  # fmt: skip
+    return Shape(found.group(1), count)

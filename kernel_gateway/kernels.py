@@ -16,6 +16,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from gpupool.wire import MAX_GPUS_PER_KERNEL
+
 from .budgets import Budgets
 from .errors import ApiError
 from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger, iso
@@ -26,7 +28,6 @@ from .store import Kernel, Tenant, Token
 from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
-MAX_GPUS_PER_KERNEL = 8
 UNREACHABLE = "could not be reached"  # in a kernel's reason: its host did not answer a start
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
 STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
@@ -64,6 +65,9 @@ def read_shape(name: str, env: dict[str, str]) -> Shape:
         raise ApiError(
             404, f"no kernelspec named {name[:80]!r}; GET /api/kernelspecs lists the shapes."
         )
+    if shape.gpu_count > MAX_GPUS_PER_KERNEL:
+        raise ApiError(400, f"{name} asks for {shape.gpu_count} GPUs; one kernel may hold at "
+                            f"most {MAX_GPUS_PER_KERNEL}: ask for fewer.")  # fmt: skip
     gpu_type = env.get("KERNEL_GPU_TYPE")
     count_text = env.get("KERNEL_GPU_COUNT")
     if gpu_type is not None:

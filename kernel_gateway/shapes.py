@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from gpupool.wire import kernel_name, parse_kernel_name
 
 # US dollars per GPU-hour; one place for every price the gateway shows or charges.
 USD_PER_GPU_HOUR: dict[str, float] = {
@@ -23,8 +24,6 @@ def usd_per_gpu_hour(gpu_type: str) -> float:
     return USD_PER_GPU_HOUR.get(gpu_type, DEFAULT_USD_PER_GPU_HOUR)
 
 
-CPU_KERNEL = "python3"
-SPEC_NAME = re.compile(r"^python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]*)-x(?P<count>\d{1,2})$")
 STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
 # What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md).
 EXECUTION_STATE = {"queued": "starting", "starting": "starting", "suspended": "idle",
@@ -38,9 +37,7 @@ class Shape:
 
     @property
     def kernel_name(self) -> str:
-        if not self.gpu_count or self.gpu_type is None:
-            return CPU_KERNEL
-        return f"python3-gpu-{self.gpu_type.lower()}-x{self.gpu_count}"
+        return kernel_name(self.gpu_type, self.gpu_count)
 
     @property
     def usd_per_hour(self) -> float:
@@ -59,9 +56,6 @@ CPU = Shape(None, 0)
 
 
 def shape_of_name(name: str) -> Shape | None:
-    if name == CPU_KERNEL:
-        return CPU
-    match = SPEC_NAME.match(name)
-    if not match:
-        return None
-    return Shape(match["type"].upper(), int(match["count"]))
+    """The shape of a kernelspec name; None for a name that is not one of ours."""
+    parsed = parse_kernel_name(name)
+    return None if parsed is None else Shape(*parsed)

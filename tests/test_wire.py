@@ -23,7 +23,17 @@ from websockets.uri import parse_uri
 from websockets.utils import apply_mask
 
 from gpupool import wire
-from gpupool.wire import MAX_PARTS, frame_head, v1_head, v1_message, v1_pieces, v1_split
+from gpupool.wire import (
+    GPU_KERNEL_PREFIX,
+    MAX_PARTS,
+    frame_head,
+    kernel_name,
+    parse_kernel_name,
+    v1_head,
+    v1_message,
+    v1_pieces,
+    v1_split,
+)
 
 PARTS = [b'{"msg_id": "1"}', b"{}", b"{}", b'{"code": "1+1"}']
 
@@ -154,3 +164,39 @@ def test_frame_heads_are_what_websockets_reads(length: int) -> None:
 def test_one_kernel_holds_at_most_a_nodes_gpus() -> None:
     assert wire.MAX_GPUS_PER_KERNEL == 8
     assert wire.MAX_GPUS_PER_KERNEL <= wire.MAX_GPUS_PER_HOST
+
+
+def test_kernelspec_names_read_back_as_written() -> None:
+    assert parse_kernel_name("python3") == (None, 0)
+    for gpu_type, count in [("H100", 1), ("A10G", 8), ("MIG-1G.10GB", 2)]:
+        name = kernel_name(gpu_type, count)
+        assert name.startswith(GPU_KERNEL_PREFIX) and parse_kernel_name(name) == (gpu_type, count)
+    assert kernel_name(None, 0) == kernel_name("H100", 0) == "python3"
+    too_long_type = "python3-gpu-" + "a" * 33 + "-x1"
+    for other in ["python2", "python3-gpu-h100-x", "python3-gpu-h100-x1\n", "python3-gpu--x1",
+                  "python3-gpu-h/100-x1", "python3-gpu-h100-x100", too_long_type,
+                  "Python3-gpu-h100-x1", ""]:  # fmt: skip
+        assert parse_kernel_name(other) is None, other
+
+
+def test_every_package_refuses_more_gpus_than_one_kernel_may_hold() -> None:
+    """The one limit, said with its number by the host, the gateway and the magic."""
+    from gpu_host.kernel_request import RequestError, parse_kernel_request
+    from jupyter_ext.shapes import parse_shape
+    from kernel_gateway.errors import ApiError
+    from kernel_gateway.kernels import read_shape
+
+    most = wire.MAX_GPUS_PER_KERNEL
+    assert parse_kernel_request(b'{"name": "python3-gpu-h100-x8"}').shape.gpu_count == most
+    with pytest.raises(RequestError, match=f"it must be from 0 to {most}"):
+        parse_kernel_request(b'{"name": "python3-gpu-h100-x9"}')
+    with pytest.raises(RequestError, match=f"from 0 to {most}"):
+        parse_kernel_request(b'{"gpu_type": "H100", "gpu_count": 9}')
+    assert read_shape("python3-gpu-h100-x8", {}).gpu_count == most
+    with pytest.raises(ApiError, match=f"at most {most}: ask for fewer"):
+        read_shape("python3-gpu-h100-x9", {})
+    with pytest.raises(ApiError, match=f"from 0 to {most}"):
+        read_shape("python3-gpu-h100-x1", {"KERNEL_GPU_COUNT": "9"})
+    assert parse_shape("H100:8").gpu_count == most
+    with pytest.raises(ValueError, match=f"at most {most}: ask for fewer"):
+        parse_shape("H100:9")
