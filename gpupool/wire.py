@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
@@ -33,6 +35,47 @@ GPU_KERNEL_NAME = re.compile(
     r"python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]{0,31})-x(?P<count>[0-9]{1,2})"
 )
 KERNEL_NAMES = "python3, or python3-gpu-<type>-x<count> such as python3-gpu-h100-x1"
+
+
+class KernelState(str, Enum):
+    """A pool kernel's state, as the gateway stores it and its kernel model shows it. Each
+    compares equal to its text, so rows and JSON hold the plain words."""
+
+    QUEUED = "queued"  # waiting for GPUs
+    STARTING = "starting"  # placed on a host, which starts it
+    RUNNING = "running"
+    SUSPENDED = "suspended"  # idle: its namespace saved, its GPUs given back
+    RESUMING = "resuming"  # shown while a suspended kernel is queued or starting again
+    DEAD = "dead"  # ended; its model is kept, with why
+    DELETED = "deleted"  # shut down by its owner or revoked; no longer listed
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, to the microsecond: 2025-05-01T12:00:00.000000Z
+MAX_TIME_TEXT = 64  # characters of a time read from a request
+
+
+def iso(ts: float) -> str:
+    """A Unix time as the wire writes times (TIME_FORMAT)."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime(TIME_FORMAT)
+
+
+def parse_iso(text: Any) -> float:
+    """An ISO 8601 time (`2025-05-01`, `2025-05-01T12:00:00Z`, with an offset or without, which
+    means UTC) as a Unix time; ValueError if it is not one or is over MAX_TIME_TEXT long."""
+    if not isinstance(text, str):
+        raise ValueError(f"a time is ISO 8601 text, not {type(text).__name__}")
+    if len(text) > MAX_TIME_TEXT:
+        raise ValueError(f"a time is at most {MAX_TIME_TEXT} characters")
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    except (OverflowError, OSError) as error:
+        raise ValueError(f"{text[:40]!r} is out of range: {error}") from None
 
 
 def kernel_name(gpu_type: str | None, gpu_count: int) -> str:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gpupool.wire import KernelState
+
 if TYPE_CHECKING:
     from .state import GatewayState
 
@@ -40,8 +42,9 @@ GPU_SECONDS_OPEN = Gauge(
 
 def render_metrics(state: GatewayState) -> bytes:
     counts = state.kernels.counts()
-    for name in ("queued", "starting", "running", "suspended", "resuming", "dead"):
-        KERNELS.labels(name).set(counts.get(name, 0))
+    for name in KernelState:
+        if name is not KernelState.DELETED:  # gone: not a kernel of the pool any more
+            KERNELS.labels(name.value).set(counts.get(name, 0))
     for gpu_type, entry in state.pool.types().items():
         GPUS.labels(gpu_type, "free").set(entry["free"])
         GPUS.labels(gpu_type, "used").set(entry["total"] - entry["free"])

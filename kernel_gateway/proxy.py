@@ -21,7 +21,7 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
-from gpupool.wire import V1_PROTOCOL
+from gpupool.wire import V1_PROTOCOL, KernelState
 
 from .base import tenant_of, token_of
 from .errors import ApiError
@@ -81,7 +81,7 @@ class ChannelsHandler(WebSocketHandler):
         try:
             tenant = tenant_of(self.state, token_of(self), self.request.remote_ip or "")
             kernel = self.state.kernels.get(tenant, kernel_id)
-            if kernel.state == "dead":
+            if kernel.state == KernelState.DEAD:
                 raise ApiError(404, f"kernel {kernel_id} is dead: {kernel.reason}")
             self.session_id = read_session_id(self)
         except ApiError as error:
@@ -129,7 +129,7 @@ class ChannelsHandler(WebSocketHandler):
         kernels = self.state.kernels
         while self.ws_connection is not None:
             changed = kernels._live(self.kernel_id).changed
-            if kernels._row(self.kernel_id).state in ("dead", "deleted"):
+            if kernels._row(self.kernel_id).state in (KernelState.DEAD, KernelState.DELETED):
                 if self.upstream is not None:
                     self.upstream.close()
                 return
@@ -174,7 +174,7 @@ class ChannelsHandler(WebSocketHandler):
             live = kernels._live(self.kernel_id)
             changed = live.changed
             kernel = kernels._row(self.kernel_id)
-            if kernel.state in ("running", "dead", "deleted"):
+            if kernel.state in (KernelState.RUNNING, KernelState.DEAD, KernelState.DELETED):
                 return kernel
             await changed.wait()
 
@@ -196,7 +196,7 @@ class ChannelsHandler(WebSocketHandler):
         kernel = await self._wait_running()
         if self.replaced or self.ws_connection is None:
             return False
-        if kernel.state != "running":
+        if kernel.state != KernelState.RUNNING:
             self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
             return False
         host = self.state.pool.hosts.get(kernel.host_id or "")
@@ -267,11 +267,11 @@ class ChannelsHandler(WebSocketHandler):
             return False
         # Ended by the host: suspended, or died (the host says so, or no longer knows it).
         kernel = await self.state.kernels.check_on_host(self.kernel_id)
-        if kernel.state in ("suspended", "queued", "starting"):
+        if kernel.state in (KernelState.SUSPENDED, KernelState.QUEUED, KernelState.STARTING):
             return True
         if self.ws_connection is None:
             return False
-        if kernel.state != "running":
+        if kernel.state != KernelState.RUNNING:
             self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
             return False
         self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpupool.wire import kernel_name, parse_kernel_name
+from gpupool.wire import KernelState, kernel_name, parse_kernel_name
 
 # US dollars per GPU-hour; one place for every price the gateway shows or charges.
 USD_PER_GPU_HOUR: dict[str, float] = {
@@ -24,10 +24,15 @@ def usd_per_gpu_hour(gpu_type: str) -> float:
     return USD_PER_GPU_HOUR.get(gpu_type, DEFAULT_USD_PER_GPU_HOUR)
 
 
-STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
-# What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md).
-EXECUTION_STATE = {"queued": "starting", "starting": "starting", "suspended": "idle",
-                   "resuming": "busy", "dead": "dead"}  # fmt: skip
+# What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md); a
+# running kernel shows its host's.
+EXECUTION_STATE: dict[str, str] = {
+    KernelState.QUEUED: "starting",
+    KernelState.STARTING: "starting",
+    KernelState.SUSPENDED: "idle",
+    KernelState.RESUMING: "busy",
+    KernelState.DEAD: "dead",
+}
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import nbformat
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from gpupool.wire import iso
+
 from .errors import ApiError
-from .ledger import iso
 from .private_files import private_folder
 from .shapes import shape_of_name
 from .store import Share, Tenant

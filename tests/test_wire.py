@@ -26,8 +26,11 @@ from gpupool import wire
 from gpupool.wire import (
     GPU_KERNEL_PREFIX,
     MAX_PARTS,
+    KernelState,
     frame_head,
+    iso,
     kernel_name,
+    parse_iso,
     parse_kernel_name,
     v1_head,
     v1_message,
@@ -200,3 +203,38 @@ def test_every_package_refuses_more_gpus_than_one_kernel_may_hold() -> None:
     assert parse_shape("H100:8").gpu_count == most
     with pytest.raises(ValueError, match=f"at most {most}: ask for fewer"):
         parse_shape("H100:9")
+
+
+def test_kernel_states_are_their_words_in_rows_json_and_text() -> None:
+    """A str enum: equal to its word, hashed as it (dict lookups by the row's plain text),
+    written as it by json, f-strings and SQLite."""
+    import json
+    import sqlite3
+
+    words = ["queued", "starting", "running", "suspended", "resuming", "dead", "deleted"]
+    assert [state.value for state in KernelState] == words
+    for state in KernelState:
+        assert state == state.value and {state: 1}[state.value] == 1
+        assert f"{state}" == str(state) == state.value
+        assert json.dumps({"state": state}) == f'{{"state": "{state.value}"}}'
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE k (state TEXT)")
+    db.execute("INSERT INTO k VALUES (?)", (KernelState.DELETED,))
+    assert db.execute("SELECT state FROM k WHERE state = ?", ("deleted",)).fetchall() == [
+        ("deleted",)
+    ]
+
+
+def test_times_are_written_one_way_and_read_in_any_iso_form() -> None:
+    ts = 1_746_100_800.25  # 2025-05-01T12:00:00.25Z
+    assert iso(ts) == "2025-05-01T12:00:00.250000Z"
+    assert parse_iso(iso(ts)) == ts
+    assert parse_iso("2025-05-01T12:00:00.25Z") == ts
+    assert parse_iso("2025-05-01T14:00:00.25+02:00") == ts
+    assert parse_iso("2025-05-01T12:00:00.25") == ts  # no offset: UTC
+    assert parse_iso("2025-05-01") == ts - 12 * 3600 - 0.25
+    for bad in ["", "yesterday", "2025-13-01", "2025-05-01T25:00Z", "9" * 65, None, 1.5]:
+        with pytest.raises(ValueError):
+            parse_iso(bad)
+    with pytest.raises(ValueError, match="at most 64 characters"):
+        parse_iso("2025-05-01" + " " * 60)
