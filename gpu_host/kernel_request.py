@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.wire import KERNEL_NAMES, MAX_GPUS_PER_KERNEL, parse_kernel_name
+from gpupool.wire import CPU, KERNEL_NAMES, MAX_GPUS_PER_KERNEL, Shape, shape_of_kernel_name
 
-from .allocator import CPU, Shape
 from .tenants import TenantError, check_tenant_name
 
 MAX_BODY_BYTES = 64 * 1024
@@ -86,10 +85,10 @@ def parse_kernel_request(body: bytes) -> KernelRequest:
     name = data.get("name") or "python3"
     if not isinstance(name, str):
         raise RequestError(f"name must be a string: {KERNEL_NAMES}.")
-    named = parse_kernel_name(name)
+    named = shape_of_kernel_name(name)
     if named is None:
         raise RequestError(f"no kernel named {name[:80]!r} on this host; use {KERNEL_NAMES}.")
-    gpu_type, count = named[0], _count(named[1], "the name's count")
+    gpu_type, count = named.gpu_type, _count(named.gpu_count, "the name's count")
     request.name = name
 
     type_value = data.get("gpu_type", request.env.get("KERNEL_GPU_TYPE"))

@@ -20,9 +20,9 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from tornado import web
 from traitlets import Float, Int, List, Unicode
 
-from gpupool.wire import iso
+from gpupool.wire import Shape, iso
 
-from .allocator import AllocationError, GpuAllocator, Shape
+from .allocator import AllocationError, GpuAllocator
 from .connections import Connections
 from .kernel_request import KernelRequest
 from .memory import MemoryTrim

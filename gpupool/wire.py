@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -78,22 +79,39 @@ def parse_iso(text: Any) -> float:
         raise ValueError(f"{text[:40]!r} is out of range: {error}") from None
 
 
-def kernel_name(gpu_type: str | None, gpu_count: int) -> str:
-    """The kernelspec name of `gpu_count` GPUs of `gpu_type`; python3 for none."""
-    if not gpu_count or gpu_type is None:
-        return CPU_KERNEL_NAME
-    return f"{GPU_KERNEL_PREFIX}{gpu_type.lower()}-x{gpu_count}"
+@dataclass(frozen=True)
+class Shape:
+    """`gpu_count` GPUs of `gpu_type` (NVML's name, upper case; None: any type); a count of 0
+    is a CPU kernel. What a kernel asks for, at the host, the gateway and in `%%gpu`."""
+
+    gpu_type: str | None
+    gpu_count: int
+
+    def __str__(self) -> str:
+        if not self.gpu_count:
+            return "CPU"
+        return f"{self.gpu_type or 'GPU'} ×{self.gpu_count}"  # noqa: RUF001
+
+    @property
+    def kernel_name(self) -> str:
+        """Its kernelspec name: python3, or python3-gpu-<type>-x<count>."""
+        if not self.gpu_count or self.gpu_type is None:
+            return CPU_KERNEL_NAME
+        return f"{GPU_KERNEL_PREFIX}{self.gpu_type.lower()}-x{self.gpu_count}"
 
 
-def parse_kernel_name(name: str) -> tuple[str | None, int] | None:
-    """(GPU type in upper case, count) of a kernelspec name, (None, 0) for python3, None for a
-    name of neither form. The count is as written: the caller checks it against its limit."""
+CPU = Shape(None, 0)
+
+
+def shape_of_kernel_name(name: str) -> Shape | None:
+    """The shape a kernelspec name asks for (the type in upper case); None for a name of
+    neither form. The count is as written: the caller checks it against its limit."""
     if name == CPU_KERNEL_NAME:
-        return None, 0
+        return CPU
     found = GPU_KERNEL_NAME.fullmatch(name)
     if found is None:
         return None
-    return found["type"].upper(), int(found["count"])
+    return Shape(found["type"].upper(), int(found["count"]))
 
 
 def v1_head(channel: bytes, sizes: Sequence[int]) -> bytes:

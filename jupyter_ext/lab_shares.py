@@ -25,7 +25,7 @@ from typing import Any
 import tornado.web
 from jupyter_server.utils import ensure_async
 
-from gpupool.wire import parse_kernel_name
+from gpupool.wire import shape_of_kernel_name
 
 from .gateway_api import GatewayApi
 from .server_extension import (
@@ -277,7 +277,7 @@ class SharesHandler(SharesBase):
             if remote is not None:
                 model = await self.gateway.get(f"/api/kernels/{urllib.parse.quote(remote)}")
                 name = str(model.get("name") or "")
-            if parse_kernel_name(name) is None:
+            if shape_of_kernel_name(name) is None:
                 raise Refused(400, f"This notebook's kernel {name[:80]!r} is neither a pool GPU "
                               "kernel nor Python 3: change its kernel to a pool shape (GPU Pool: "
                               "Change Kernel to a GPU Shape…) and share again.")  # fmt: skip
@@ -321,7 +321,7 @@ class OpenShareHandler(SharesBase):
             raise
         notebook, kernel_name = got.get("notebook"), str(got.get("kernel_name") or "")
         share = got.get("share") or {}
-        if not isinstance(notebook, dict) or parse_kernel_name(kernel_name) is None:
+        if not isinstance(notebook, dict) or shape_of_kernel_name(kernel_name) is None:
             raise GatewayUnavailable(
                 502, "bad gateway answer", f"The gateway at {url} answered no notebook copy."
             )

@@ -16,14 +16,14 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from gpupool.wire import MAX_GPUS_PER_KERNEL, KernelState, iso
+from gpupool.wire import CPU, MAX_GPUS_PER_KERNEL, KernelState, Shape, iso, shape_of_kernel_name
 
 from .budgets import Budgets
 from .errors import ApiError
 from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger
 from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
-from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
+from .shapes import EXECUTION_STATE
 from .store import Kernel, Tenant, Token
 from .tokens import digest, new_token
 
@@ -60,7 +60,7 @@ class Live:
 
 
 def read_shape(name: str, env: dict[str, str]) -> Shape:
-    shape = shape_of_name(name)
+    shape = shape_of_kernel_name(name)
     if shape is None:
         raise ApiError(
             404, f"no kernelspec named {name[:80]!r}; GET /api/kernelspecs lists the shapes."

@@ -1,10 +1,9 @@
-"""GPU shapes as clients name them: kernelspec names, prices and the kernel model's words."""
+"""What the gateway adds to a shape (gpupool.wire.Shape): prices, the kernel picker's names, and
+the kernel model's words."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from gpupool.wire import KernelState, kernel_name, parse_kernel_name
+from gpupool.wire import KernelState, Shape
 
 # US dollars per GPU-hour; one place for every price the gateway shows or charges.
 USD_PER_GPU_HOUR: dict[str, float] = {
@@ -35,32 +34,15 @@ EXECUTION_STATE: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Shape:
-    gpu_type: str | None  # None for CPU
-    gpu_count: int
-
-    @property
-    def kernel_name(self) -> str:
-        return kernel_name(self.gpu_type, self.gpu_count)
-
-    @property
-    def usd_per_hour(self) -> float:
-        if not self.gpu_count or self.gpu_type is None:
-            return 0.0
-        return self.gpu_count * usd_per_gpu_hour(self.gpu_type)
-
-    @property
-    def display_name(self) -> str:
-        if not self.gpu_count:
-            return "Python 3 · CPU"
-        return f"Python 3 · {self.gpu_type} ×{self.gpu_count} · ${self.usd_per_hour:.2f}/h"  # noqa: RUF001
+def usd_per_hour(shape: Shape) -> float:
+    """What a kernel of `shape` costs an hour: each GPU at its type's price; CPU is free."""
+    if not shape.gpu_count or shape.gpu_type is None:
+        return 0.0
+    return shape.gpu_count * usd_per_gpu_hour(shape.gpu_type)
 
 
-CPU = Shape(None, 0)
-
-
-def shape_of_name(name: str) -> Shape | None:
-    """The shape of a kernelspec name; None for a name that is not one of ours."""
-    parsed = parse_kernel_name(name)
-    return None if parsed is None else Shape(*parsed)
+def display_name(shape: Shape) -> str:
+    """The kernel picker's name of a shape, with its price."""
+    if not shape.gpu_count:
+        return "Python 3 · CPU"
+    return f"Python 3 · {shape} · ${usd_per_hour(shape):.2f}/h"

@@ -24,14 +24,15 @@ from websockets.utils import apply_mask
 
 from gpupool import wire
 from gpupool.wire import (
+    CPU,
     GPU_KERNEL_PREFIX,
     MAX_PARTS,
     KernelState,
+    Shape,
     frame_head,
     iso,
-    kernel_name,
     parse_iso,
-    parse_kernel_name,
+    shape_of_kernel_name,
     v1_head,
     v1_message,
     v1_pieces,
@@ -170,16 +171,18 @@ def test_one_kernel_holds_at_most_a_nodes_gpus() -> None:
 
 
 def test_kernelspec_names_read_back_as_written() -> None:
-    assert parse_kernel_name("python3") == (None, 0)
+    assert shape_of_kernel_name("python3") == CPU and CPU.kernel_name == "python3"
     for gpu_type, count in [("H100", 1), ("A10G", 8), ("MIG-1G.10GB", 2)]:
-        name = kernel_name(gpu_type, count)
-        assert name.startswith(GPU_KERNEL_PREFIX) and parse_kernel_name(name) == (gpu_type, count)
-    assert kernel_name(None, 0) == kernel_name("H100", 0) == "python3"
+        name = Shape(gpu_type, count).kernel_name
+        assert name.startswith(GPU_KERNEL_PREFIX)
+        assert shape_of_kernel_name(name) == Shape(gpu_type, count)
+    assert Shape("H100", 0).kernel_name == Shape(None, 2).kernel_name == "python3"
+    assert str(Shape("H100", 2)) == "H100 ×2" and str(CPU) == "CPU"  # noqa: RUF001
     too_long_type = "python3-gpu-" + "a" * 33 + "-x1"
     for other in ["python2", "python3-gpu-h100-x", "python3-gpu-h100-x1\n", "python3-gpu--x1",
                   "python3-gpu-h/100-x1", "python3-gpu-h100-x100", too_long_type,
-                  "Python3-gpu-h100-x1", ""]:  # fmt: skip
-        assert parse_kernel_name(other) is None, other
+                  "Python3-gpu-h100-x1", "python3-gpu-h_100-x1", ""]:  # fmt: skip
+        assert shape_of_kernel_name(other) is None, other
 
 
 def test_every_package_refuses_more_gpus_than_one_kernel_may_hold() -> None:
