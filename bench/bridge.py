@@ -67,7 +67,7 @@ class Stack:
     def __init__(self, where: Path) -> None:
         self.log_path = where / "up.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
+            [sys.executable, "-m", "gpupool.cli", "up", "--no-lab",
              "--port", str(free_port()), "--host-port", str(free_port()),
              "--fake-gpus", "H100:2", "--state-dir", str(where / "state")],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=where,

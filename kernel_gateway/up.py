@@ -195,7 +195,7 @@ async def hybrid_env(state_dir: Path, url: str, token: str) -> dict[str, str]:
     paths = [str(data), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
     env["JUPYTER_PATH"] = os.pathsep.join(paths)
     sync = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "kernel_gateway.cli", "kernelspec", "sync"],
+        subprocess.run, [sys.executable, "-m", "gpupool.cli", "kernelspec", "sync"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if sync.returncode == 0:

@@ -60,13 +60,14 @@ def test_the_three_packages_import_the_shared_contract() -> None:
     assert users == set(PACKAGES)
 
 
-def test_the_shared_contract_is_in_the_wheel_and_checked_by_mypy() -> None:
+def test_the_shared_contract_is_in_the_wheel_checked_by_mypy_and_runs_the_command() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     assert set(wheel) == {CONTRACT, *PACKAGES}
     assert set(project["tool"]["mypy"]["packages"]) == {CONTRACT, *PACKAGES}
+    assert project["project"]["scripts"]["gpupool"] == f"{CONTRACT}.cli:main"
     for package in (CONTRACT, *PACKAGES):
         assert (REPO / package / "py.typed").exists(), package
 

@@ -41,7 +41,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Ho
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernel_gateway.cli", *args],
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
