@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import array
 import random
-import struct
 import time
 
 import pytest
@@ -15,6 +14,8 @@ from jupyter_server.services.kernels.connection.base import (
     deserialize_msg_from_ws_v1,
     serialize_msg_to_ws_v1,
 )
+from kernel_ws import NOT_V1_MESSAGES
+from kernel_ws import v1_head as head
 from websockets.client import ClientProtocol
 from websockets.frames import Opcode
 from websockets.protocol import State
@@ -40,10 +41,6 @@ from gpupool.wire import (
 )
 
 PARTS = [b'{"msg_id": "1"}', b"{}", b"{}", b'{"code": "1+1"}']
-
-
-def head(offsets: list[int]) -> bytes:
-    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
 
 
 def test_a_message_splits_back_into_its_channel_and_parts_as_views() -> None:
@@ -113,6 +110,13 @@ NOT_V1 = {
 @pytest.mark.parametrize(("message", "why"), NOT_V1.values(), ids=NOT_V1.keys())
 def test_what_is_not_a_v1_message_is_refused_saying_why(message: object, why: str) -> None:
     with pytest.raises(ValueError, match=why):
+        v1_split(message)
+
+
+@pytest.mark.parametrize("message", NOT_V1_MESSAGES)
+def test_the_frames_the_host_tests_send_are_refused_here_too(message: bytes) -> None:
+    """tests/security sends these to a host, which closes with 1007; the codec is why."""
+    with pytest.raises(ValueError):
         v1_split(message)
 
 
