@@ -23,6 +23,9 @@ JSON_PARTS = 4
 # A count of offsets below this is no Jupyter message: channel, four JSON parts, the end.
 MIN_OFFSETS = 1 + JSON_PARTS + 1
 
+# The largest websocket message the gateway relays (its default `--max-message-mb`) and its
+# clients (the bridge, `%%gpu`, Lab's relay) accept.
+MAX_MESSAGE_BYTES = 64 << 20
 # GPUs one kernel may hold: the most a real node has. A host may report more (MIG instances).
 MAX_GPUS_PER_KERNEL = 8
 # GPUs one host may report: 8 GPUs of 7 MIG instances each is 56.

@@ -26,7 +26,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from gpupool.wire import V1_PROTOCOL, frame_head, v1_pieces, v1_split
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, frame_head, v1_pieces, v1_split
 
 from .transport import TlsTransport, Transport
 
@@ -35,7 +35,6 @@ try:  # websockets' C masking; the same function in pure Python where it was not
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-MAX_MESSAGE_BYTES = 64 << 20
 SMALL_FRAME = 256 << 10  # a frame below this is joined and masked in one go
 IO_TIMEOUT_S = 60.0  # a read or a 256 KiB write that takes this long: the gateway is gone
 BUSY = {"execution_state": "busy"}  # a status message's content

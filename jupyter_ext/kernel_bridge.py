@@ -47,14 +47,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from gpupool.wire import V1_PROTOCOL, v1_message, v1_split
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, v1_message, v1_split
 
 from . import credentials
 from .errors import GatewayError
 from .gateway_api import GatewayApi
 
 DELIM = b"<IDS|MSG>"
-MAX_MESSAGE_BYTES = 64 << 20
 ROUTES = 10_000  # requests remembered for routing their replies
 RECONNECT_ENV = "GPUPOOL_RECONNECT_S"
 QUEUE_POLL_S = 1.0

@@ -22,9 +22,7 @@ from jupyter_server.services.kernels.connection.base import BaseKernelWebsocketC
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from gpupool.wire import V1_PROTOCOL
-
-MAX_MESSAGE_BYTES = 64 << 20  # as the bridge's and the gateway's own limit
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL
 
 
 def pool_target(kernel: Any) -> tuple[str, str, str] | None:

@@ -21,7 +21,7 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
-from gpupool.wire import V1_PROTOCOL, KernelState
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, KernelState
 
 from .base import tenant_of, token_of
 from .errors import ApiError
@@ -206,7 +206,7 @@ class ChannelsHandler(WebSocketHandler):
         url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel.host_kernel_id}/channels"
         if self.session_id:
             url += f"?session_id={quote(self.session_id, safe='')}"
-        limit = self.settings.get("websocket_max_message_size", 64 << 20)
+        limit = self.settings.get("websocket_max_message_size", MAX_MESSAGE_BYTES)
         self.connecting = connecting = asyncio.ensure_future(connect_host(
             # A host busy with a burst of handshakes may take longer than tornado's default 20 s.
             HTTPRequest(url, headers={"Authorization": f"token {host.token}"},
