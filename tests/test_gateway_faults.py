@@ -23,7 +23,8 @@ from conftest import Gateway, HostAgent, start_gateway, start_host
 from kernel_ws import run_code
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 
-from kernel_gateway.kernels import GatewayKernels, iso
+from gpupool.wire import iso
+from kernel_gateway.kernels import GatewayKernels
 from kernel_gateway.pool import HostView, Pool
 from kernel_gateway.store import Host, Kernel, Tenant, open_store
 
