@@ -1,4 +1,5 @@
-"""The wire contract shared by the host agent, the gateway and the Jupyter extension.
+"""The wire contract shared by the host agent, the gateway and the Jupyter extension: limits,
+kernelspec names and shapes, kernel states, the time format, and the v1 websocket codec.
 
 A v1 kernel message (`v1.kernel.websocket.jupyter.org`) is one binary websocket message: the
 count of offsets (8-byte little endian), the offsets themselves (from the message's start), then
@@ -145,7 +146,10 @@ def v1_split(message: Any) -> tuple[str, list[memoryview]]:
     wrong, for anything that is not a v1 message."""
     if isinstance(message, str):
         raise ValueError("it came as text; v1 messages are binary")
-    view = memoryview(message).cast("B")
+    try:
+        view = memoryview(message).cast("B")
+    except TypeError:
+        raise ValueError(f"it is {type(message).__name__}, not contiguous bytes") from None
     count = int.from_bytes(view[:8], "little") if len(view) >= 8 else 0
     if count > MAX_PARTS + 2:
         raise ValueError(f"it has more than {MAX_PARTS} parts")

@@ -94,6 +94,8 @@ def at(*deltas: int) -> bytes:
 # Each: a message that is not a v1 message, and what the refusal says.
 NOT_V1 = {
     "text": ("text", "it came as text"),
+    "none": (None, "it is NoneType, not contiguous bytes"),
+    "strided-view": (memoryview(bytes(64))[::2], "not contiguous bytes"),
     "empty": (b"", "part count does not fit"),
     "short": (b"\x06\0\0", "part count does not fit"),
     "too-few-parts": (head([16] * 5), "part count does not fit"),  # no content part
