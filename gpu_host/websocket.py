@@ -19,7 +19,7 @@ from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from tornado import web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
-from gpupool.wire import MAX_PARTS, V1_PROTOCOL, frame_head, v1_head, v1_split
+from gpupool.wire import V1_PROTOCOL, frame_head, legacy_split, v1_head, v1_split
 
 if TYPE_CHECKING:
     from .kernels import HostKernelManager
@@ -29,22 +29,6 @@ TOO_BIG = 1009  # websocket close code: a message over the size limit
 DRAIN_SECONDS = 2.0  # how long the rest of a message over the limit is read and dropped
 TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the one it replaces to end
-
-
-def check_legacy_binary(message: bytes) -> None:
-    """Check a binary message of the legacy framing (no subprotocol) before jupyter_server's
-    parser sees it: a 4-byte big-endian part count, that many 4-byte offsets, then the parts.
-    That parser trusts the count (2**31 of them grows the host by gigabytes and stops it for
-    every tenant); here it must fit the message and the offsets must rise within it."""
-    view = memoryview(message)
-    count = int.from_bytes(view[:4], "big") if len(view) >= 4 else 0
-    if count > MAX_PARTS:
-        raise ValueError(f"it has more than {MAX_PARTS} parts")
-    if not 1 <= count <= len(view) // 4 - 1:  # the message (JSON), then its buffers
-        raise ValueError("its part count does not fit the message")
-    offsets = [int.from_bytes(view[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(count)]
-    if offsets[0] < 4 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("its offsets do not fit the message")
 
 
 # What a legacy message that passed its framing check can still fail with while it is parsed.
@@ -196,7 +180,7 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         if self.subprotocol != V1_PROTOCOL:
             try:
                 if isinstance(incoming_msg, bytes):
-                    check_legacy_binary(incoming_msg)
+                    legacy_split(incoming_msg)  # its framing, before jupyter_server parses it
                 super().handle_incoming_message(incoming_msg)
             except PARSE_ERRORS as error:
                 self._refuse(error, "Jupyter (legacy framing)")

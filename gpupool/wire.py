@@ -165,6 +165,38 @@ def v1_split(message: Any) -> tuple[str, list[memoryview]]:
     return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
 
 
+def legacy_split(message: Any) -> list[memoryview]:
+    """The parts of a binary message in jupyter_server's legacy framing (no subprotocol): a
+    4-byte big-endian part count, that many 4-byte big-endian offsets, then the parts (the
+    message's JSON, then its buffers), as views. jupyter_server's parser trusts the count (2**31
+    of them grows a process by gigabytes); here it and the offsets must fit the message, as in
+    `v1_split`. ValueError, saying what is wrong, otherwise."""
+    try:
+        view = memoryview(message).cast("B")
+    except TypeError:
+        raise ValueError(f"it is {type(message).__name__}, not contiguous bytes") from None
+    count = int.from_bytes(view[:4], "big") if len(view) >= 4 else 0
+    if count > MAX_PARTS:
+        raise ValueError(f"it has more than {MAX_PARTS} parts")
+    if not 1 <= count <= len(view) // 4 - 1:  # the message (JSON), then its buffers
+        raise ValueError("its part count does not fit the message")
+    offsets = struct.unpack_from(f">{count}I", view, 4)
+    if offsets[0] < 4 * (count + 1) or list(offsets) != sorted(offsets) or offsets[-1] > len(view):
+        raise ValueError("its offsets do not fit the message")
+    ends = [*offsets[1:], len(view)]
+    return [view[start:end] for start, end in zip(offsets, ends, strict=True)]
+
+
+def legacy_binary(pieces: Sequence[Any]) -> bytes:
+    """A binary message in the legacy framing: the message's JSON, then its buffers."""
+    sizes = [memoryview(piece).nbytes for piece in pieces]
+    offsets = [4 * (len(pieces) + 1)]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    head = struct.pack(f">{len(pieces) + 1}I", len(pieces), *offsets)
+    return b"".join([head, *pieces])
+
+
 def frame_head(length: int, mask: bytes = b"") -> bytes:
     """The header of one final binary websocket frame (RFC 6455) of `length` payload bytes;
     with a 4-byte `mask` key (a client's frame), the mask bit set and the key after it."""

@@ -31,7 +31,6 @@ import hmac
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -47,7 +46,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, v1_message, v1_split
+from gpupool.wire import (
+    MAX_MESSAGE_BYTES,
+    V1_PROTOCOL,
+    legacy_binary,
+    legacy_split,
+    v1_message,
+    v1_split,
+)
 
 from . import credentials
 from .errors import GatewayError
@@ -81,24 +87,18 @@ def legacy_message(channel: str, parts: list[bytes]) -> str | bytes:
     keys = ("header", "parent_header", "metadata", "content")
     msg: dict[str, Any] = {k: json.loads(p) for k, p in zip(keys, parts[:4], strict=True)}
     msg["channel"] = channel
-    buffers = [bytes(b) for b in parts[4:]]
+    buffers = parts[4:]
     if not buffers:
         return json.dumps(msg)
-    pieces = [json.dumps(msg).encode(), *buffers]
-    offsets = [4 * (len(pieces) + 1)]
-    for piece in pieces[:-1]:
-        offsets.append(offsets[-1] + len(piece))
-    return struct.pack(f"!{len(pieces) + 1}I", len(pieces), *offsets) + b"".join(pieces)
+    return legacy_binary([json.dumps(msg).encode(), *buffers])
 
 
 def legacy_parts(data: str | bytes) -> tuple[str, list[bytes]]:
     """A legacy message as (channel, [header, parent, metadata, content, buffers...])."""
     buffers: list[bytes] = []
     if isinstance(data, bytes):
-        count = struct.unpack_from("!I", data)[0]
-        offsets = [*struct.unpack_from(f"!{count}I", data, 4), len(data)]
-        pieces = [data[offsets[i] : offsets[i + 1]] for i in range(count)]
-        data, buffers = pieces[0].decode(), pieces[1:]
+        pieces = legacy_split(data)
+        data, buffers = bytes(pieces[0]).decode(), [bytes(piece) for piece in pieces[1:]]
     msg = json.loads(data)
     keys = ("header", "parent_header", "metadata", "content")
     return str(msg.get("channel", "")), [json.dumps(msg.get(k) or {}).encode() for k in keys] + [
@@ -275,7 +275,7 @@ class Bridge:
                     else:
                         try:
                             channel, plain = legacy_parts(data)
-                        except (ValueError, struct.error, UnicodeDecodeError):
+                        except (ValueError, AttributeError):  # not a message: skipped
                             continue
                         await self.to_client(channel, plain)
             except ConnectionClosed:

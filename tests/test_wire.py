@@ -32,6 +32,8 @@ from gpupool.wire import (
     Shape,
     frame_head,
     iso,
+    legacy_binary,
+    legacy_split,
     parse_iso,
     shape_of_kernel_name,
     v1_head,
@@ -247,3 +249,47 @@ def test_times_are_written_one_way_and_read_in_any_iso_form() -> None:
             parse_iso(bad)
     with pytest.raises(ValueError, match="at most 64 characters"):
         parse_iso("2025-05-01" + " " * 60)
+
+
+def legacy_head(offsets: list[int]) -> bytes:
+    return b"".join(n.to_bytes(4, "big") for n in (len(offsets), *offsets))
+
+
+def test_the_legacy_binary_framing_reads_and_writes_as_jupyter_server() -> None:
+    from jupyter_server.services.kernels.connection.base import (
+        deserialize_binary_message,
+        serialize_binary_message,
+    )
+
+    msg = {"header": {"msg_id": "1"}, "parent_header": {}, "metadata": {}, "content": {},
+           "channel": "iopub", "buffers": [b"\x00\x01", memoryview(b"two")]}  # fmt: skip
+    theirs = serialize_binary_message(dict(msg))
+    pieces = legacy_split(theirs)
+    assert [bytes(p) for p in pieces[1:]] == [b"\x00\x01", b"two"]
+    assert all(p.obj is theirs for p in pieces)
+    ours = legacy_binary([bytes(pieces[0]), b"\x00\x01", memoryview(b"two")])
+    assert ours == theirs
+    back = deserialize_binary_message(ours)
+    assert back["channel"] == "iopub"
+    assert [bytes(b) for b in back["buffers"]] == [b"\x00\x01", b"two"]
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (b"\x7f\xff\xff\xff" + bytes(16), f"more than {MAX_PARTS} parts"),  # 2**31 parts
+        ((7).to_bytes(4, "big") + bytes(12), "part count does not fit"),
+        (b"", "part count does not fit"),
+        (legacy_head([]), "part count does not fit"),
+        (legacy_head([8, 10**6]), "offsets do not fit"),  # past the end
+        (legacy_head([12, 8]) + b"{}{}", "offsets do not fit"),  # going back
+        (legacy_head([4, 8]) + b"{}{}", "offsets do not fit"),  # into the offsets
+        (None, "not contiguous bytes"),
+    ],
+    ids=["2**31", "count-past-end", "empty", "no-parts", "past-end", "back", "overlap", "none"],
+)
+def test_what_is_not_a_legacy_binary_message_is_refused_saying_why(
+    message: object, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        legacy_split(message)
