@@ -77,12 +77,10 @@ lint: install
 # time is spent waiting on kernels, Lab and the browser, so more workers than cores pays.
 TEST_WORKERS ?= 4
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
-# The suite on SQLite, then representative gateway modules again on a real PostgreSQL.
-PG_TESTS := tests/test_gateway_bad_input.py tests/test_gateway_queue.py tests/test_usage_budget.py
-
+# The suite on SQLite, with representative gateway modules again on a real PostgreSQL in the
+# same run (tests/test_*_on_postgresql.py); `--db postgresql` runs every module on it.
 test: lint
 	$(PYTEST)
-	$(PYTEST) --db postgresql $(PG_TESTS)
 
 # For the edit-test loop: the suite without the tests marked slow, on SQLite.
 test-quick: install

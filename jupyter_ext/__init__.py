@@ -39,8 +39,9 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    """The Jupyter server extension: /gpupool/ routes for the Lab front end."""
-    return [{"module": "jupyter_ext.server_extension"}]
+    """The Jupyter server extension: /gpupool/ routes for the Lab front end. The shares routes
+    build on the others' handlers, so they load second, from a module of their own."""
+    return [{"module": "jupyter_ext.server_extension"}, {"module": "jupyter_ext.lab_shares"}]
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

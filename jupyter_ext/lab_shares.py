@@ -422,3 +422,11 @@ def handlers(base: str) -> list[tuple[str, Any]]:
         (url_path_join(base, "shares", "open"), OpenShareHandler),
         (url_path_join(base, "shares", "differences"), DifferencesHandler),
     ]
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    """The second extension point of `jupyter_ext`, loaded after `server_extension`'s."""
+    from jupyter_server.utils import url_path_join
+
+    web_app = serverapp.web_app
+    web_app.add_handlers(".*$", handlers(url_path_join(web_app.settings["base_url"], "gpupool")))

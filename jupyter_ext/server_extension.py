@@ -559,8 +559,6 @@ def _apply_to_kernels(serverapp: Any, preferences: Preferences) -> None:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    from . import lab_shares  # it builds on this module's handlers
-
     web_app = serverapp.web_app
     _nodelay_on_kernel_websockets(serverapp)
     web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
@@ -575,7 +573,6 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
             (url_path_join(base, "companions", r"([^/]+)"), CompanionHandler),
             (url_path_join(base, "usage"), UsageHandler),
             (url_path_join(base, "preferences"), PreferencesHandler),
-            *lab_shares.handlers(base),
         ],
     )
     serverapp.log.info("gpupool: /gpupool/ routes for the Lab front end are on.")

@@ -22,6 +22,7 @@ from gpupool.wire import MAX_MESSAGE_BYTES
 from . import __version__
 from .handlers import routes
 from .log_redaction import log_request, redact_all_logs
+from .metrics import Readings, gateway_registry
 from .private_files import private_file, private_folder
 from .shares import DEFAULT_MAX_BYTES, Shares
 from .state import GatewayState
@@ -220,6 +221,14 @@ class GatewayApp(Application):
             routes(),
             gpupool=state,
             metrics_token=self.metrics_token,
+            metrics=gateway_registry(
+                Readings(
+                    kernel_counts=state.kernels.counts,
+                    queue_length=lambda: len(state.kernels.queue),
+                    gpu_types=state.pool.types,
+                    open_gpu_seconds=state.kernels.ledger.open_gpu_seconds,
+                )
+            ),
             log_function=log_request,  # tokens in URIs redacted
             websocket_max_message_size=self.max_message_mb << 20,
             websocket_ping_interval=30,

@@ -276,7 +276,7 @@ class MetricsHandler(GatewayHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(render_metrics(self.state))
+        self.finish(render_metrics(self.settings["metrics"]))
 
 
 class HealthHandler(GatewayHandler):

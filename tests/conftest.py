@@ -39,6 +39,13 @@ def pytest_configure(config: pytest.Config) -> None:
     DATABASE["backend"] = config.getoption("--db")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test marked slow first: pytest-xdist hands out whole modules in this order,
+    so the long ones start at once instead of running alone at the end of the run."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     server = DATABASE.pop("server", None)
     if server is not None:
@@ -67,6 +74,18 @@ def database_url(state: Path) -> str:
     return shared_postgres().database(str(state.resolve()))
 
 
+@pytest.fixture(scope="module")
+def on_postgresql() -> Iterator[None]:
+    """Every gateway this module starts uses PostgreSQL, whatever --db says: the modules
+    `test_*_on_postgresql.py` rerun a SQLite module this way within the same run (a worker runs
+    one module at a time, so the switch holds for exactly that module)."""
+    shared_postgres()
+    before = DATABASE["backend"]
+    DATABASE["backend"] = "postgresql"
+    yield
+    DATABASE["backend"] = before
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Postgres:
     """The run's PostgreSQL server, whatever --db says (skips where there can be none)."""
@@ -78,6 +97,17 @@ def postgres() -> Postgres:
 # left there by a test would show up in every later Lab on this machine.
 _DATA = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-data-")
 os.environ["JUPYTER_DATA_DIR"] = _DATA.name
+
+# Hosts the tests start keep no warm kernels unless a test asks (`--warm-per-shape 1`, or
+# `start_stack(..., warm=True)`): each warm kernel costs a second of CPU, and most of the
+# suite's ~200 hosts never take theirs. Config files in JUPYTER_CONFIG_PATH rank below the
+# command line, so an explicit option still wins; the browser tests' `gpupool up` keeps the
+# product's default (lab_stack starts it without JUPYTER_* variables).
+_CONFIG = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-config-")
+(Path(_CONFIG.name) / "gpupool_host_config.json").write_text(
+    json.dumps({"HostKernelManager": {"warm_per_shape": 0}})
+)
+os.environ["JUPYTER_CONFIG_PATH"] = _CONFIG.name
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
@@ -224,8 +254,9 @@ def host_factory(tmp_path: Path) -> Iterator[Any]:
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
     """One agent with two fake H100s and one A10G, shared by a module's tests."""
     agent = start_host(
-        tmp_path_factory.mktemp("host"), "--fake-gpus", "H100:2,A10G:1", "--no-isolate"
-    )
+        tmp_path_factory.mktemp("host"), "--fake-gpus", "H100:2,A10G:1", "--no-isolate",
+        "--warm-per-shape", "1",
+    )  # fmt: skip
     yield agent
     agent.stop()
 
@@ -288,8 +319,11 @@ def _read_lines(
     return found
 
 
-def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -> Gateway:
-    """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant."""
+def start_stack(
+    tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str, warm: bool = False
+) -> Gateway:
+    """`gpupool up --no-lab`: a gateway and one local host with fake GPUs, and a demo tenant;
+    with `warm`, the host keeps the product's warm kernels (one per shape)."""
     state = tmp_path / "state"
     log_path = tmp_path / f"up-{time.monotonic_ns()}.log"
     db_url = database_url(state)
@@ -298,6 +332,8 @@ def start_stack(tmp_path: Path, fake_gpus: str = "H100:2,A10G:1", *extra: str) -
                "--fake-gpus", fake_gpus, "--state-dir", str(state),
                *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    if warm:
+        env.pop("JUPYTER_CONFIG_PATH", None)
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
@@ -324,9 +360,13 @@ def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One embedded stack (gateway + host with two fake H100s and an A10G) for a module."""
-    gateway = start_stack(tmp_path_factory.mktemp("stack"))
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One embedded stack (gateway + host with two fake H100s and an A10G) for a module; its
+    host keeps warm kernels where the module sets `WARM_KERNELS = True`."""
+    warm = bool(getattr(request.module, "WARM_KERNELS", False))
+    gateway = start_stack(tmp_path_factory.mktemp("stack"), warm=warm)
     yield gateway
     gateway.stop()
     # As root, `gpupool up` keeps its host's tenant folders outside the state folder.

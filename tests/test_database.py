@@ -127,6 +127,7 @@ def test_a_bad_database_url_is_one_clear_sentence(url: str, says: str, tmp_path:
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_replicas_and_commands_share_tokens_through_postgresql(
     tmp_path: Path, postgres: Postgres
 ) -> None:

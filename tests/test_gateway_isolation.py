@@ -14,6 +14,7 @@ from kernel_ws import KernelSocket, run_code
 from tornado.httpclient import HTTPClientError
 
 NEVER = "00000000-0000-4000-8000-000000000000"
+WARM_KERNELS = True  # the stack's host keeps them: a test takes one as another tenant
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,7 @@ def test_a_budget_reached_refuses_gpus_and_stops_billing(pool: tuple[Gateway, Ho
     delete(gw, token, create(gw, token, H100_X1))
 
 
+@pytest.mark.slow
 def test_gpupool_usage_and_tenant_budgets_in_the_terminal(
     pool: tuple[Gateway, HostAgent],
 ) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Gateway, HostAgent
 from kernel_ws import KernelSocket
 from pool_processes import H100_X1, gateway, join, owned_on, restart, started
@@ -111,6 +112,7 @@ def test_gpupool_tenant_revoke_asks_the_live_gateway(tmp_path: Path, started: li
     assert_all_ended(gw, agent, token, kernels)
 
 
+@pytest.mark.slow
 def test_a_tenant_revoked_while_no_gateway_runs_is_ended_at_its_start(
     tmp_path: Path, started: list[Any]
 ) -> None:

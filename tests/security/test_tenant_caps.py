@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Reply
 from kernel_ws import KernelSocket
 from pool_processes import gateway, join, started
@@ -59,6 +60,7 @@ def test_a_tenant_at_its_websocket_cap_does_not_affect_another(
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
+@pytest.mark.slow
 def test_a_tenant_at_its_request_cap_gets_429_and_another_is_served(
     tmp_path: Path, started: list[Any]
 ) -> None:

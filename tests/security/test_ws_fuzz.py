@@ -133,6 +133,7 @@ def test_fuzz_the_host(host, protocol):
     host.call("DELETE", f"/api/kernels/{kernel_id}")
 
 
+@pytest.mark.slow
 def test_fuzz_through_the_gateway(tmp_path: Path):
     gateway = start_gateway(tmp_path, state=tmp_path / "gw")
     agent = None

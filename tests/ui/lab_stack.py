@@ -102,9 +102,17 @@ def tenant_lab(folder: Path, gateway_url: str, token: str) -> Iterator[str]:
         server.stop()
 
 
+def new_page(browser: Browser, width: int = 1400, height: int = 900) -> Page:
+    """A page of that size. Playwright's 30 s per action is too short where 2 cores also run
+    the other test workers: a click on the Settings Editor waited longer on a starved renderer."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(90_000)
+    return page
+
+
 def open_lab(browser: Browser, url: str) -> Page:
     """A page on Lab, its launcher shown."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page = new_page(browser)
     page.goto(url)
     page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
     return page

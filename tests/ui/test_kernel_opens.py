@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lab_stack import gpupool_up, launch
+from lab_stack import gpupool_up, launch, new_page
 from playwright.sync_api import Browser, Page, sync_playwright
 
 pytestmark = pytest.mark.slow
 
-OPENS = 20  # of each kind: a hang 1 open in 4 (the old bug) goes unseen 0.3% of runs
+OPENS = 12  # of each kind: a hang 1 open in 4 (the old bug) in both goes unseen 0.1% of runs
 # How the launcher cards' titles begin (the GPU card goes on with its price).
 CARDS = {"gpu": "Python 3 · H100 \u00d71", "cpu": "Python 3 · CPU"}
 WAIT_MS = 30_000  # for one step of one open; a good open takes about a second
@@ -55,7 +55,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def page(browser: Browser, lab: Lab) -> Iterator[Page]:
     """One Lab page for every open: each notebook is shut down before the next is opened."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page = new_page(browser)
     page.goto(lab.url)
     page.wait_for_selector(".jp-LauncherCard", timeout=90_000)
     yield page

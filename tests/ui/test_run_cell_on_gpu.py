@@ -20,7 +20,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from lab_stack import BUILT, gateway_kernels, lab_with_front_end, launch
+from lab_stack import BUILT, gateway_kernels, lab_with_front_end, launch, new_page
 from nbformat.v4 import new_code_cell, new_notebook
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -56,7 +56,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def page(up: dict[str, Any]) -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = new_page(browser)
         page.goto(up["lab"].replace("/lab?", f"/lab/tree/{NOTEBOOK}?"))
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
         yield page

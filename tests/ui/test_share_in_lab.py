@@ -15,7 +15,15 @@ from typing import Any
 
 import nbformat
 import pytest
-from lab_stack import BUILT, gateway, gateway_kernels, lab_with_front_end, launch, tenant_lab
+from lab_stack import (
+    BUILT,
+    gateway,
+    gateway_kernels,
+    lab_with_front_end,
+    launch,
+    new_page,
+    tenant_lab,
+)
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -72,7 +80,7 @@ def test_a_shares_from_lab_b_runs_its_own_copy_billed_to_b(stacks: dict[str, Any
         browser = launch(playwright)
         try:
             # A: the notebook on its H100 kernel, run, then the Share button's dialog.
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = new_page(browser)
             page.goto(stacks["lab"].replace("/lab?", f"/lab/tree/{NOTEBOOK}?"))
             notebook_open(page)
             page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first.click()
@@ -107,7 +115,7 @@ def test_a_shares_from_lab_b_runs_its_own_copy_billed_to_b(stacks: dict[str, Any
             alice_before = billed(stacks, stacks["token"])
 
             # B: the link's page, rendered, then its Open in JupyterLab instructions.
-            shared = browser.new_page(viewport={"width": 1100, "height": 760})
+            shared = new_page(browser, 1100, 760)
             shared.goto(link)
             expect(shared.get_by_text("Fine-tuning on one H100")).to_be_visible()
             expect(shared.locator(".gpupool-share")).to_contain_text("H100 \u00d71")
@@ -118,7 +126,7 @@ def test_a_shares_from_lab_b_runs_its_own_copy_billed_to_b(stacks: dict[str, Any
             shared.close()
 
             # B's own Lab: Open shared notebook… from the File menu, the link pasted.
-            lab = browser.new_page(viewport={"width": 1400, "height": 900})
+            lab = new_page(browser)
             lab.goto(stacks["bob_lab"])
             lab.wait_for_selector(".jp-LauncherCard", timeout=WAIT_MS)
             lab.locator(".lm-MenuBar-itemLabel", has_text="File").click()

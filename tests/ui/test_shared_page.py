@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import Gateway, start_gateway
-from lab_stack import ROOT, launch
+from lab_stack import ROOT, launch, new_page
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from playwright.sync_api import sync_playwright
 
@@ -85,7 +85,7 @@ def test_a_script_output_does_not_run_and_cannot_reach_the_gateway(gw: Gateway) 
     with sync_playwright() as playwright:
         browser = launch(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page = new_page(browser, 1100, 760)
             requests: list[str] = []
             page.on("request", lambda request: requests.append(request.url))
             page.goto(url, wait_until="load")
@@ -122,7 +122,7 @@ def test_a_link_for_tenants_only_shows_the_same_not_found_page(gw: Gateway, tmp_
     with sync_playwright() as playwright:
         browser = launch(playwright)
         try:
-            page = browser.new_page()
+            page = new_page(browser)
             answer = page.goto(gw.url + made.body["path"])
             assert answer is not None and answer.status == 404
             assert "No shared notebook here" in page.content()
