@@ -69,8 +69,8 @@ $(LAB_STAMP): $(LAB_SOURCES) $(LAB_NODE_STAMP)
 	touch $(LAB_STAMP)
 
 lint: install
-	$(BIN)/ruff check gpu_host kernel_gateway jupyter_ext tests bench
-	$(BIN)/ruff format --check gpu_host kernel_gateway jupyter_ext tests bench
+	$(BIN)/ruff check gpupool gpu_host kernel_gateway jupyter_ext tests bench
+	$(BIN)/ruff format --check gpupool gpu_host kernel_gateway jupyter_ext tests bench
 	$(BIN)/mypy
 
 # Test files run in parallel (one file per worker, as files share their servers); most of the

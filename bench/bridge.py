@@ -47,8 +47,9 @@ from jupyter_client.manager import AsyncKernelManager
 from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(REPO))
+from gpupool.wire import V1_PROTOCOL, v1_message, v1_split
 from jupyter_ext.gateway_api import GatewayApi
-from jupyter_ext.kernel_bridge import V1, v1_frame, v1_parts, wait_until_running
+from jupyter_ext.kernel_bridge import wait_until_running
 from jupyter_ext.kernelspecs import sync_kernelspecs
 
 SHAPE = "python3-gpu-h100-x1"
@@ -66,7 +67,7 @@ class Stack:
     def __init__(self, where: Path) -> None:
         self.log_path = where / "up.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
+            [sys.executable, "-m", "gpupool.cli", "up", "--no-lab",
              "--port", str(free_port()), "--host-port", str(free_port()),
              "--fake-gpus", "H100:2", "--state-dir", str(where / "state")],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=where,
@@ -115,16 +116,16 @@ def request(session: str) -> tuple[str, list[bytes]]:
 async def ws_round_trip(ws: ClientConnection, session: str) -> float:
     msg_id, parts = request(session)
     started = time.perf_counter()
-    await ws.send(v1_frame(b"shell", parts))
+    await ws.send(v1_message("shell", parts))
     replied = idle = False
     while not (replied and idle):
-        got = v1_parts(await ws.recv())  # type: ignore[arg-type]
-        parent = json.loads(bytes(got[2]) or b"{}")
+        _, got = v1_split(await ws.recv())
+        parent = json.loads(bytes(got[1]) or b"{}")
         if parent.get("msg_id") != msg_id:
             continue
-        msg_type = json.loads(bytes(got[1]))["msg_type"]
+        msg_type = json.loads(bytes(got[0]))["msg_type"]
         replied = replied or msg_type == "execute_reply"
-        idle = idle or (msg_type == "status" and json.loads(bytes(got[4]))["execution_state"]
+        idle = idle or (msg_type == "status" and json.loads(bytes(got[3]))["execution_state"]
                         == "idle")  # fmt: skip
     return time.perf_counter() - started
 
@@ -229,10 +230,10 @@ async def body(stack: Stack, iterations: int) -> None:
     wait_until_running(api, kernel_id, 60, log)
     url = stack.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
     session = uuid.uuid4().hex
-    async with connect(f"{url}?session_id={session}", subprotocols=[V1],  # type: ignore[list-item]
+    async with connect(f"{url}?session_id={session}", subprotocols=[V1_PROTOCOL],  # type: ignore[list-item]
                        additional_headers={"Authorization": f"token {stack.token}"},
                        compression=None, proxy=None) as ws:  # fmt: skip
-        assert ws.subprotocol == V1
+        assert ws.subprotocol == V1_PROTOCOL
         bare = BareZmqClient(pool.get_connection_info(session=False))
         await asyncio.sleep(0.5)  # the SUB socket's subscription reaches the bridge
         paths = {"gateway websocket, direct (baseline)": lambda: ws_round_trip(ws, session),

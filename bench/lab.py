@@ -8,7 +8,7 @@ Run from the repository root:
 
 Everything runs on loopback in one scratch folder:
 
-- the embedded stack, `python -m kernel_gateway.cli up --no-lab --fake-gpus H100:2` (a gateway,
+- the embedded stack, `python -m gpupool.cli up --no-lab --fake-gpus H100:2` (a gateway,
   one host with two fake H100s and its warm pool, a demo tenant);
 - our hybrid Lab: `python -m jupyterlab` WITHOUT `--gateway-url`, with GPUPOOL_URL and
   GPUPOOL_TOKEN in its environment, the pool kernelspecs synced by

@@ -91,7 +91,7 @@ class Gateway:
         self.log_path = where / "gateway.log"
         port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel_gateway.cli", "gateway", "--port", str(port),
+            [sys.executable, "-m", "gpupool.cli", "gateway", "--port", str(port),
              "--state-dir", str(where / "state")],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=where,
             env={k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")},

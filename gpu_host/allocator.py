@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from gpupool.wire import CPU, Shape
 
 from .gpus import Gpu
 
@@ -14,21 +14,6 @@ class AllocationError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What a kernel asks for: `gpu_count` GPUs of `gpu_type`; count 0 is a CPU kernel."""
-
-    gpu_type: str | None
-    gpu_count: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.gpu_type} x{self.gpu_count}" if self.gpu_count else "CPU"
-
-
-CPU = Shape(None, 0)
 
 
 class GpuAllocator:

@@ -7,17 +7,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .allocator import CPU, Shape
+from gpupool.wire import CPU, KERNEL_NAMES, MAX_GPUS_PER_KERNEL, Shape, shape_of_kernel_name
+
 from .tenants import TenantError, check_tenant_name
 
 MAX_BODY_BYTES = 64 * 1024
 OWNER = re.compile(r"[A-Za-z0-9_-]{0,64}")
 MAX_ENV_KEYS = 256
 MAX_ENV_VALUE = 4096
-MAX_GPUS_PER_KERNEL = 64
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-GPU_KERNEL_NAME = re.compile(r"^python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]*)-x(?P<count>\d{1,3})$")
-KERNEL_NAMES = "python3, or python3-gpu-<type>-x<count> such as python3-gpu-h100-x1"
 
 
 class RequestError(ValueError):
@@ -87,13 +85,10 @@ def parse_kernel_request(body: bytes) -> KernelRequest:
     name = data.get("name") or "python3"
     if not isinstance(name, str):
         raise RequestError(f"name must be a string: {KERNEL_NAMES}.")
-    gpu_type: str | None = None
-    count = 0
-    named = GPU_KERNEL_NAME.match(name)
-    if named:
-        gpu_type, count = named["type"].upper(), _count(int(named["count"]), "the name's count")
-    elif name != "python3":
+    named = shape_of_kernel_name(name)
+    if named is None:
         raise RequestError(f"no kernel named {name[:80]!r} on this host; use {KERNEL_NAMES}.")
+    gpu_type, count = named.gpu_type, _count(named.gpu_count, "the name's count")
     request.name = name
 
     type_value = data.get("gpu_type", request.env.get("KERNEL_GPU_TYPE"))

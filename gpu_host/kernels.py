@@ -15,12 +15,14 @@ from typing import Any, cast
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-from jupyter_server._tz import isoformat, utcnow
+from jupyter_server._tz import utcnow
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
 from traitlets import Float, Int, List, Unicode
 
-from .allocator import AllocationError, GpuAllocator, Shape
+from gpupool.wire import Shape, iso
+
+from .allocator import AllocationError, GpuAllocator
 from .connections import Connections
 from .kernel_request import KernelRequest
 from .memory import MemoryTrim
@@ -455,7 +457,7 @@ class HostKernelManager(AsyncMappingKernelManager):
                 execution_state="dead",
                 connections=0,
                 reason=f"the kernel process ended unexpectedly ({how}); its variables are lost",
-                last_activity=isoformat(utcnow()),
+                last_activity=iso(time.time()),
             )
             self.ended[kernel_id] = model
             while len(self.ended) > ENDED_KEPT:

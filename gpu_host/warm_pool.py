@@ -7,7 +7,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .allocator import CPU, GpuAllocator, Shape
+from gpupool.wire import CPU, Shape
+
+from .allocator import GpuAllocator
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class WarmPool:
                 await self._stop(kernel_id)
                 return
             self.ready.setdefault(key, []).append(kernel_id)
-            log.info("warm kernel %s ready for %s", kernel_id, key.shape.label)
+            log.info("warm kernel %s ready for %s", kernel_id, key.shape)
 
     async def close(self) -> None:
         self._closed = True

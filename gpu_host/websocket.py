@@ -19,72 +19,16 @@ from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from tornado import web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
+from gpupool.wire import V1_PROTOCOL, frame_head, legacy_split, v1_head, v1_split
+
 if TYPE_CHECKING:
     from .kernels import HostKernelManager
 
-V1 = "v1.kernel.websocket.jupyter.org"
 NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
 TOO_BIG = 1009  # websocket close code: a message over the size limit
 DRAIN_SECONDS = 2.0  # how long the rest of a message over the limit is read and dropped
 TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
-MAX_PARTS = 4096  # a message's parts: header, parent, metadata, content and its buffers
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the one it replaces to end
-
-
-def split_v1(message: bytes) -> tuple[str, list[memoryview]]:
-    """A v1 message's channel and parts (views into it, not copies). Its part count and
-    offsets are checked against its own length before use (jupyter_server's parser trusts
-    them: a count of 2**60 keeps the host's loop busy for good); ValueError if it is not one."""
-    if not isinstance(message, bytes):
-        raise ValueError("it came as text; v1 messages are binary")
-    view = memoryview(message)
-    count = int.from_bytes(view[:8], "little") if len(view) >= 8 else 0
-    if count > MAX_PARTS + 2:
-        raise ValueError(f"it has more than {MAX_PARTS} parts")
-    if not 6 <= count <= len(view) // 8 - 1:  # channel, header, parent, metadata, content
-        raise ValueError("its part count does not fit the message")
-    offsets = [int.from_bytes(view[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
-    if offsets[0] != 8 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("its offsets do not fit the message")
-    try:
-        channel = bytes(view[offsets[0] : offsets[1]]).decode()
-    except UnicodeDecodeError:
-        raise ValueError("its channel name is not UTF-8") from None
-    return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
-
-
-def check_legacy_binary(message: bytes) -> None:
-    """Check a binary message of the legacy framing (no subprotocol) before jupyter_server's
-    parser sees it: a 4-byte big-endian part count, that many 4-byte offsets, then the parts.
-    That parser trusts the count (2**31 of them grows the host by gigabytes and stops it for
-    every tenant); here it must fit the message and the offsets must rise within it."""
-    view = memoryview(message)
-    count = int.from_bytes(view[:4], "big") if len(view) >= 4 else 0
-    if count > MAX_PARTS:
-        raise ValueError(f"it has more than {MAX_PARTS} parts")
-    if not 1 <= count <= len(view) // 4 - 1:  # the message (JSON), then its buffers
-        raise ValueError("its part count does not fit the message")
-    offsets = [int.from_bytes(view[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(count)]
-    if offsets[0] < 4 * (count + 1) or offsets != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("its offsets do not fit the message")
-
-
-def v1_frame_head(channel: bytes, sizes: list[int]) -> bytes:
-    """The start of a server's websocket frame (binary, final, unmasked) that carries one v1
-    message, up to its parts: the frame header, the part count and offsets, the channel. The
-    parts follow it on the wire as they are."""
-    offsets = [8 * (len(sizes) + 3), 8 * (len(sizes) + 3) + len(channel)]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    body = b"".join(n.to_bytes(8, "little") for n in (len(offsets), *offsets)) + channel
-    length = offsets[-1]
-    if length < 126:
-        head = bytes([0x82, length])
-    elif length < 1 << 16:
-        head = bytes([0x82, 126]) + length.to_bytes(2, "big")
-    else:
-        head = bytes([0x82, 127]) + length.to_bytes(8, "big")
-    return head + body
 
 
 # What a legacy message that passed its framing check can still fail with while it is parsed.
@@ -182,7 +126,7 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         are. Subscribed once jupyter_server has (a message between the two is a list of bytes,
         which is handled alike)."""
         connected = super().connect()
-        if connected is not None and self.subprotocol == V1:
+        if connected is not None and self.subprotocol == V1_PROTOCOL:
 
             def without_copies(_: Any) -> None:
                 for stream in self.channels.values():
@@ -197,7 +141,7 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         in it needs reading: its parts (ZMQ frames or bytes) go into one websocket frame as
         they are, after a header made here. jupyter_server's joins them into one v1 message
         and tornado joins that to its frame header: two copies of every byte of a pull."""
-        if self.subprotocol != V1 or not self.multi_kernel_manager.allow_tracebacks:
+        if self.subprotocol != V1_PROTOCOL or not self.multi_kernel_manager.allow_tracebacks:
             if outgoing_msg and isinstance(outgoing_msg[0], zmq.Frame):
                 outgoing_msg = [frame.bytes for frame in outgoing_msg]
             super().handle_outgoing_message(stream, outgoing_msg)
@@ -222,7 +166,9 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
             return  # jupyter_server's would raise WebSocketClosedError, and log it
         channel = str(getattr(stream, "channel", "")).encode()
         out = cast("WebSocketProtocol13", ws).stream
-        out.write(v1_frame_head(channel, [part.nbytes for part in parts]))
+        sizes = [part.nbytes for part in parts]
+        head = v1_head(channel, sizes)
+        out.write(frame_head(len(head) + sum(sizes)) + head)
         for part in parts:
             out.write(part)  # a large part is kept as a view until sent, not copied
 
@@ -231,24 +177,24 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         if ws is None or ws.is_closing() or not self.channels:
             return  # frames that were already on their way when the websocket closed
         self.kernel_manager.last_activity = utcnow()
-        if self.subprotocol != V1:
+        if self.subprotocol != V1_PROTOCOL:
             try:
                 if isinstance(incoming_msg, bytes):
-                    check_legacy_binary(incoming_msg)
+                    legacy_split(incoming_msg)  # its framing, before jupyter_server parses it
                 super().handle_incoming_message(incoming_msg)
             except PARSE_ERRORS as error:
                 self._refuse(error, "Jupyter (legacy framing)")
             return
         try:
-            channel, parts = split_v1(incoming_msg)
+            channel, parts = v1_split(incoming_msg)
         except ValueError as error:
-            self._refuse(error, V1)
+            self._refuse(error, V1_PROTOCOL)
             return
         if self.multi_kernel_manager.allowed_message_types:
             try:  # its own filter, which parses the header; the framing is fine
                 super().handle_incoming_message(incoming_msg)
             except PARSE_ERRORS as error:
-                self._refuse(error, V1)
+                self._refuse(error, V1_PROTOCOL)
             return
         stream = self.channels.get(channel)
         if stream is None:
@@ -349,7 +295,7 @@ class HostKernelWebsocketHandler(KernelWebsocketHandler):
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         if self.refusal:
-            return V1 if V1 in subprotocols else None
+            return V1_PROTOCOL if V1_PROTOCOL in subprotocols else None
         return cast("str | None", super().select_subprotocol(subprotocols))
 
     async def open(self, kernel_id: str) -> None:

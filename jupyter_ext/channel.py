@@ -26,6 +26,8 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, frame_head, v1_pieces, v1_split
+
 from .transport import TlsTransport, Transport
 
 try:  # websockets' C masking; the same function in pure Python where it was not built
@@ -33,26 +35,10 @@ try:  # websockets' C masking; the same function in pure Python where it was not
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-V1 = "v1.kernel.websocket.jupyter.org"
-MAX_MESSAGE_BYTES = 64 << 20
 SMALL_FRAME = 256 << 10  # a frame below this is joined and masked in one go
 IO_TIMEOUT_S = 60.0  # a read or a 256 KiB write that takes this long: the gateway is gone
 BUSY = {"execution_state": "busy"}  # a status message's content
 CLOSED = {"msg_type": "_closed"}  # what a waiting queue receives when the websocket ends
-
-
-def v1_pieces(channel: str, parts: Sequence[Any]) -> list[Any]:
-    """A v1 message, in the pieces it is made of: the part count and the offsets, the channel
-    name, then the parts themselves (not copied)."""
-    name = channel.encode()
-    offsets = [8 * (1 + 1 + len(parts) + 1)]
-    offsets.append(offsets[-1] + len(name))
-    for part in parts:
-        offsets.append(offsets[-1] + memoryview(part).nbytes)
-    head = b"".join(
-        [len(offsets).to_bytes(8, "little"), *(o.to_bytes(8, "little") for o in offsets)]
-    )
-    return [head, name, *parts]
 
 
 def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
@@ -62,15 +48,10 @@ def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
     pieces, mask them and copy the result twice more."""
     views = [memoryview(p).cast("B") for p in pieces]
     length = sum(len(v) for v in views)
-    if length < 126:
-        head = bytes([0x82, 0x80 | length])
-    elif length < 1 << 16:
-        head = bytes([0x82, 0x80 | 126]) + length.to_bytes(2, "big")
-    else:
-        head = bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big")
+    head = frame_head(length, key)
     if length < SMALL_FRAME:
-        return [head + key + apply_mask(b"".join(views), key)]
-    chunks = [head + key]
+        return [head + apply_mask(b"".join(views), key)]
+    chunks = [head]
     offset = 0
     for view in views:
         turn = offset % 4
@@ -79,29 +60,20 @@ def masked_frame(pieces: Sequence[Any], key: bytes) -> list[bytes]:
     return chunks
 
 
-def split_frame(frame: bytes | bytearray) -> list[memoryview]:
-    """A v1 frame's parts (channel, header, parent, metadata, content, buffers...), as views."""
-    view = memoryview(frame)
-    count = int.from_bytes(view[:8], "little")
-    if not 6 <= count <= len(view) // 8 - 1:
-        raise ValueError("not a v1 kernel message")
-    offsets = [int.from_bytes(view[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
-    if offsets != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("not a v1 kernel message")
-    return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
-
-
-def decode(frame: bytes | bytearray, parts: list[memoryview] | None = None) -> dict[str, Any]:
-    """A v1 frame as a message dict; buffers are views into the frame (no copies)."""
-    parts = parts if parts is not None else split_frame(frame)
-    header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[1:5])
+def decode(
+    frame: bytes | bytearray, split: tuple[str, list[memoryview]] | None = None
+) -> dict[str, Any]:
+    """A v1 frame (or its `v1_split` already made) as a message dict; buffers are views into
+    the frame (no copies)."""
+    channel, parts = split if split is not None else v1_split(frame)
+    header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
     return {
-        "channel": bytes(parts[0]).decode(),
+        "channel": channel,
         "header": header,
         "parent_header": parent,
         "metadata": metadata,
         "content": content,
-        "buffers": parts[5:],
+        "buffers": parts[4:],
         "msg_type": header.get("msg_type"),
     }
 
@@ -221,7 +193,7 @@ class KernelChannel:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle wait
             wire = TlsTransport(sock, uri.host) if uri.secure else Transport(sock)
             protocol = ClientProtocol(
-                uri, subprotocols=[Subprotocol(V1)], max_size=MAX_MESSAGE_BYTES
+                uri, subprotocols=[Subprotocol(V1_PROTOCOL)], max_size=MAX_MESSAGE_BYTES
             )
             request = protocol.connect()
             request.headers["Authorization"] = f"token {self.token}"
@@ -231,7 +203,7 @@ class KernelChannel:
         except BaseException:
             sock.close()
             raise
-        if protocol.handshake_exc is not None or protocol.subprotocol != V1:
+        if protocol.handshake_exc is not None or protocol.subprotocol != V1_PROTOCOL:
             sock.close()
             raise ConnectionError(self._refusal(response, protocol))
         wire.settimeout(IO_TIMEOUT_S)
@@ -296,10 +268,10 @@ class KernelChannel:
                 f"the gateway refused the GPU kernel's websocket ({response.status_code} "
                 f"{response.reason_phrase}){': ' + message if message else ''}"
             )
-        if protocol.subprotocol != V1:
+        if protocol.subprotocol != V1_PROTOCOL:
             return (
-                f"the gateway did not accept the {V1} websocket protocol, which %%gpu needs "
-                "to send variables as raw bytes; upgrade the gateway"
+                f"the gateway did not accept the {V1_PROTOCOL} websocket protocol, which %%gpu "
+                "needs to send variables as raw bytes; upgrade the gateway"
             )
         return f"the websocket handshake failed: {protocol.handshake_exc}"
 
@@ -371,12 +343,12 @@ class KernelChannel:
         nobody waits for (the idle after a cell, a background thread's output) costs little;
         `busy` is dropped too: every request makes one and none needs it."""
         try:
-            parts = split_frame(frame)
-            parent = json.loads(bytes(parts[2]))
+            channel, parts = v1_split(frame)
+            parent = json.loads(bytes(parts[1]))
             listener = self._waiters.get(parent.get("msg_id", "")) if parent else None
-            if listener is None or (len(parts[4]) < 64 and json.loads(bytes(parts[4])) == BUSY):
+            if listener is None or (len(parts[3]) < 64 and json.loads(bytes(parts[3])) == BUSY):
                 return
-            msg = decode(frame, parts)
+            msg = decode(frame, (channel, parts))
         except (ValueError, AttributeError, UnicodeDecodeError):
             return  # not a v1 message: nothing can be waiting for it
         listener.put(msg)

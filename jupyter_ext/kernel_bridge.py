@@ -31,7 +31,6 @@ import hmac
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -47,13 +46,20 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from gpupool.wire import (
+    MAX_MESSAGE_BYTES,
+    V1_PROTOCOL,
+    legacy_binary,
+    legacy_split,
+    v1_message,
+    v1_split,
+)
+
 from . import credentials
 from .errors import GatewayError
 from .gateway_api import GatewayApi
 
-V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"
-MAX_MESSAGE_BYTES = 64 << 20
 ROUTES = 10_000  # requests remembered for routing their replies
 RECONNECT_ENV = "GPUPOOL_RECONNECT_S"
 QUEUE_POLL_S = 1.0
@@ -75,52 +81,24 @@ def say(text: str) -> None:
     print(f"gpupool: {text}", file=sys.stderr, flush=True)
 
 
-def v1_frame(channel: bytes, parts: list[Any]) -> bytes:
-    """A v1 websocket message: part count and offsets (8-byte little endian), then the parts."""
-    offsets = [8 * (len(parts) + 3)]
-    offsets.append(offsets[-1] + len(channel))
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
-    head = struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
-    return b"".join([head, channel, *parts])
-
-
-def v1_parts(frame: bytes) -> list[memoryview]:
-    """A v1 message's parts: channel, header, parent, metadata, content, buffers..."""
-    view = memoryview(frame)
-    count = int.from_bytes(view[:8], "little")
-    if not 6 <= count <= len(view) // 8 - 1:
-        raise ValueError("not a v1 kernel message")
-    offsets = struct.unpack_from(f"<{count}Q", view, 8)
-    if list(offsets) != sorted(offsets) or offsets[-1] > len(view):
-        raise ValueError("not a v1 kernel message")
-    return [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
-
-
 def legacy_message(channel: str, parts: list[bytes]) -> str | bytes:
     """The same message in jupyter_server's legacy framing: JSON text, or (with buffers) its
     binary form: a 4-byte big-endian count, the offsets, the JSON, the buffers."""
     keys = ("header", "parent_header", "metadata", "content")
     msg: dict[str, Any] = {k: json.loads(p) for k, p in zip(keys, parts[:4], strict=True)}
     msg["channel"] = channel
-    buffers = [bytes(b) for b in parts[4:]]
+    buffers = parts[4:]
     if not buffers:
         return json.dumps(msg)
-    pieces = [json.dumps(msg).encode(), *buffers]
-    offsets = [4 * (len(pieces) + 1)]
-    for piece in pieces[:-1]:
-        offsets.append(offsets[-1] + len(piece))
-    return struct.pack(f"!{len(pieces) + 1}I", len(pieces), *offsets) + b"".join(pieces)
+    return legacy_binary([json.dumps(msg).encode(), *buffers])
 
 
 def legacy_parts(data: str | bytes) -> tuple[str, list[bytes]]:
     """A legacy message as (channel, [header, parent, metadata, content, buffers...])."""
     buffers: list[bytes] = []
     if isinstance(data, bytes):
-        count = struct.unpack_from("!I", data)[0]
-        offsets = [*struct.unpack_from(f"!{count}I", data, 4), len(data)]
-        pieces = [data[offsets[i] : offsets[i + 1]] for i in range(count)]
-        data, buffers = pieces[0].decode(), pieces[1:]
+        pieces = legacy_split(data)
+        data, buffers = bytes(pieces[0]).decode(), [bytes(piece) for piece in pieces[1:]]
     msg = json.loads(data)
     keys = ("header", "parent_header", "metadata", "content")
     return str(msg.get("channel", "")), [json.dumps(msg.get(k) or {}).encode() for k in keys] + [
@@ -256,7 +234,7 @@ class Bridge:
             ws = self.ws
             if ws is None:
                 continue
-            data = v1_frame(channel.encode(), parts) if self.v1 else legacy_message(channel, parts)
+            data = v1_message(channel, parts) if self.v1 else legacy_message(channel, parts)
             try:
                 await ws.send(data)
                 return
@@ -269,7 +247,7 @@ class Bridge:
         ws = await connect(
             url,
             additional_headers={"Authorization": f"token {self.api.token}"},
-            subprotocols=[Subprotocol(V1)],
+            subprotocols=[Subprotocol(V1_PROTOCOL)],
             compression=None,
             max_size=MAX_MESSAGE_BYTES,
             open_timeout=30,
@@ -277,7 +255,7 @@ class Bridge:
             ping_timeout=60,
             proxy=None,
         )
-        self.v1 = ws.subprotocol == V1
+        self.v1 = ws.subprotocol == V1_PROTOCOL
         self.ws = ws
         self.connected.set()
 
@@ -290,14 +268,14 @@ class Bridge:
                 async for data in ws:
                     if self.v1 and isinstance(data, bytes):
                         try:
-                            parts = v1_parts(data)
+                            channel, parts = v1_split(data)
                         except ValueError:
                             continue
-                        await self.to_client(bytes(parts[0]).decode(), parts[1:])
+                        await self.to_client(channel, parts)
                     else:
                         try:
                             channel, plain = legacy_parts(data)
-                        except (ValueError, struct.error, UnicodeDecodeError):
+                        except (ValueError, AttributeError):  # not a message: skipped
                             continue
                         await self.to_client(channel, plain)
             except ConnectionClosed:

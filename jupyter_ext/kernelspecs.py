@@ -19,12 +19,13 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 
+from gpupool.wire import GPU_KERNEL_PREFIX
+
 from . import credentials
 from .errors import GatewayError
 from .gateway_api import GatewayApi
 
 PROVISIONER = "gpupool-provisioner"
-GPU_PREFIX = "python3-gpu-"
 
 
 FOLDER_ENV = "GPUPOOL_KERNELSPEC_DIR"
@@ -64,7 +65,7 @@ def installed(folder: Path | None = None) -> dict[str, Path]:
     folder = folder or kernels_dir()
     if not folder.is_dir():
         return found
-    for spec in folder.glob(f"{GPU_PREFIX}*/kernel.json"):
+    for spec in folder.glob(f"{GPU_KERNEL_PREFIX}*/kernel.json"):
         try:
             meta = json.loads(spec.read_text()).get("metadata", {})
         except (OSError, ValueError):
@@ -84,7 +85,7 @@ def sync_kernelspecs(url: str, token: str, folder: Path | None = None) -> list[s
         raise credentials.CredentialsError(credentials.explain(error, url)) from None
     offered: dict[str, dict[str, Any]] = {}
     for name, spec in (reply.get("kernelspecs") or {}).items():
-        if not isinstance(name, str) or not name.startswith(GPU_PREFIX) or "/" in name:
+        if not isinstance(name, str) or not name.startswith(GPU_KERNEL_PREFIX) or "/" in name:
             continue
         meta = ((spec or {}).get("spec") or {}).get("metadata") or {}
         offered[name] = dict(meta.get("gpupool") or {})

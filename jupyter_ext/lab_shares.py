@@ -25,6 +25,8 @@ from typing import Any
 import tornado.web
 from jupyter_server.utils import ensure_async
 
+from gpupool.wire import shape_of_kernel_name
+
 from .gateway_api import GatewayApi
 from .server_extension import (
     KERNEL_ID,
@@ -51,7 +53,6 @@ MAX_PATH = 1024
 MAX_COPY_BYTES = 128 * 1000 * 1000  # the largest copy answer read from the gateway
 SHARE_TIMEOUT_S = 120.0  # sending or fetching a large notebook
 SHARE_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # the gateway's ids: 192 random bits, url-safe
-POOL_KERNEL_NAME = re.compile(r"python3(-gpu-[a-z0-9][a-z0-9._-]{0,31}-x[1-9][0-9]{0,2})?")
 MODES, OUTPUTS, ACCESS = ("view", "run"), ("keep", "strip"), ("anyone", "gateway", "tenants")
 MAX_TENANTS = 100
 MAX_COPY_TRIES = 100  # name.ipynb, name-1.ipynb, ... name-99.ipynb
@@ -276,7 +277,7 @@ class SharesHandler(SharesBase):
             if remote is not None:
                 model = await self.gateway.get(f"/api/kernels/{urllib.parse.quote(remote)}")
                 name = str(model.get("name") or "")
-            if not POOL_KERNEL_NAME.fullmatch(name):
+            if shape_of_kernel_name(name) is None:
                 raise Refused(400, f"This notebook's kernel {name[:80]!r} is neither a pool GPU "
                               "kernel nor Python 3: change its kernel to a pool shape (GPU Pool: "
                               "Change Kernel to a GPU Shape…) and share again.")  # fmt: skip
@@ -320,7 +321,7 @@ class OpenShareHandler(SharesBase):
             raise
         notebook, kernel_name = got.get("notebook"), str(got.get("kernel_name") or "")
         share = got.get("share") or {}
-        if not isinstance(notebook, dict) or not POOL_KERNEL_NAME.fullmatch(kernel_name):
+        if not isinstance(notebook, dict) or shape_of_kernel_name(kernel_name) is None:
             raise GatewayUnavailable(
                 502, "bad gateway answer", f"The gateway at {url} answered no notebook copy."
             )

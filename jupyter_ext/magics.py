@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import sys
 import time
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -22,6 +21,8 @@ from IPython.core.magic_arguments import (
     parse_argstring,
 )
 from traitlets import Int, Unicode
+
+from gpupool.wire import parse_iso
 
 from .errors import GatewayError, GpuMagicError
 from .shapes import Shape, parse_shape
@@ -495,12 +496,11 @@ def cell_number(shell: Any) -> int:
     return len(history) - 1 if history else int(shell.execution_count)
 
 
-def _until(iso: str) -> str:
+def _until(when: str) -> str:
     try:
-        when = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        seconds = parse_iso(when) - time.time()
     except ValueError:
         return "?"
-    seconds = (when - datetime.now(timezone.utc)).total_seconds()
     if seconds <= 0:
         return "now"
     minutes, secs = divmod(int(seconds), 60)

@@ -22,8 +22,7 @@ from jupyter_server.services.kernels.connection.base import BaseKernelWebsocketC
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-V1 = "v1.kernel.websocket.jupyter.org"
-MAX_MESSAGE_BYTES = 64 << 20  # as the bridge's and the gateway's own limit
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL
 
 
 def pool_target(kernel: Any) -> tuple[str, str, str] | None:
@@ -38,7 +37,7 @@ class PoolKernelConnection(BaseKernelWebsocketConnection):
 
     def __init__(self, target: tuple[str, str, str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.kernel_ws_protocol = V1
+        self.kernel_ws_protocol = V1_PROTOCOL
         self.url, self.token, self.remote_id = target
         self.upstream: WebSocketClientConnection | None = None
         self.closed = False

@@ -31,6 +31,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode
 from traitlets.config import Configurable
 
+from gpupool.wire import iso
+
 from .pool_websocket import PoolKernelConnection, pool_target
 
 URL_ENV = "GPUPOOL_URL"
@@ -362,7 +364,7 @@ class UsageHandler(GpupoolHandler):
         first = (now - timedelta(days=USAGE_DAYS - 1)).replace(
             hour=0, minute=0, second=0, microsecond=0
         )
-        since = first.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        since = iso(first.timestamp())
         report = await self.gateway.get("/api/usage?" + urllib.parse.urlencode({"since": since}))
         return summarize(report, first.timestamp(), now.timestamp())
 

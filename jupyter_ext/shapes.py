@@ -1,32 +1,15 @@
-"""A GPU shape (type and count) and its kernelspec name: what `%%gpu` asks the pool for.
+"""A GPU shape (gpupool.wire.Shape) as `%%gpu` and the Lab setting write it: TYPE or TYPE:COUNT.
 
 Kept apart from `companion.py` so that loading the magic costs no websocket or HTTP imports."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from gpupool.wire import MAX_GPUS_PER_KERNEL, Shape
 
 # TYPE or TYPE:COUNT, as `%gpu default` and the Lab setting `defaultShape` take it.
-SHAPE_TEXT = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,31})(?::([1-9][0-9]{0,2}))?")
-
-
-def kernel_name(gpu_type: str, gpu_count: int) -> str:
-    """The kernelspec of a GPU shape, as the gateway names it."""
-    return f"python3-gpu-{gpu_type.lower()}-x{gpu_count}"
-
-
-@dataclass(frozen=True)
-class Shape:
-    gpu_type: str
-    gpu_count: int
-
-    def __str__(self) -> str:
-        return f"{self.gpu_type} ×{self.gpu_count}"  # noqa: RUF001
-
-    @property
-    def kernel_name(self) -> str:
-        return kernel_name(self.gpu_type, self.gpu_count)
+SHAPE_TEXT = re.compile(r"([A-Za-z0-9][A-Za-z0-9.-]{0,31})(?::([1-9][0-9]{0,2}))?")
 
 
 def parse_shape(text: str) -> Shape:
@@ -35,4 +18,8 @@ def parse_shape(text: str) -> Shape:
     if not found:
         raise ValueError(f"{text.strip()[:40]!r} is not a GPU shape: write TYPE or TYPE:COUNT, "
                          "e.g. H100 or H100:2")  # fmt: skip
-    return Shape(found.group(1), int(found.group(2) or 1))
+    count = int(found.group(2) or 1)
+    if count > MAX_GPUS_PER_KERNEL:
+        raise ValueError(f"{text.strip()} asks for {count} GPUs; one kernel may hold at most "
+                         f"{MAX_GPUS_PER_KERNEL}: ask for fewer")  # fmt: skip
+    return Shape(found.group(1), count)

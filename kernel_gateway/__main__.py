@@ -1,5 +1,5 @@
 """`python -m kernel_gateway` is `gpupool`."""
 
-from .cli import main
+from gpupool.cli import main
 
 main()

@@ -17,6 +17,8 @@ from tornado.netutil import bind_sockets
 from traitlets import Enum, Float, Int, Unicode, default
 from traitlets.config import Application
 
+from gpupool.wire import MAX_MESSAGE_BYTES
+
 from . import __version__
 from .handlers import routes
 from .log_redaction import log_request, redact_all_logs
@@ -138,7 +140,9 @@ class GatewayApp(Application):
         "were revoked, or whose tenant was) are looked for and deleted, where no live link "
         "holds the same snapshot; seconds.",
     ).tag(config=True)  # fmt: skip
-    max_message_mb = Int(64, help="Largest websocket message relayed, in MiB.").tag(config=True)
+    max_message_mb = Int(
+        MAX_MESSAGE_BYTES >> 20, help="Largest websocket message relayed, in MiB."
+    ).tag(config=True)
     max_tenant_websockets = Int(
         DEFAULT_WEBSOCKETS, help="Kernel websockets one tenant may hold open at once; past that "
         "a new one is closed with 1013 and a sentence saying so; 0: no limit.",

@@ -7,13 +7,15 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gpupool.wire import CPU, Shape, shape_of_kernel_name
+
 from .base import MAX_BODY_BYTES, MAX_HOST_REPORT_BYTES, GatewayHandler, tenant_of
 from .errors import ApiError
 from .host_report import read_heartbeat, read_registration
 from .ledger import read_time, to_csv
 from .metrics import render_metrics
 from .openapi import OPENAPI
-from .shapes import CPU, Shape, shape_of_name
+from .shapes import display_name, usd_per_gpu_hour, usd_per_hour
 from .share_page import NOT_FOUND_PAGE, PAGE_HEADERS, page
 from .shares import Shares, not_found
 from .store import DB_RETRY_SECONDS, Tenant, ping
@@ -68,7 +70,7 @@ class KernelspecsHandler(GatewayHandler):
                 "name": shape.kernel_name,
                 "spec": {
                     "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                    "display_name": shape.display_name,
+                    "display_name": display_name(shape),
                     "language": "python",
                     "interrupt_mode": "signal",
                     "env": {},
@@ -79,7 +81,7 @@ class KernelspecsHandler(GatewayHandler):
                             # GPU memory the kernel gets: all of its GPUs together.
                             "memory_gb": per_gpu * shape.gpu_count,
                             "memory_gb_per_gpu": per_gpu,
-                            "usd_per_hour": shape.usd_per_hour,
+                            "usd_per_hour": usd_per_hour(shape),
                             # GPUs of that type free now; for CPU, hosts that can start one now.
                             "free": entry.get("free", 0) if shape.gpu_count else cpu_hosts,
                             "queue": waiting,
@@ -123,7 +125,7 @@ class KernelsHandler(GatewayHandler):
         name = body.get("name") or "python3"
         if not isinstance(name, str):
             raise ApiError(400, "name must be a kernelspec name such as python3-gpu-h100-x1.")
-        if shape_of_name(name) is None:
+        if shape_of_kernel_name(name) is None:
             offered = ", ".join(s.kernel_name for s in offered_shapes(self.state.pool.types()))
             raise ApiError(404, f"no kernelspec named {name[:80]!r}; the pool offers: {offered}.")
         model = await self.state.kernels.create(tenant, name, read_env(body.get("env")))
@@ -158,7 +160,7 @@ class GpusHandler(GatewayHandler):
         queue = [self.state.kernels._row(k) for k in self.state.kernels.queue]
         self.reply([
             {"gpu_type": t, "memory_gb": round(v["memory"] / 1024**3), "total": v["total"],
-             "free": v["free"], "usd_per_hour": Shape(t, 1).usd_per_hour,
+             "free": v["free"], "usd_per_hour": usd_per_gpu_hour(t),
              "queue": sum(1 for k in queue if k.gpu_type == t)}
             for t, v in sorted(self.state.pool.types().items())
         ])  # fmt: skip

@@ -11,9 +11,10 @@ import re
 import urllib.parse
 from typing import Any
 
+from gpupool.wire import MAX_GPUS_PER_HOST
+
 from .errors import ApiError
 
-MAX_GPUS = 256  # per host: 8 GPUs of 7 MIG instances each is 56
 MAX_KERNELS = 4096  # per host, ended ones included
 MAX_TEXT = 255
 MAX_REASON = 2000
@@ -103,8 +104,8 @@ def gpu(value: Any, index: int) -> dict[str, Any]:
 
 
 def gpus(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or len(value) > MAX_GPUS:
-        raise bad("gpus", f"must be a list of at most {MAX_GPUS} GPUs")
+    if not isinstance(value, list) or len(value) > MAX_GPUS_PER_HOST:
+        raise bad("gpus", f"must be a list of at most {MAX_GPUS_PER_HOST} GPUs")
     checked = [gpu(g, i) for i, g in enumerate(value)]
     if len({g["uuid"] for g in checked}) < len(checked):
         raise bad("gpus", "names one GPU uuid twice")

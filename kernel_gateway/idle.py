@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import select
 
+from gpupool.wire import KernelState
+
 from .kernels import GatewayKernels
 from .store import Kernel
 
@@ -35,7 +37,7 @@ class IdleWatcher:
     async def check(self) -> None:
         now = time.time()
         with self.kernels.db() as s:
-            running = s.scalars(select(Kernel).where(Kernel.state == "running")).all()
+            running = s.scalars(select(Kernel).where(Kernel.state == KernelState.RUNNING)).all()
         for kernel in running:
             live = self.kernels._live(kernel.id)
             due = live.last_activity + kernel.idle_timeout

@@ -16,17 +16,18 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from gpupool.wire import CPU, MAX_GPUS_PER_KERNEL, KernelState, Shape, iso, shape_of_kernel_name
+
 from .budgets import Budgets
 from .errors import ApiError
-from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger, iso
+from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger
 from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
-from .shapes import CPU, EXECUTION_STATE, Shape, shape_of_name
+from .shapes import EXECUTION_STATE
 from .store import Kernel, Tenant, Token
 from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
-MAX_GPUS_PER_KERNEL = 8
 UNREACHABLE = "could not be reached"  # in a kernel's reason: its host did not answer a start
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
 STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
@@ -59,11 +60,14 @@ class Live:
 
 
 def read_shape(name: str, env: dict[str, str]) -> Shape:
-    shape = shape_of_name(name)
+    shape = shape_of_kernel_name(name)
     if shape is None:
         raise ApiError(
             404, f"no kernelspec named {name[:80]!r}; GET /api/kernelspecs lists the shapes."
         )
+    if shape.gpu_count > MAX_GPUS_PER_KERNEL:
+        raise ApiError(400, f"{name} asks for {shape.gpu_count} GPUs; one kernel may hold at "
+                            f"most {MAX_GPUS_PER_KERNEL}: ask for fewer.")  # fmt: skip
     gpu_type = env.get("KERNEL_GPU_TYPE")
     count_text = env.get("KERNEL_GPU_COUNT")
     if gpu_type is not None:
@@ -112,7 +116,7 @@ class GatewayKernels:
             # needs (whether it resumes the kernel) comes from the row, not from a default.
             with self.db() as s:
                 kernel = s.get(Kernel, kernel_id)
-            live = Live(suspended=kernel is not None and kernel.state == "suspended")
+            live = Live(suspended=kernel is not None and kernel.state == KernelState.SUSPENDED)
             self.live[kernel_id] = live
         return live
 
@@ -120,7 +124,7 @@ class GatewayKernels:
         """The tenant's kernel, or 404 exactly as for an id that never existed."""
         with self.db() as s:
             kernel = s.get(Kernel, kernel_id)
-        if kernel is None or kernel.tenant_id != tenant.id or kernel.state == "deleted":
+        if kernel is None or kernel.tenant_id != tenant.id or kernel.state == KernelState.DELETED:
             raise ApiError(404, f"Kernel does not exist: {kernel_id}")
         return kernel
 
@@ -133,8 +137,9 @@ class GatewayKernels:
     def model(self, kernel: Kernel) -> dict[str, Any]:
         live = self._live(kernel.id)
         billed, cost, since = self.ledger.holding(kernel.id)
-        resuming = bool(kernel.checkpoint) and kernel.state in ("queued", "starting")
-        state = "resuming" if resuming else kernel.state
+        placing = kernel.state in (KernelState.QUEUED, KernelState.STARTING)
+        resuming = placing and bool(kernel.checkpoint)
+        state = KernelState.RESUMING if resuming else kernel.state
         gpupool: dict[str, Any] = {
             "state": state,
             "gpu_type": kernel.gpu_type,
@@ -145,12 +150,12 @@ class GatewayKernels:
             "idle_timeout": kernel.idle_timeout,
             "idle_deadline": self._deadline(kernel, live),
         }
-        if kernel.state == "queued":
+        if kernel.state == KernelState.QUEUED:
             gpupool["queue_position"] = (
                 self.queue.index(kernel.id) + 1 if kernel.id in self.queue else 1
             )
         host = self.pool.hosts.get(kernel.host_id or "")
-        if kernel.state == "running" and since is not None and host is not None:
+        if kernel.state == KernelState.RUNNING and since is not None and host is not None:
             # Only the GPUs this kernel holds: the caller's own kernel, nothing of anyone else's.
             gpupool["host"] = host.name
             gpupool["started"] = iso(since)
@@ -158,7 +163,7 @@ class GatewayKernels:
                 {"uuid": uuid, **{key: host.readings.get(uuid, {}).get(key) for key in READINGS}}
                 for uuid in kernel.gpus
             ]
-        if kernel.state == "running":
+        if kernel.state == KernelState.RUNNING:
             execution_state = live.execution_state
         else:
             execution_state = EXECUTION_STATE.get(state, "unknown")
@@ -175,7 +180,7 @@ class GatewayKernels:
     def _deadline(kernel: Kernel, live: Live) -> str | None:
         """When the kernel will be suspended if nothing happens; a busy kernel is never idle,
         so its deadline is a full timeout from now."""
-        if kernel.state != "running":
+        if kernel.state != KernelState.RUNNING:
             return None
         if live.suspending_since is not None:  # the deadline passed; the checkpoint is running
             return iso(live.suspending_since)
@@ -186,14 +191,15 @@ class GatewayKernels:
         with self.db() as s:
             rows = s.scalars(
                 select(Kernel).where(
-                    Kernel.tenant_id == tenant.id, Kernel.state.not_in(["deleted", "dead"])
+                    Kernel.tenant_id == tenant.id,
+                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
                 )
             ).all()
         return [self.model(k) for k in rows]
 
     def counts(self) -> dict[str, int]:
         with self.db() as s:
-            rows = s.scalars(select(Kernel).where(Kernel.state.not_in(["deleted"]))).all()
+            rows = s.scalars(select(Kernel).where(Kernel.state.not_in([KernelState.DELETED]))).all()
         counts: dict[str, int] = {}
         for k in rows:
             counts[k.state] = counts.get(k.state, 0) + 1
@@ -215,7 +221,7 @@ class GatewayKernels:
         kernel = Kernel(
             idle_timeout=idle_timeout,
             id=str(uuid.uuid4()), tenant_id=tenant.id, name=shape.kernel_name,
-            gpu_type=shape.gpu_type, gpu_count=shape.gpu_count, state="queued",
+            gpu_type=shape.gpu_type, gpu_count=shape.gpu_count, state=KernelState.QUEUED,
             env={k: v for k, v in env.items() if k not in GATEWAY_ENV},
         )  # fmt: skip
         with self.db() as s:
@@ -226,13 +232,13 @@ class GatewayKernels:
         waiter = live.changed
         await self.dispatch()
         kernel = self._row(kernel.id)
-        if kernel.state == "starting":
+        if kernel.state == KernelState.STARTING:
             try:
                 await asyncio.wait_for(waiter.wait(), START_WAIT_SECONDS)
             except asyncio.TimeoutError:
                 pass  # it goes on starting; the client sees "starting" and may connect already
             kernel = self._row(kernel.id)
-        if kernel.state == "dead":
+        if kernel.state == KernelState.DEAD:
             if UNREACHABLE in kernel.reason:  # the host's fault, not the request's: try later
                 raise ApiError(
                     503, f"the kernel could not start: {kernel.reason}. Nothing was billed; ask "
@@ -244,7 +250,7 @@ class GatewayKernels:
     def _gateway_env(self, kernel: Kernel) -> dict[str, str]:
         """GPUPOOL_URL and a token of the kernel's own, so that `%%gpu` works inside it: the
         token acts for the kernel's tenant and is revoked when this kernel process ends."""
-        if not self.public_url or self._row(kernel.id).state != "starting":
+        if not self.public_url or self._row(kernel.id).state != KernelState.STARTING:
             return {}  # (shut down before its start began: its tokens are gone, none is added)
         token = new_token()
         with self.db() as s:
@@ -269,7 +275,8 @@ class GatewayKernels:
         with self.db() as s:
             active = s.scalars(
                 select(Kernel).where(
-                    Kernel.tenant_id == tenant.id, Kernel.state.not_in(["deleted", "dead"])
+                    Kernel.tenant_id == tenant.id,
+                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
                 )
             ).all()
         if tenant.max_kernels is not None and len(active) + 1 > tenant.max_kernels:
@@ -298,7 +305,9 @@ class GatewayKernels:
                     why = refusals[kernel.tenant_id]
                     if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
                         self.queue.remove(kernel_id)
-                        self._set(kernel_id, state="suspended", reason=f"not resumed: {why}")
+                        self._set(
+                            kernel_id, state=KernelState.SUSPENDED, reason=f"not resumed: {why}"
+                        )
                         self._live(kernel_id).notify()
                     else:
                         self._end(kernel_id, f"not started: {why}")
@@ -317,7 +326,7 @@ class GatewayKernels:
                     continue
                 self.queue.remove(kernel_id)
                 host.reserved[kernel_id] = shape
-                self._set(kernel_id, state="starting", host_id=host.id)
+                self._set(kernel_id, state=KernelState.STARTING, host_id=host.id)
                 asyncio.get_running_loop().create_task(self._start_on(host, kernel))
             for kernel_id in self.queue:
                 self._live(kernel_id).notify()  # queue positions moved
@@ -353,10 +362,10 @@ class GatewayKernels:
             reply = await self.host_call(host, "POST", "/api/kernels", body)
         except HTTPClientError as error:
             host.reserved.pop(kernel.id, None)
-            if self._row(kernel.id).state != "starting":
+            if self._row(kernel.id).state != KernelState.STARTING:
                 return  # shut down, or lost with its host, while the host answered
             if error.code == 409:  # our view of the host was stale: wait for the next GPU
-                self._set(kernel.id, state="queued", host_id=None)
+                self._set(kernel.id, state=KernelState.QUEUED, host_id=None)
                 self.queue.insert(0, kernel.id)
                 self._live(kernel.id).notify()  # create() answers "queued" now, not in 30 s
                 return
@@ -367,7 +376,7 @@ class GatewayKernels:
             self._end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
             return
         host.reserved.pop(kernel.id, None)
-        if self._row(kernel.id).state != "starting":
+        if self._row(kernel.id).state != KernelState.STARTING:
             # Shut down, or lost with its host, while the host started it: stop it there too,
             # or it would hold its GPUs with no one to use or bill them.
             log.info("kernel %s ended while starting; stopping it on %s", kernel.id, host.name)
@@ -398,9 +407,9 @@ class GatewayKernels:
         written) if it was shut down or lost meanwhile."""
         with self.db() as s:
             kernel = s.get(Kernel, kernel_id)
-            if kernel is None or kernel.state != "starting":
+            if kernel is None or kernel.state != KernelState.STARTING:
                 return False
-            kernel.state, kernel.host_kernel_id = "running", host_kernel_id
+            kernel.state, kernel.host_kernel_id = KernelState.RUNNING, host_kernel_id
             kernel.gpus, kernel.checkpoint = host.held.get(kernel_id, []), {}
             kernel.last_seen_alive = time.time()
             self.ledger.open(s, kernel, host.id, held)
@@ -427,16 +436,17 @@ class GatewayKernels:
         self,
         kernel_id: str,
         reason: str,
-        state: str = "dead",
+        state: KernelState = KernelState.DEAD,
         ended: float | None = None,
         closing: str = DIED,
     ) -> None:
         """The kernel is over: its GPUs go back and its interval closes at `ended` (the last
         time it was seen alive, when known), for the ledger reason `closing`."""
         kernel = self._row(kernel_id)
-        if kernel.state == "deleted" or (kernel.state == "dead" and state == "dead"):
+        if kernel.state == KernelState.DELETED or kernel.state == state == KernelState.DEAD:
             return
-        if kernel.state == "dead":  # its owner shuts down a kernel that already died: keep why
+        # Its owner shuts down a kernel that already died: keep why.
+        if kernel.state == KernelState.DEAD:
             with self.db() as s:
                 row = s.get(Kernel, kernel_id)
                 assert row is not None
@@ -479,7 +489,7 @@ class GatewayKernels:
     async def delete(self, tenant: Tenant, kernel_id: str) -> None:
         kernel = self.get(tenant, kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
-        if kernel.state == "running" and host is not None and kernel.host_kernel_id:
+        if kernel.state == KernelState.RUNNING and host is not None and kernel.host_kernel_id:
             self.stopping.add(kernel.host_kernel_id)
             try:
                 await self.host_call(host, "DELETE", f"/api/kernels/{kernel.host_kernel_id}")
@@ -494,7 +504,7 @@ class GatewayKernels:
                 )
             finally:
                 self.stopping.discard(kernel.host_kernel_id)
-        self._end(kernel_id, "shut down by its owner", state="deleted", closing=SHUT_DOWN)
+        self._end(kernel_id, "shut down by its owner", state=KernelState.DELETED, closing=SHUT_DOWN)
         if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
             await self._discard_checkpoint(tenant.name, kernel)
 
@@ -504,16 +514,17 @@ class GatewayKernels:
         with self.db() as s:
             rows = s.scalars(
                 select(Kernel).where(
-                    Kernel.tenant_id == tenant.id, Kernel.state.not_in(["deleted", "dead"])
+                    Kernel.tenant_id == tenant.id,
+                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
                 )
             ).all()
         now = time.time()
-        running = [k for k in rows if k.state == "running" and k.host_kernel_id]
+        running = [k for k in rows if k.state == KernelState.RUNNING and k.host_kernel_id]
         # Those waiting first, so that none starts meanwhile (one starting is stopped when its
         # host answers); running ones once stopped, so their GPUs go to no one before that.
         for kernel in rows:
             if kernel not in running:
-                self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+                self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
         stops = []
         for kernel in running:
             host = self.pool.hosts.get(kernel.host_id or "")
@@ -521,7 +532,7 @@ class GatewayKernels:
                 stops.append(self._stop_on_host(host, str(kernel.host_kernel_id)))
         await asyncio.gather(*stops)
         for kernel in running:
-            self._end(kernel.id, why, state="deleted", ended=now, closing=REVOKED)
+            self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
         for kernel in rows:
             if kernel.checkpoint:
                 await self._discard_checkpoint(tenant.name, kernel)
@@ -533,7 +544,7 @@ class GatewayKernels:
         An unreachable host decides nothing here: missed heartbeats do (`host_lost`)."""
         kernel = self._row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
-        if kernel.state != "running" or host is None or not kernel.host_kernel_id:
+        if kernel.state != KernelState.RUNNING or host is None or not kernel.host_kernel_id:
             return kernel
         if kernel.host_kernel_id in self.stopping:  # the gateway ends it: wait for its reason
             try:
@@ -552,7 +563,7 @@ class GatewayKernels:
             log.info("kernel %s: its host %s cannot be reached: %s", kernel_id, host.name, error)
             return kernel
         latest = self._row(kernel_id)
-        if reported.get("execution_state") != "dead" or latest.state != "running":
+        if reported.get("execution_state") != "dead" or latest.state != KernelState.RUNNING:
             return latest
         if latest.host_kernel_id != kernel.host_kernel_id:
             return latest  # restarted elsewhere meanwhile
@@ -574,7 +585,7 @@ class GatewayKernels:
 
     async def action(self, tenant: Tenant, kernel_id: str, action: str) -> dict[str, Any]:
         kernel = self.get(tenant, kernel_id)
-        if kernel.state == "dead":
+        if kernel.state == KernelState.DEAD:
             raise ApiError(409, f"kernel {kernel_id} is dead ({kernel.reason}); start a new one.")
         live = self._live(kernel_id)
         live.touch()  # the user's own act: the idle clock restarts, and a suspend under way stops
@@ -582,7 +593,7 @@ class GatewayKernels:
         async with live.acting:
             kernel = self._row(kernel_id)  # as it is now, after any action before this one
             host = self.pool.hosts.get(kernel.host_id or "")
-            if kernel.state == "running" and host is not None:
+            if kernel.state == KernelState.RUNNING and host is not None:
                 path = f"/api/kernels/{kernel.host_kernel_id}/{action}"
                 try:
                     await self.host_call(host, "POST", path)
@@ -620,7 +631,7 @@ class GatewayKernels:
         tenant's. If a client speaks meanwhile, nothing is closed and the kernel stays."""
         kernel = self._row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
-        if kernel.state != "running" or host is None or not kernel.host_kernel_id:
+        if kernel.state != KernelState.RUNNING or host is None or not kernel.host_kernel_id:
             return
         began = time.time() if since is None else min(since, time.time())
         live = self._live(kernel_id)
@@ -639,7 +650,7 @@ class GatewayKernels:
             return
         finally:
             live.suspending_since = None
-        if self._row(kernel_id).state != "running":
+        if self._row(kernel_id).state != KernelState.RUNNING:
             return  # shut down meanwhile
         if closing == SUSPENDED and live.last_client_message > began:
             # A client spoke during the checkpoint: not idle after all, and the checkpoint would
@@ -650,7 +661,7 @@ class GatewayKernels:
         # Suspended first, then the host kernel stops: its websocket relay sees why it ended.
         live.suspended = True
         self._set(
-            kernel_id, state="suspended", host_kernel_id=None, gpus=[],
+            kernel_id, state=KernelState.SUSPENDED, host_kernel_id=None, gpus=[],
             reason=f"{why}; its GPU was given back and {len(saved.get('saved', []))} variables "
                    f"saved{lost}. The next cell resumes it.",
             # The file is named by the host kernel's id (the host chose it), never by what the
@@ -682,9 +693,9 @@ class GatewayKernels:
 
     def resume(self, kernel_id: str) -> None:
         """Queue a suspended kernel for a GPU of the same shape; it restores, then runs."""
-        if self._row(kernel_id).state != "suspended":
+        if self._row(kernel_id).state != KernelState.SUSPENDED:
             return
-        self._set(kernel_id, state="queued", reason="")
+        self._set(kernel_id, state=KernelState.QUEUED, reason="")
         self._live(kernel_id).suspended = False
         self.queue.append(kernel_id)
         self._live(kernel_id).notify()
@@ -736,7 +747,9 @@ class GatewayKernels:
         with self.db() as s:
             rows = s.scalars(
                 select(Kernel).where(
-                    Kernel.tenant_id == tenant.id, Kernel.state == "running", Kernel.gpu_count > 0
+                    Kernel.tenant_id == tenant.id,
+                    Kernel.state == KernelState.RUNNING,
+                    Kernel.gpu_count > 0,
                 )
             ).all()
         for kernel in rows:
@@ -756,7 +769,7 @@ class GatewayKernels:
         alive: list[Kernel] = []
         with self.db() as s:
             ours = s.scalars(
-                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == "running")
+                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == KernelState.RUNNING)
             ).all()
         for kernel in ours:
             if kernel.host_kernel_id in self.stopping:
@@ -818,8 +831,11 @@ class GatewayKernels:
                 kernel is not None
                 and kernel.host_id == host.id
                 and (
-                    (kernel.state == "running" and kernel.host_kernel_id == host_kernel_id)
-                    or (kernel.state == "starting" and owner in host.held)  # restoring
+                    (
+                        kernel.state == KernelState.RUNNING
+                        and kernel.host_kernel_id == host_kernel_id
+                    )
+                    or (kernel.state == KernelState.STARTING and owner in host.held)  # restoring
                 )
             ):
                 continue
@@ -838,7 +854,8 @@ class GatewayKernels:
         with self.db() as s:
             ours = s.scalars(
                 select(Kernel).where(
-                    Kernel.host_id == host.id, Kernel.state.in_(["running", "starting"])
+                    Kernel.host_id == host.id,
+                    Kernel.state.in_([KernelState.RUNNING, KernelState.STARTING]),
                 )
             ).all()
         seen = iso(host.last_seen)
@@ -857,7 +874,7 @@ class GatewayKernels:
         running = {k["id"]: k for k in kernels if k.get("execution_state") != "dead"}
         with self.db() as s:
             lost = s.scalars(
-                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == "dead")
+                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == KernelState.DEAD)
             ).all()
         for kernel in lost:
             if kernel.host_kernel_id in running and "stopped answering" in kernel.reason:
@@ -866,7 +883,12 @@ class GatewayKernels:
                 with self.db() as s:
                     row = s.get(Kernel, kernel.id)
                     assert row is not None
-                    row.state, row.reason, row.ended, row.last_seen_alive = "running", "", None, now
+                    row.state, row.reason, row.ended, row.last_seen_alive = (
+                        KernelState.RUNNING,
+                        "",
+                        None,
+                        now,
+                    )
                     self.ledger.open(s, row, host.id, now)
                     s.commit()
                 host.held[kernel.id] = list(kernel.gpus)
@@ -877,7 +899,7 @@ class GatewayKernels:
             over = s.scalars(
                 select(Kernel).where(
                     Kernel.host_id == host.id,
-                    Kernel.state.in_(["deleted", "dead"]),
+                    Kernel.state.in_([KernelState.DELETED, KernelState.DEAD]),
                     Kernel.host_kernel_id.in_(list(running)),
                 )
             ).all()

@@ -23,11 +23,12 @@ from __future__ import annotations
 import csv
 import io
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
+
+from gpupool.wire import MAX_TIME_TEXT, KernelState, iso, parse_iso
 
 from .errors import ApiError
 from .metrics import GPU_SECONDS_BILLED
@@ -46,16 +47,11 @@ REVOKED = "revoked"  # its tenant was revoked by the admin
 END_REASONS = (SHUT_DOWN, DIED, HOST_LOST, BUDGET, SUSPENDED, CULLED, RECOVERED, REVOKED)
 # States in which a kernel holds its GPUs (DESIGN.md: starting, running, resuming); an open
 # interval of a kernel in any other state after a restart is closed by `repair`.
-HOLDING_STATES = ("starting", "running", "resuming")
+HOLDING_STATES = (KernelState.STARTING, KernelState.RUNNING, KernelState.RESUMING)
 
 CSV_COLUMNS = ("interval", "tenant", "kernel_id", "host_id", "gpu_type", "gpu_count",
                "usd_per_gpu_second", "start", "end", "end_reason", "seconds", "gpu_seconds",
                "cost_usd")  # fmt: skip
-MAX_TIME_TEXT = 64
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def usd(amount: float) -> str:
@@ -74,15 +70,11 @@ def read_time(name: str, text: str | None) -> float | None:
     if len(text) > MAX_TIME_TEXT:
         raise ApiError(400, f"{name} is {len(text)} characters; send an ISO 8601 time, {example}.")
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        value = when.timestamp()
-    except (ValueError, OverflowError, OSError):
+        return parse_iso(text)
+    except ValueError:
         raise ApiError(
             400, f"{name}={text[:40]!r} is not an ISO 8601 time; send one {example}."
         ) from None
-    return value
 
 
 def seconds_in(row: LedgerInterval, now: float, since: float | None, until: float | None) -> float:

@@ -17,7 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .shapes import STATES as KERNEL_STATES  # each shown, from 0
+from gpupool.wire import KernelState
+
+# Each shown, from 0; a deleted kernel is no longer the pool's.
+KERNEL_STATES = [state.value for state in KernelState if state is not KernelState.DELETED]
 
 EVENTS = CollectorRegistry()  # counted where they happen; every gateway's scrape shows them
 START_SECONDS = Histogram(

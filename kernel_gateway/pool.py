@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .shapes import Shape
+from gpupool.wire import Shape
 
 READINGS = ("utilization", "memory_used", "memory_total")  # what a tenant sees of its GPUs
 

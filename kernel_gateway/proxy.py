@@ -21,6 +21,8 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
+from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, KernelState
+
 from .base import tenant_of, token_of
 from .errors import ApiError
 from .splice import HostConnection, SplicingProtocol, connect_host
@@ -28,7 +30,6 @@ from .state import GatewayState
 from .store import Tenant
 
 log = logging.getLogger(__name__)
-V1 = "v1.kernel.websocket.jupyter.org"
 MAX_PENDING = 1000  # messages held for a kernel that is not running yet
 HOST_CONNECT_TIMEOUT = 60.0  # seconds for the host's websocket handshake
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the relay it replaces to end
@@ -80,7 +81,7 @@ class ChannelsHandler(WebSocketHandler):
         try:
             tenant = tenant_of(self.state, token_of(self), self.request.remote_ip or "")
             kernel = self.state.kernels.get(tenant, kernel_id)
-            if kernel.state == "dead":
+            if kernel.state == KernelState.DEAD:
                 raise ApiError(404, f"kernel {kernel_id} is dead: {kernel.reason}")
             self.session_id = read_session_id(self)
         except ApiError as error:
@@ -102,7 +103,7 @@ class ChannelsHandler(WebSocketHandler):
         await super().get(kernel_id)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return V1 if V1 in subprotocols else None
+        return V1_PROTOCOL if V1_PROTOCOL in subprotocols else None
 
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # small frames must not wait 40 ms for Nagle
@@ -128,7 +129,7 @@ class ChannelsHandler(WebSocketHandler):
         kernels = self.state.kernels
         while self.ws_connection is not None:
             changed = kernels._live(self.kernel_id).changed
-            if kernels._row(self.kernel_id).state in ("dead", "deleted"):
+            if kernels._row(self.kernel_id).state in (KernelState.DEAD, KernelState.DELETED):
                 if self.upstream is not None:
                     self.upstream.close()
                 return
@@ -173,7 +174,7 @@ class ChannelsHandler(WebSocketHandler):
             live = kernels._live(self.kernel_id)
             changed = live.changed
             kernel = kernels._row(self.kernel_id)
-            if kernel.state in ("running", "dead", "deleted"):
+            if kernel.state in (KernelState.RUNNING, KernelState.DEAD, KernelState.DELETED):
                 return kernel
             await changed.wait()
 
@@ -195,7 +196,7 @@ class ChannelsHandler(WebSocketHandler):
         kernel = await self._wait_running()
         if self.replaced or self.ws_connection is None:
             return False
-        if kernel.state != "running":
+        if kernel.state != KernelState.RUNNING:
             self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
             return False
         host = self.state.pool.hosts.get(kernel.host_id or "")
@@ -205,7 +206,7 @@ class ChannelsHandler(WebSocketHandler):
         url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel.host_kernel_id}/channels"
         if self.session_id:
             url += f"?session_id={quote(self.session_id, safe='')}"
-        limit = self.settings.get("websocket_max_message_size", 64 << 20)
+        limit = self.settings.get("websocket_max_message_size", MAX_MESSAGE_BYTES)
         self.connecting = connecting = asyncio.ensure_future(connect_host(
             # A host busy with a burst of handshakes may take longer than tornado's default 20 s.
             HTTPRequest(url, headers={"Authorization": f"token {host.token}"},
@@ -266,11 +267,11 @@ class ChannelsHandler(WebSocketHandler):
             return False
         # Ended by the host: suspended, or died (the host says so, or no longer knows it).
         kernel = await self.state.kernels.check_on_host(self.kernel_id)
-        if kernel.state in ("suspended", "queued", "starting"):
+        if kernel.state in (KernelState.SUSPENDED, KernelState.QUEUED, KernelState.STARTING):
             return True
         if self.ws_connection is None:
             return False
-        if kernel.state != "running":
+        if kernel.state != KernelState.RUNNING:
             self.close(1011, close_reason(f"the kernel ended: {kernel.reason}"))
             return False
         self.close(1011, "the kernel's connection ended; reconnect to the same kernel id")

@@ -1,9 +1,9 @@
-"""GPU shapes as clients name them: kernelspec names, prices and the kernel model's words."""
+"""What the gateway adds to a shape (gpupool.wire.Shape): prices, the kernel picker's names, and
+the kernel model's words."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from gpupool.wire import KernelState, Shape
 
 # US dollars per GPU-hour; one place for every price the gateway shows or charges.
 USD_PER_GPU_HOUR: dict[str, float] = {
@@ -23,45 +23,26 @@ def usd_per_gpu_hour(gpu_type: str) -> float:
     return USD_PER_GPU_HOUR.get(gpu_type, DEFAULT_USD_PER_GPU_HOUR)
 
 
-CPU_KERNEL = "python3"
-SPEC_NAME = re.compile(r"^python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]*)-x(?P<count>\d{1,2})$")
-STATES = ("queued", "starting", "running", "suspended", "resuming", "dead")
-# What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md).
-EXECUTION_STATE = {"queued": "starting", "starting": "starting", "suspended": "idle",
-                   "resuming": "busy", "dead": "dead"}  # fmt: skip
+# What the Jupyter protocol's execution_state shows for each of our states (DESIGN.md); a
+# running kernel shows its host's.
+EXECUTION_STATE: dict[str, str] = {
+    KernelState.QUEUED: "starting",
+    KernelState.STARTING: "starting",
+    KernelState.SUSPENDED: "idle",
+    KernelState.RESUMING: "busy",
+    KernelState.DEAD: "dead",
+}
 
 
-@dataclass(frozen=True)
-class Shape:
-    gpu_type: str | None  # None for CPU
-    gpu_count: int
-
-    @property
-    def kernel_name(self) -> str:
-        if not self.gpu_count or self.gpu_type is None:
-            return CPU_KERNEL
-        return f"python3-gpu-{self.gpu_type.lower()}-x{self.gpu_count}"
-
-    @property
-    def usd_per_hour(self) -> float:
-        if not self.gpu_count or self.gpu_type is None:
-            return 0.0
-        return self.gpu_count * usd_per_gpu_hour(self.gpu_type)
-
-    @property
-    def display_name(self) -> str:
-        if not self.gpu_count:
-            return "Python 3 · CPU"
-        return f"Python 3 · {self.gpu_type} ×{self.gpu_count} · ${self.usd_per_hour:.2f}/h"  # noqa: RUF001
+def usd_per_hour(shape: Shape) -> float:
+    """What a kernel of `shape` costs an hour: each GPU at its type's price; CPU is free."""
+    if not shape.gpu_count or shape.gpu_type is None:
+        return 0.0
+    return shape.gpu_count * usd_per_gpu_hour(shape.gpu_type)
 
 
-CPU = Shape(None, 0)
-
-
-def shape_of_name(name: str) -> Shape | None:
-    if name == CPU_KERNEL:
-        return CPU
-    match = SPEC_NAME.match(name)
-    if not match:
-        return None
-    return Shape(match["type"].upper(), int(match["count"]))
+def display_name(shape: Shape) -> str:
+    """The kernel picker's name of a shape, with its price."""
+    if not shape.gpu_count:
+        return "Python 3 · CPU"
+    return f"Python 3 · {shape} · ${usd_per_hour(shape):.2f}/h"

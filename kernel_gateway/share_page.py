@@ -12,7 +12,8 @@ import bleach
 import nbformat
 from nbconvert import HTMLExporter
 
-from .ledger import iso
+from gpupool.wire import iso
+
 from .store import Share
 
 # No script, no plugin, no form, no framing, nothing fetched but inline styles and data: images;

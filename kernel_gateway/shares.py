@@ -20,10 +20,10 @@ import nbformat
 from sqlalchemy import ColumnElement, and_, not_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from gpupool.wire import iso, shape_of_kernel_name
+
 from .errors import ApiError
-from .ledger import iso
 from .private_files import private_folder
-from .shapes import shape_of_name
 from .store import Share, Tenant
 
 MODES = ("view", "run")
@@ -143,14 +143,14 @@ def kernel_name_of(body: dict[str, Any], notebook: nbformat.NotebookNode) -> str
     of the gateway's names (python3, python3-gpu-TYPE-xN)."""
     name = body.get("kernel_name")
     if name is not None:
-        if not isinstance(name, str) or shape_of_name(name) is None:
+        if not isinstance(name, str) or shape_of_kernel_name(name) is None:
             raise _bad(
                 f"kernel_name {str(name)[:80]!r} is not a gateway kernelspec: use python3 (CPU) "
                 "or python3-gpu-TYPE-xCOUNT, e.g. python3-gpu-h100-x1."
             )
         return name
     own = str(notebook.metadata.get("kernelspec", {}).get("name", ""))
-    if shape_of_name(own) is not None:
+    if shape_of_kernel_name(own) is not None:
         return own
     raise _bad(
         f"the notebook's kernelspec {own[:80]!r} is not one of this gateway's; send kernel_name: "
@@ -209,7 +209,7 @@ class Shares:
         data = nbformat.writes(notebook).encode()
         if len(data) > self.max_bytes:
             raise self.too_big(len(data))
-        shape = shape_of_name(kernel_name)
+        shape = shape_of_kernel_name(kernel_name)
         assert shape is not None  # kernel_name_of checked it
         now = time.time()
         share = Share(

@@ -14,7 +14,7 @@ extension is negotiated), the control-frame rules, the message size limit (1009,
 and the fragmentation rules. A frame that is not one whole binary message, or a text frame from
 a client (whose UTF-8 tornado checks), or one the relay cannot pass on now (the kernel is not
 running, messages are held, the session is changing hands), takes tornado's path as before.
-The kernel message inside a frame is checked by the host (`gpu_host.websocket.split_v1`).
+The kernel message inside a frame is checked by the host (`gpupool.wire.v1_split`).
 
 The other side's send buffer is bounded: once 4 MiB spliced to it wait there, the next frame's
 payload is not read until they have gone, so a slow reader holds the sender back (TCP) instead

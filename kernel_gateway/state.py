@@ -14,6 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from gpupool.wire import KernelState
+
 from . import host_report
 from .auth_limit import FailedAuth
 from .budgets import read_budget
@@ -95,16 +97,16 @@ class GatewayState:
                 view.update(gpus)
                 self.pool.hosts[host.id] = view
             self.unheard.update(self.pool.hosts)  # not heard from since this restart
-            for kernel in s.scalars(select(Kernel).where(Kernel.state.in_(["running"]))).all():
+            for kernel in s.scalars(select(Kernel).where(Kernel.state == KernelState.RUNNING)):
                 if kernel.host_id in self.pool.hosts:
                     self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)
             # A kernel that was queued or starting when the gateway stopped starts over.
             for kernel in s.scalars(
                 select(Kernel)
-                .where(Kernel.state.in_(["queued", "starting"]))
+                .where(Kernel.state.in_([KernelState.QUEUED, KernelState.STARTING]))
                 .order_by(Kernel.created)  # first come, first served, on any database
             ).all():
-                kernel.state = "queued"
+                kernel.state = KernelState.QUEUED
                 self.kernels.queue.append(kernel.id)
             # Intervals of running kernels go on: their GPUs stayed held while we were away.
             repaired = self.kernels.ledger.repair(s)
@@ -301,7 +303,10 @@ class GatewayState:
             names = s.scalars(
                 select(Tenant.name)
                 .join(Kernel, Kernel.tenant_id == Tenant.id)
-                .where(Tenant.revoked.is_(True), Kernel.state.not_in(["deleted", "dead"]))
+                .where(
+                    Tenant.revoked.is_(True),
+                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
+                )
                 .distinct()
             ).all()
         for name in names:

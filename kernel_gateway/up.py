@@ -22,6 +22,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from gpupool.wire import KernelState
+
 from .app import GatewayApp, listen_error
 from .errors import ApiError
 from .private_files import private_log
@@ -79,7 +81,9 @@ async def delete_kernels(state: GatewayState) -> None:
     """Shut down, through the gateway, every kernel not ended yet (suspended ones too, with
     their checkpoints), while the host still answers."""
     with state.db() as s:
-        rows = s.scalars(select(Kernel).where(Kernel.state.not_in(["deleted", "dead"]))).all()
+        rows = s.scalars(
+            select(Kernel).where(Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]))
+        ).all()
         tenants = {t.id: t for t in s.scalars(select(Tenant)).all()}
     done = await asyncio.gather(
         *(state.kernels.delete(tenants[k.tenant_id], k.id) for k in rows), return_exceptions=True
@@ -192,7 +196,7 @@ async def hybrid_env(state_dir: Path, url: str, token: str) -> dict[str, str]:
     paths = [str(data), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
     env["JUPYTER_PATH"] = os.pathsep.join(paths)
     sync = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "kernel_gateway.cli", "kernelspec", "sync"],
+        subprocess.run, [sys.executable, "-m", "gpupool.cli", "kernelspec", "sync"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if sync.returncode == 0:

@@ -328,7 +328,7 @@ def start_stack(
     state = tmp_path / "state"
     log_path = tmp_path / f"up-{time.monotonic_ns()}.log"
     db_url = database_url(state)
-    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab",
+    command = [sys.executable, "-m", "gpupool.cli", "up", "--no-lab",
                "--port", str(free_port()), "--host-port", str(free_port()),
                "--fake-gpus", fake_gpus, "--state-dir", str(state),
                *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
@@ -348,7 +348,7 @@ def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: 
     state = state or tmp_path / "state"
     log_path = tmp_path / f"gateway-{time.monotonic_ns()}.log"
     db_url = database_url(state) if not any(a.startswith("--db") for a in extra) else ""
-    command = [sys.executable, "-m", "kernel_gateway.cli", "gateway",
+    command = [sys.executable, "-m", "gpupool.cli", "gateway",
                "--port", str(port or free_port()), "--state-dir", str(state),
                *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}

@@ -16,7 +16,9 @@ from jupyter_server.services.kernels.connection.base import (
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-V1 = "v1.kernel.websocket.jupyter.org"
+from gpupool.wire import V1_PROTOCOL
+
+V1 = V1_PROTOCOL
 
 
 def ws_url(http_url: str, kernel_id: str) -> str:

@@ -24,9 +24,10 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.sync.server import ServerConnection, serve
 
+from gpupool.wire import V1_PROTOCOL
 from jupyter_ext import channel as channel_module
 from jupyter_ext.agent import StartedNotice
-from jupyter_ext.channel import CLOSED, V1, KernelChannel, decode
+from jupyter_ext.channel import CLOSED, KernelChannel, decode
 
 TOKEN = "t" * 43
 
@@ -51,7 +52,7 @@ class Server:
             self.headers.append(ws.request.headers)
             handler(ws)
 
-        options.setdefault("subprotocols", [V1])
+        options.setdefault("subprotocols", [V1_PROTOCOL])
         options.setdefault("max_size", None)
         self.server = serve(run, "127.0.0.1", 0, compression=None, **options)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -178,7 +179,7 @@ def test_refusals_are_said_in_the_gateways_words(servers: list[Server]) -> None:
 
     no_v1 = Server(echo_as_iopub, select_subprotocol=lambda connection, offered: None)
     servers.append(no_v1)
-    with pytest.raises(ConnectionError, match=f"did not accept the {V1}"):
+    with pytest.raises(ConnectionError, match=f"did not accept the {V1_PROTOCOL}"):
         KernelChannel(no_v1.url, TOKEN, "k1").connect(timeout=10)
 
     with pytest.raises(OSError):  # nothing listens there any more

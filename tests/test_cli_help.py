@@ -14,7 +14,7 @@ COMMANDS = sorted(ep.name for ep in entry_points(group="gpupool.commands"))
 
 def gpupool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kernel_gateway.cli", *args],
+        [sys.executable, "-m", "gpupool.cli", *args],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 

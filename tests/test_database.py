@@ -100,7 +100,7 @@ def test_a_database_of_an_older_gpupool_is_upgraded_in_place(tmp_path: Path) -> 
 
 def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
-    command = [sys.executable, "-m", "kernel_gateway.cli", *args]
+    command = [sys.executable, "-m", "gpupool.cli", *args]
     return subprocess.run(
         command, text=True, capture_output=True, timeout=60, env={**clean, **(env or {})}
     )

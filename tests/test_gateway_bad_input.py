@@ -333,7 +333,7 @@ def test_too_many_wrong_tokens_from_one_address_get_429(tmp_path):
 @pytest.mark.parametrize("value", ["-1", "lots", "2000000"])
 def test_bad_auth_limit_option_is_refused(tmp_path, value):
     done = subprocess.run(
-        [sys.executable, "-m", "kernel_gateway.cli", "gateway", "--port", "0",
+        [sys.executable, "-m", "gpupool.cli", "gateway", "--port", "0",
          "--state-dir", str(tmp_path), f"--auth-failures-per-minute={value}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

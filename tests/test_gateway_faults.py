@@ -23,7 +23,8 @@ from conftest import Gateway, HostAgent, start_gateway, start_host
 from kernel_ws import run_code
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 
-from kernel_gateway.kernels import GatewayKernels, iso
+from gpupool.wire import iso
+from kernel_gateway.kernels import GatewayKernels
 from kernel_gateway.pool import HostView, Pool
 from kernel_gateway.store import Host, Kernel, Tenant, open_store
 
@@ -585,7 +586,7 @@ def test_gpupool_tenant_beside_a_live_gateway_touches_only_tenants(tmp_path: Pat
                      name=H100_X1, gpu_type="H100", gpu_count=1, state="starting"))  # fmt: skip
         s.commit()
     done = subprocess.run(
-        [sys.executable, "-m", "kernel_gateway.cli", "tenant", "--state-dir", str(tmp_path),
+        [sys.executable, "-m", "gpupool.cli", "tenant", "--state-dir", str(tmp_path),
          "create", "bob"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -108,7 +108,8 @@ def test_a_stand_in_for_a_remote_value_is_never_sent() -> None:
     with pytest.raises(TypeError, match=r"fetch it first with huge.fetch\(\)"):
         pickle.dumps(ref)
     # On another GPU kernel (after `%gpu release` or --fresh) it names nothing: said, not sent.
-    from jupyter_ext.companion import Companion, Shape
+    from gpupool.wire import Shape
+    from jupyter_ext.companion import Companion
     from jupyter_ext.errors import GpuTransferError
     from jupyter_ext.gateway_api import GatewayApi
 
@@ -126,7 +127,8 @@ def test_a_1gb_push_or_pull_is_refused_at_the_default_limit_naming_max_bytes() -
     pickling takes its buffer as it is, and a value over the limit is not hashed."""
     import numpy as np
 
-    from jupyter_ext.companion import Cell, Companion, Shape
+    from gpupool.wire import Shape
+    from jupyter_ext.companion import Cell, Companion
     from jupyter_ext.errors import GpuTransferError
     from jupyter_ext.gateway_api import GatewayApi
     from jupyter_ext.magics import GpuMagics
@@ -648,7 +650,8 @@ def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
 
 def test_missing_cloudpickle_is_explained() -> None:
     """The message when the GPU kernel has no cloudpickle at all (its agent reports None)."""
-    from jupyter_ext.companion import Companion, Shape
+    from gpupool.wire import Shape
+    from jupyter_ext.companion import Companion
     from jupyter_ext.errors import GpuVersionMismatch
     from jupyter_ext.gateway_api import GatewayApi
 

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from gpu_host.allocator import AllocationError, GpuAllocator, Shape
+from gpu_host.allocator import AllocationError, GpuAllocator
 from gpu_host.gpus import GIB, FakeInventory, InventoryError, gpu_type_of, parse_fake_gpus
+from gpupool.wire import Shape
 
 
 def test_parse_counts_and_types():

@@ -62,7 +62,7 @@ def client_env(
 
 
 def gpupool(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kernel_gateway.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args], env=env,
                           input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
 
 

@@ -352,7 +352,7 @@ def test_a_revoked_tenants_snapshots_go_with_it(gw: Gateway) -> None:
 def test_a_bad_sweep_interval_is_refused_at_start(tmp_path: Path) -> None:
     for bad in ("0", "-1", "nan", "100000", "soon"):
         done = subprocess.run(
-            [sys.executable, "-m", "kernel_gateway.cli", "gateway", "--port", "0",
+            [sys.executable, "-m", "gpupool.cli", "gateway", "--port", "0",
              "--state-dir", str(tmp_path / "state"), "--share-sweep-seconds", bad],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip

@@ -72,7 +72,7 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str, mode: str) -> None
     group, as a terminal's Ctrl-C does, so every child gets it at the same moment. `mode`: Lab
     with local and pool kernels side by side (the default), or stock Lab in gateway mode."""
     log_path = tmp_path / "up.log"
-    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
+    command = [sys.executable, "-m", "gpupool.cli", "up", "--port", str(free_port()),
                "--host-port", str(free_port()), "--lab-port", str(free_port()),
                "--fake-gpus", "H100:2", "--lab-mode", mode]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
@@ -113,7 +113,7 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str, mode: str) -> None
 
         # `gpupool tenant create` in the same folder: a token alone on its last line, good at once.
         made = subprocess.run(
-            [sys.executable, "-m", "kernel_gateway.cli", "tenant", "create", "alice"],
+            [sys.executable, "-m", "gpupool.cli", "tenant", "create", "alice"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
@@ -124,7 +124,7 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str, mode: str) -> None
         state = tmp_path / ".gpupool"  # `gpupool up`'s default, beside the user's notebooks
         assert (state / "gateway.db").exists()
         again = subprocess.run(
-            [sys.executable, "-m", "kernel_gateway.cli", "tenant", "--state-dir", str(state),
+            [sys.executable, "-m", "gpupool.cli", "tenant", "--state-dir", str(state),
              "token", "alice"],
             cwd="/", env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -177,7 +177,7 @@ def start_up(folder: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
     log_path = folder / f"up-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kernel_gateway.cli", "up", "--no-lab", "--fake-gpus", "H100:2",
+        [sys.executable, "-m", "gpupool.cli", "up", "--no-lab", "--fake-gpus", "H100:2",
          *extra],
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env=env, cwd=folder, start_new_session=True,

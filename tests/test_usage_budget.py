@@ -47,7 +47,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """The `gpupool` command; `env` adds to a copy of this environment without GPUPOOL_TOKEN."""
     full = {k: v for k, v in os.environ.items() if k != "GPUPOOL_TOKEN"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "kernel_gateway.cli", *args], env=full,
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args], env=full,
                           input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
 
 

@@ -104,7 +104,7 @@ def test_host_help_and_help_all():
     for name, command in (
         ("help", [sys.executable, "-m", "gpu_host", "--help"]),
         ("help-all", [sys.executable, "-m", "gpu_host", "--help-all"]),
-        ("gpupool host", [sys.executable, "-m", "kernel_gateway.cli", "host", "--help"]),
+        ("gpupool host", [sys.executable, "-m", "gpupool.cli", "host", "--help"]),
     ):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -36,7 +36,7 @@ def free_h100(gw: Gateway, token: str) -> int:
 def tenant_cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     return subprocess.run(
-        [sys.executable, "-m", "kernel_gateway.cli", "tenant", *args, "--state-dir",
+        [sys.executable, "-m", "gpupool.cli", "tenant", *args, "--state-dir",
          str(gw.state_dir)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip

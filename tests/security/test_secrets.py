@@ -122,7 +122,7 @@ def test_join_token_from_a_file_never_on_the_command_line(tmp_path: Path) -> Non
 
 def tenant(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kernel_gateway.cli", "tenant", "--state-dir", str(state),
+        [sys.executable, "-m", "gpupool.cli", "tenant", "--state-dir", str(state),
          "create", *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -46,7 +46,7 @@ def gpupool_up(folder: Path, mode: str = "hybrid", **env: str) -> Iterator[dict[
     full_env.update(JUPYTER_RUNTIME_DIR=str(folder / "runtime"),
                     JUPYTER_DATA_DIR=str(folder / "data"), **env)  # fmt: skip
     log_path = folder / "up.log"
-    command = [sys.executable, "-m", "kernel_gateway.cli", "up", "--port", str(free_port()),
+    command = [sys.executable, "-m", "gpupool.cli", "up", "--port", str(free_port()),
                "--host-port", str(free_port()), "--lab-port", str(free_port()),
                "--fake-gpus", "H100:2", "--lab-mode", mode]  # fmt: skip
     proc = subprocess.Popen(
