@@ -3,13 +3,14 @@
 The agent's own Python often lives under a private folder (/root/.pyenv, a home of mode 0700),
 which a tenant's user cannot enter, so its kernels could not start. This venv is made from the
 system Python, in a folder everyone may read and only root may write, with what kernels need:
-ipykernel, cloudpickle (suspend and resume), websockets and gpupool's `jupyter_ext` (`%%gpu` inside
-a pool kernel), and, at the agent's own versions, the libraries a notebook's variables are often
-made of, so that `%%gpu` can move them between the two sides.
+ipykernel, cloudpickle (suspend and resume), websockets, gpupool's `jupyter_ext` (`%%gpu` inside
+a pool kernel) with the `gpupool` contract it imports, and, at the agent's own versions, the
+libraries a notebook's variables are often made of, so that `%%gpu` can move them between the two
+sides.
 
 `python -m gpu_host.kernel_python` (run by `make install` as root) builds it, and builds it again
 when those versions change; the agent, run as root, builds it if missing, else only checks that
-tenants' users can run it (and brings its copy of jupyter_ext up to date)."""
+tenants' users can run it (and brings its copies of those two up to date)."""
 
 from __future__ import annotations
 
@@ -52,19 +53,26 @@ def requirements() -> list[str]:
     return wanted
 
 
-def _extension_source() -> Path:
-    """The installed jupyter_ext folder, found without importing it (the host never runs it)."""
-    spec = importlib.util.find_spec("jupyter_ext")
+# What kernels import from gpupool: `%%gpu` (jupyter_ext) and the contract it speaks (gpupool).
+KERNEL_PACKAGES = ("jupyter_ext", "gpupool")
+
+
+def _package_source(name: str) -> Path:
+    """An installed package's folder, found without importing it (the host never runs it)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise RuntimeError("gpupool's jupyter_ext is not installed beside gpu_host")
+        raise RuntimeError(f"gpupool's {name} is not installed beside gpu_host")
     return Path(spec.origin).parent
 
 
-def _fingerprint(folder: Path) -> str:
-    """A digest of the .py files of a package folder, to tell when its copy is out of date."""
+def _fingerprint() -> str:
+    """A digest of the kernel packages' .py files: are the venv's copies out of date?"""
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in KERNEL_PACKAGES:
+        folder = _package_source(name)
+        for path in sorted(folder.rglob("*.py")):
+            relative = f"{name}/{path.relative_to(folder).as_posix()}"
+            digest.update(relative.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -111,19 +119,20 @@ def _site_packages(venv: Path) -> Path:
     return next((venv / "lib").glob("python3*/site-packages"))
 
 
-def _copy_extension(venv: Path) -> None:
-    """Put (or replace) the venv's copy of jupyter_ext, whole, by a rename."""
+def _copy_packages(venv: Path) -> None:
+    """Put (or replace) the venv's copy of each kernel package, whole, by a rename."""
     site = _site_packages(venv)
-    fresh = Path(tempfile.mkdtemp(prefix=".jupyter_ext-", dir=site))
-    shutil.copytree(
-        _extension_source(), fresh / "jupyter_ext", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    open_to_all(fresh)
-    old = site / "jupyter_ext"
-    if old.exists():
-        os.rename(old, fresh / "old")
-    os.rename(fresh / "jupyter_ext", old)
-    shutil.rmtree(fresh, ignore_errors=True)
+    for name in KERNEL_PACKAGES:
+        fresh = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=site))
+        shutil.copytree(
+            _package_source(name), fresh / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        open_to_all(fresh)
+        old = site / name
+        if old.exists():
+            os.rename(old, fresh / "old")
+        os.rename(fresh / name, old)
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def _stamp(venv: Path) -> dict[str, object]:
@@ -160,8 +169,8 @@ def build(venv: Path, python: str) -> None:
         )  # fmt: skip
         if pip.returncode != 0:
             raise KernelPythonError(f"pip could not install the kernel packages: {_last_line(pip)}")
-        _copy_extension(venv)
-        stamp = {"requirements": requirements(), "jupyter_ext": _fingerprint(_extension_source())}
+        _copy_packages(venv)
+        stamp = {"requirements": requirements(), "packages": _fingerprint()}
         (venv / STAMP).write_text(json.dumps(stamp))
         open_to_all(venv)
     except BaseException:
@@ -176,7 +185,8 @@ def _last_line(done: subprocess.CompletedProcess[str]) -> str:
 
 def ensure(venv: Path = KERNEL_VENV, refresh: bool = False) -> str:
     """The venv's Python, built first where missing or unusable (and, with `refresh`, where its
-    packages are not those `requirements` names now); its jupyter_ext kept current. Root only."""
+    packages are not those `requirements` names now); its gpupool packages kept current. Root
+    only."""
     if os.geteuid() != 0:
         raise KernelPythonError("only root can build the kernel Python for tenants' users")
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +201,11 @@ def ensure(venv: Path = KERNEL_VENV, refresh: bool = False) -> str:
         if not venv.exists():
             print(f"kernel python: building {venv} for tenants' users (once)", flush=True)
             build(venv, base_python())
-        elif stamp.get("jupyter_ext") != _fingerprint(_extension_source()):
-            _copy_extension(venv)
-            stamp["jupyter_ext"] = _fingerprint(_extension_source())
+        elif stamp.get("packages") != _fingerprint() or not all(
+            (_site_packages(venv) / name).is_dir() for name in KERNEL_PACKAGES
+        ):
+            _copy_packages(venv)
+            stamp["packages"] = _fingerprint()
             (venv / STAMP).write_text(json.dumps(stamp))
             (venv / STAMP).chmod(0o644)
     return str(venv / "bin" / "python")

@@ -627,7 +627,7 @@ def test_gpu_magic_works_inside_a_pool_cpu_kernel(stack: Gateway) -> None:
             ran, reply = await sock.execute(
                 "%%gpu\nimport os\ngpus = os.environ['CUDA_VISIBLE_DEVICES']", timeout=120
             )
-            assert reply["status"] == "ok", ran
+            assert reply["status"] == "ok", (ran, reply.get("ename"), reply.get("evalue"))
             back, _ = await sock.execute("print(gpus)\n%gpu release")
             return where, ran, back
         finally:

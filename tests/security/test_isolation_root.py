@@ -169,6 +169,14 @@ def test_a_kernel_runs_as_its_own_tenant(tenants: dict[str, Any]) -> None:
     assert a["python"] == "/opt/gpupool/kernel-venv/bin/python", a  # the venv tenants can run
 
 
+def test_a_tenants_kernel_has_gpu_magic_loaded(stack: Gateway, tenants: dict[str, Any]) -> None:
+    """The tenants' kernel venv holds every package `%%gpu` imports (jupyter_ext and gpupool):
+    a missing one left the extension unloaded with only a warning in the host's log."""
+    code = "print('jupyter_ext' in get_ipython().extension_manager.loaded)"
+    token, kernel = tenants["tokens"]["a"], tenants["kernels"]["a"]
+    assert asyncio.run(run_code(stack.url, token, kernel, code)) == "True\n"
+
+
 def test_b_can_reach_nothing_of_a_nor_of_the_stack(attack: dict[str, Any]) -> None:
     refused = {what: result for what, result in attack["attempts"].items()}
     allowed = {what: result for what, result in refused.items() if result == "allowed"}
