@@ -525,14 +525,17 @@ class GatewayKernels:
         for kernel in rows:
             if kernel not in running:
                 self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
-        stops = []
-        for kernel in running:
+
+        async def stop_then_end(kernel: Kernel) -> None:
+            # Ended as soon as its own stop returns (no await between): a heartbeat that comes
+            # meanwhile would otherwise find it stopped, no longer marked stopping, and close its
+            # billing as "died" instead of "revoked".
             host = self.pool.hosts.get(kernel.host_id or "")
             if host is not None:
-                stops.append(self._stop_on_host(host, str(kernel.host_kernel_id)))
-        await asyncio.gather(*stops)
-        for kernel in running:
+                await self._stop_on_host(host, str(kernel.host_kernel_id))
             self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
+
+        await asyncio.gather(*(stop_then_end(kernel) for kernel in running))
         for kernel in rows:
             if kernel.checkpoint:
                 await self._discard_checkpoint(tenant.name, kernel)
