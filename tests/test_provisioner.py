@@ -179,7 +179,7 @@ def test_interrupt_restart_suspend_shutdown_through_the_bridge(
         assert gateway_state(stack, kernel_id) == "running"
 
         km.restart_kernel()
-        kc.wait_for_ready(timeout=60)
+        kc.wait_for_ready(timeout=120)  # a restart right after a resume: over 60 s once in CI
         assert km.provisioner.gateway_kernel_id == kernel_id  # type: ignore[union-attr]
         reply, text = run(kc, "print('x' in globals())")
         assert reply["status"] == "ok" and text.strip() == "False"
