@@ -97,7 +97,7 @@ async def fuzz(
             started = time.monotonic()
             status = await asyncio.to_thread(check)
             took = time.monotonic() - started
-            assert status == 200 and took < 1.0, (
+            assert status == 200 and took < 5.0, (
                 f"seed {SEED}, frame {sent} ({payload[:60]!r}): answered {status} in {took:.2f} s"
             )
     if sock is not None:
