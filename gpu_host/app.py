@@ -20,6 +20,8 @@ from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
+from gpupool.token_file import read_token_file
+
 from . import __version__, kernel_python
 from .allocator import GpuAllocator
 from .auth import HostTokenIdentityProvider
@@ -151,9 +153,9 @@ gpupool host --help-all                           # every option of every part
             return os.environ["GPUPOOL_JOIN_TOKEN"]
         if self.join_token_file:
             try:
-                return Path(self.join_token_file).read_text().strip()
-            except OSError as error:
-                self.log.critical("cannot read --join-token-file: %s", error)
+                return read_token_file(self.join_token_file, "--join-token-file", "join token")
+            except ValueError as error:
+                self.log.critical("%s", error)
                 self.exit(2)
         return ""
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import select
 
+from gpupool.token_file import read_token_file
+
 from .budgets import Budgets
 from .errors import ApiError
 from .ledger import Ledger, read_time, to_csv, usd
@@ -70,7 +72,6 @@ def render(report: dict[str, Any], budgets: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-MAX_TOKEN_FILE = 4096  # a token is 64 characters; a file much longer is not a token file
 ON_ARGV = (
     "gpupool usage: warning: the token is on the command line, where every user of this "
     "machine can read it (ps); pass it in $GPUPOOL_TOKEN or --token-file instead."
@@ -83,22 +84,12 @@ def read_token(args: argparse.Namespace) -> str:
     if args.token and args.token_file:
         raise SystemExit("gpupool usage: give the token once: --token-file or --token, not both.")
     if args.token_file:
-        where = "stdin" if args.token_file == "-" else args.token_file
         try:
-            if args.token_file == "-":
-                text = sys.stdin.read(MAX_TOKEN_FILE + 1)
-            else:
-                with open(args.token_file, encoding="utf-8") as f:
-                    text = f.read(MAX_TOKEN_FILE + 1)
-        except (OSError, UnicodeDecodeError) as error:
-            raise SystemExit(f"gpupool usage: cannot read --token-file {where}: {error}") from None
-        token = text.strip()
-        if len(text) > MAX_TOKEN_FILE or not token or any(c.isspace() for c in token):
+            return read_token_file(args.token_file, "--token-file", "tenant token")
+        except ValueError as error:
             raise SystemExit(
-                f"gpupool usage: --token-file {where} must hold one tenant token (one line, "
-                "as `gpupool tenant create` printed it)."
-            )
-        return token
+                f"gpupool usage: {error}, as `gpupool tenant create` printed it."
+            ) from None
     if args.token:
         print(ON_ARGV, file=sys.stderr, flush=True)
         return str(args.token)
