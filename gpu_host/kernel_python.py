@@ -201,11 +201,12 @@ def ensure(venv: Path = KERNEL_VENV, refresh: bool = False) -> str:
         if not venv.exists():
             print(f"kernel python: building {venv} for tenants' users (once)", flush=True)
             build(venv, base_python())
-        elif stamp.get("packages") != _fingerprint() or not all(
-            (_site_packages(venv) / name).is_dir() for name in KERNEL_PACKAGES
-        ):
+            return str(venv / "bin" / "python")
+        current = _fingerprint()
+        copied = all((_site_packages(venv) / name).is_dir() for name in KERNEL_PACKAGES)
+        if stamp.get("packages") != current or not copied:
             _copy_packages(venv)
-            stamp["packages"] = _fingerprint()
+            stamp["packages"] = current
             (venv / STAMP).write_text(json.dumps(stamp))
             (venv / STAMP).chmod(0o644)
     return str(venv / "bin" / "python")

@@ -37,7 +37,7 @@ MAX_GPUS_PER_HOST = 256
 CPU_KERNEL_NAME = "python3"
 GPU_KERNEL_PREFIX = "python3-gpu-"
 GPU_KERNEL_NAME = re.compile(
-    r"python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]{0,31})-x(?P<count>[0-9]{1,2})"
+    r"python3-gpu-(?P<type>[a-z0-9][a-z0-9.-]{0,31})-x(?P<count>[1-9][0-9]?)"
 )
 KERNEL_NAMES = "python3, or python3-gpu-<type>-x<count> such as python3-gpu-h100-x1"
 

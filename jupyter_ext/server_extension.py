@@ -31,7 +31,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode
 from traitlets.config import Configurable
 
-from gpupool.wire import iso
+from gpupool.wire import iso, parse_iso
 
 from .pool_websocket import PoolKernelConnection, pool_target
 
@@ -306,7 +306,7 @@ class KernelHandler(GpupoolHandler):
         gpupool = dict(model.get("gpupool") or {})
         deadline = gpupool.get("idle_deadline")
         gpupool["idle_seconds_left"] = (
-            max(0.0, round(_parse_time(deadline) - time.time(), 1)) if deadline else None
+            max(0.0, round(parse_iso(deadline) - time.time(), 1)) if deadline else None
         )
         return {
             "id": kernel_id,
@@ -347,10 +347,6 @@ class CompanionHandler(KernelHandler):
         return kernel_id
 
 
-def _parse_time(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
-
-
 class UsageHandler(GpupoolHandler):
     """GET /gpupool/usage: GPU-hours and cost per day for the last 30 days, the budget, and
     totals per kernel."""
@@ -381,8 +377,8 @@ def summarize(report: dict[str, Any], first: float, now: float) -> dict[str, Any
     ]
     kernels: dict[str, dict[str, Any]] = {}
     for interval in report.get("intervals", []):
-        start = max(first, _parse_time(interval["start"]))
-        end = min(now, _parse_time(interval["end"]) if interval.get("end") else now)
+        start = max(first, parse_iso(interval["start"]))
+        end = min(now, parse_iso(interval["end"]) if interval.get("end") else now)
         count = int(interval.get("gpu_count") or 1)
         rate = float(interval.get("usd_per_gpu_second") or 0.0)
         entry = kernels.setdefault(

@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
 
 from sqlalchemy import select
 
-from gpupool.wire import KernelState
+from gpupool.wire import KernelState, parse_iso
 
 from .kernels import GatewayKernels
 from .store import Kernel
@@ -73,8 +72,7 @@ class IdleWatcher:
             return False
         live = self.kernels._live(kernel.id)
         live.execution_state = model.get("execution_state", live.execution_state)
-        seen = datetime.strptime(model["last_activity"], "%Y-%m-%dT%H:%M:%S.%fZ")
-        live.last_activity = max(live.last_activity, seen.replace(tzinfo=timezone.utc).timestamp())
+        live.last_activity = max(live.last_activity, parse_iso(model["last_activity"]))
         return (
             live.execution_state != "busy"
             and time.time() >= live.last_activity + kernel.idle_timeout

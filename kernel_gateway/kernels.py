@@ -9,14 +9,21 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from gpupool.wire import CPU, MAX_GPUS_PER_KERNEL, KernelState, Shape, iso, shape_of_kernel_name
+from gpupool.wire import (
+    CPU,
+    MAX_GPUS_PER_KERNEL,
+    KernelState,
+    Shape,
+    iso,
+    parse_iso,
+    shape_of_kernel_name,
+)
 
 from .budgets import Budgets
 from .errors import ApiError
@@ -198,12 +205,14 @@ class GatewayKernels:
         return [self.model(k) for k in rows]
 
     def counts(self) -> dict[str, int]:
+        """Kernels by row state, deleted ones left out: counted by the database (each scrape)."""
         with self.db() as s:
-            rows = s.scalars(select(Kernel).where(Kernel.state.not_in([KernelState.DELETED]))).all()
-        counts: dict[str, int] = {}
-        for k in rows:
-            counts[k.state] = counts.get(k.state, 0) + 1
-        return counts
+            rows = s.execute(
+                select(Kernel.state, func.count())
+                .where(Kernel.state != KernelState.DELETED)
+                .group_by(Kernel.state)
+            ).all()
+        return {str(state): int(count) for state, count in rows}
 
     # -- starting --------------------------------------------------------------------------
 
@@ -916,10 +925,9 @@ class GatewayKernels:
 def _stamp(text: Any) -> float | None:
     """A time in the kernel model's format as a Unix time; None if it is not one."""
     try:
-        stamp = datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ")
+        return parse_iso(text)
     except ValueError:
         return None
-    return stamp.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _message(error: HTTPClientError) -> str:

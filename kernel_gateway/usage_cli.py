@@ -87,9 +87,7 @@ def read_token(args: argparse.Namespace) -> str:
         try:
             return read_token_file(args.token_file, "--token-file", "tenant token")
         except ValueError as error:
-            raise SystemExit(
-                f"gpupool usage: {error}, as `gpupool tenant create` printed it."
-            ) from None
+            raise SystemExit(f"gpupool usage: {error}.") from None
     if args.token:
         print(ON_ARGV, file=sys.stderr, flush=True)
         return str(args.token)

@@ -189,7 +189,8 @@ def test_kernelspec_names_read_back_as_written() -> None:
     too_long_type = "python3-gpu-" + "a" * 33 + "-x1"
     for other in ["python2", "python3-gpu-h100-x", "python3-gpu-h100-x1\n", "python3-gpu--x1",
                   "python3-gpu-h/100-x1", "python3-gpu-h100-x100", too_long_type,
-                  "Python3-gpu-h100-x1", "python3-gpu-h_100-x1", ""]:  # fmt: skip
+                  "Python3-gpu-h100-x1", "python3-gpu-h_100-x1", "",
+                  "python3-gpu-h100-x0", "python3-gpu-h100-x08"]:  # fmt: skip
         assert shape_of_kernel_name(other) is None, other
 
 
