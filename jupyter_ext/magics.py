@@ -198,7 +198,8 @@ class GpuMagics(Magics):
         default = self.default_shape
         if gpu_type or count:
             return Shape(
-                gpu_type or default.gpu_type, count or (1 if gpu_type else default.gpu_count)
+                gpu_type.upper() if gpu_type else default.gpu_type,
+                count or (1 if gpu_type else default.gpu_count),
             )
         current = self.companion
         if current is not None and current.kernel_id is not None and not fresh:

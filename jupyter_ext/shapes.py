@@ -22,4 +22,4 @@ def parse_shape(text: str) -> Shape:
     if count > MAX_GPUS_PER_KERNEL:
         raise ValueError(f"{text.strip()} asks for {count} GPUs; one kernel may hold at most "
                          f"{MAX_GPUS_PER_KERNEL}: ask for fewer")  # fmt: skip
-    return Shape(found.group(1), count)
+    return Shape(found.group(1).upper(), count)  # as NVML names it: -t h100 is the H100

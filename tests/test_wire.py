@@ -217,6 +217,13 @@ def test_every_package_refuses_more_gpus_than_one_kernel_may_hold() -> None:
         parse_shape("H100:9")
 
 
+def test_a_shape_typed_in_lower_case_is_the_same_shape() -> None:
+    """`%%gpu -t h100` asks for the H100 the companion already is (no restart, no lost state)."""
+    from jupyter_ext.shapes import parse_shape
+
+    assert parse_shape("h100:2") == parse_shape("H100:2") == Shape("H100", 2)
+
+
 def test_kernel_states_are_their_words_in_rows_json_and_text() -> None:
     """A str enum: equal to its word, hashed as it (dict lookups by the row's plain text),
     written as it by json, f-strings and SQLite."""
