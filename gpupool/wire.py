@@ -58,6 +58,9 @@ class KernelState(str, Enum):
         return str(self.value)
 
 
+ENDED = (KernelState.DEAD, KernelState.DELETED)  # a kernel in these never runs again
+
+
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, to the microsecond: 2025-05-01T12:00:00.000000Z
 MAX_TIME_TEXT = 64  # characters of a time read from a request
 

@@ -17,6 +17,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from gpupool.wire import (
     CPU,
+    ENDED,
     MAX_GPUS_PER_KERNEL,
     KernelState,
     Shape,
@@ -199,7 +200,7 @@ class GatewayKernels:
             rows = s.scalars(
                 select(Kernel).where(
                     Kernel.tenant_id == tenant.id,
-                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
+                    Kernel.state.not_in(ENDED),
                 )
             ).all()
         return [self.model(k) for k in rows]
@@ -285,7 +286,7 @@ class GatewayKernels:
             active = s.scalars(
                 select(Kernel).where(
                     Kernel.tenant_id == tenant.id,
-                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
+                    Kernel.state.not_in(ENDED),
                 )
             ).all()
         if tenant.max_kernels is not None and len(active) + 1 > tenant.max_kernels:
@@ -524,7 +525,7 @@ class GatewayKernels:
             rows = s.scalars(
                 select(Kernel).where(
                     Kernel.tenant_id == tenant.id,
-                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
+                    Kernel.state.not_in(ENDED),
                 )
             ).all()
         now = time.time()
@@ -911,7 +912,7 @@ class GatewayKernels:
             over = s.scalars(
                 select(Kernel).where(
                     Kernel.host_id == host.id,
-                    Kernel.state.in_([KernelState.DELETED, KernelState.DEAD]),
+                    Kernel.state.in_(ENDED),
                     Kernel.host_kernel_id.in_(list(running)),
                 )
             ).all()

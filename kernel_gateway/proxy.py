@@ -21,7 +21,7 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
-from gpupool.wire import MAX_MESSAGE_BYTES, V1_PROTOCOL, KernelState
+from gpupool.wire import ENDED, MAX_MESSAGE_BYTES, V1_PROTOCOL, KernelState
 
 from .base import tenant_of, token_of
 from .errors import ApiError
@@ -129,7 +129,7 @@ class ChannelsHandler(WebSocketHandler):
         kernels = self.state.kernels
         while self.ws_connection is not None:
             changed = kernels._live(self.kernel_id).changed
-            if kernels._row(self.kernel_id).state in (KernelState.DEAD, KernelState.DELETED):
+            if kernels._row(self.kernel_id).state in ENDED:
                 if self.upstream is not None:
                     self.upstream.close()
                 return
@@ -174,7 +174,7 @@ class ChannelsHandler(WebSocketHandler):
             live = kernels._live(self.kernel_id)
             changed = live.changed
             kernel = kernels._row(self.kernel_id)
-            if kernel.state in (KernelState.RUNNING, KernelState.DEAD, KernelState.DELETED):
+            if kernel.state == KernelState.RUNNING or kernel.state in ENDED:
                 return kernel
             await changed.wait()
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from gpupool.wire import KernelState
+from gpupool.wire import ENDED, KernelState
 
 from . import host_report
 from .auth_limit import FailedAuth
@@ -305,7 +305,7 @@ class GatewayState:
                 .join(Kernel, Kernel.tenant_id == Tenant.id)
                 .where(
                     Tenant.revoked.is_(True),
-                    Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]),
+                    Kernel.state.not_in(ENDED),
                 )
                 .distinct()
             ).all()

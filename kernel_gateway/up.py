@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from gpupool.wire import KernelState
+from gpupool.wire import ENDED
 
 from .app import GatewayApp, listen_error
 from .errors import ApiError
@@ -81,9 +81,7 @@ async def delete_kernels(state: GatewayState) -> None:
     """Shut down, through the gateway, every kernel not ended yet (suspended ones too, with
     their checkpoints), while the host still answers."""
     with state.db() as s:
-        rows = s.scalars(
-            select(Kernel).where(Kernel.state.not_in([KernelState.DELETED, KernelState.DEAD]))
-        ).all()
+        rows = s.scalars(select(Kernel).where(Kernel.state.not_in(ENDED))).all()
         tenants = {t.id: t for t in s.scalars(select(Tenant)).all()}
     done = await asyncio.gather(
         *(state.kernels.delete(tenants[k.tenant_id], k.id) for k in rows), return_exceptions=True
