@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -350,12 +351,17 @@ def test_a_revoked_tenants_snapshots_go_with_it(gw: Gateway) -> None:
 
 
 def test_a_bad_sweep_interval_is_refused_at_start(tmp_path: Path) -> None:
-    for bad in ("0", "-1", "nan", "100000", "soon"):
-        done = subprocess.run(
+    def start(bad: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "gpupool.cli", "gateway", "--port", "0",
-             "--state-dir", str(tmp_path / "state"), "--share-sweep-seconds", bad],
+             "--state-dir", str(tmp_path / bad), "--share-sweep-seconds", bad],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+
+    bads = ("0", "-1", "nan", "100000", "soon")
+    with ThreadPoolExecutor(len(bads)) as pool:  # each start is mostly imports: side by side
+        answers = list(pool.map(start, bads))
+    for bad, done in zip(bads, answers, strict=True):
         assert done.returncode != 0, (bad, done.stdout)
         # Out of range: our sentence; not a number: traitlets' own, naming the trait.
         assert re.search(r"share.sweep.seconds", done.stderr), (bad, done.stderr)
