@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 NOT_V1 = 1007  # websocket close code: the message's data is not what the protocol says
 TOO_BIG = 1009  # websocket close code: a message over the size limit
-DRAIN_SECONDS = 2.0  # how long the rest of a message over the limit is read and dropped
+DRAIN_SECONDS = 5.0  # the longest the rest of a message over the limit is read and dropped
 TRY_LATER = 1013  # websocket close code: the server is at a limit; try again later
 STALE_WAIT = 10.0  # seconds a session's new connection waits for the one it replaces to end
 
@@ -231,7 +231,9 @@ class SizeNamingProtocol(WebSocketProtocol13):
         """Tornado tears the connection down right after its 1009 close, while the client is
         still sending the message refused: the unread bytes make the close a TCP reset, which
         can destroy the close frame before the client reads it (it then sees no code, no
-        reason). Here the rest is read and dropped, for 2 s at most, before the teardown."""
+        reason). Here the rest is read and dropped, DRAIN_SECONDS at most, before the teardown."""
+        if self.draining is not None and not self.draining.done():
+            return  # tornado calls this again as the frame loop ends; the drain tears down
         if not self.refused_big or self.stream is None or self.stream.closed():
             super()._abort()
             return

@@ -5,8 +5,11 @@ naming the host's limit, also through the gateway."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -165,3 +168,38 @@ def test_a_message_over_the_hosts_limit_names_the_hosts_limit(tmp_path: Path):
         if agent is not None:
             agent.stop()
         gateway.stop()
+
+
+def test_a_client_still_sending_a_refused_message_reads_the_close(host, kernel_id):
+    """A client (the gateway on a loaded machine) still sending a message the host refused
+    must be able to finish its writes and then read the host's 1009 close: the host reads
+    and drops the rest instead of resetting the connection under it, which lost the close
+    (the gateway then told its client only that the kernel's connection ended)."""
+    port = int(host.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        key = base64.b64encode(os.urandom(16)).decode()
+        conn.sendall(
+            f"GET /api/kernels/{kernel_id}/channels?session_id=drain HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: {V1}\r\nAuthorization: token {host.token}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head[:200]
+        length = 64 << 20  # over the host's limit; the mask key is zero, so bytes go as they are
+        conn.sendall(bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big") + bytes(4))
+        conn.sendall(bytes(1 << 16))
+        time.sleep(0.5)  # the host has refused the message by now; the client is still sending
+        conn.sendall(bytes(4 << 20))  # a reset host makes this (or the read below) fail
+        received = head.split(b"\r\n\r\n", 1)[1]
+        while len(received) < 4:
+            received += conn.recv(4096)
+        assert received[0] == 0x88, received[:20]  # a close frame, first thing after the upgrade
+        size = received[1] & 0x7F
+        while len(received) < 2 + size:
+            received += conn.recv(4096)
+        code = int.from_bytes(received[2:4], "big")
+        reason = received[4 : 2 + size].decode()
+        assert (code, "the host's limit" in reason) == (1009, True), (code, reason)
