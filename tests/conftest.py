@@ -35,8 +35,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )  # fmt: skip
 
 
+# Folders of this run, made when pytest starts (not when bench/ imports this module's launchers,
+# whose hosts keep the product's warm kernels).
+_RUN_FOLDERS: list[tempfile.TemporaryDirectory[str]] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     DATABASE["backend"] = config.getoption("--db")
+    # Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs
+    # into a data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a
+    # pool shape left there by a test would show up in every later Lab on this machine.
+    data = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-data-")
+    os.environ["JUPYTER_DATA_DIR"] = data.name
+    # Hosts the tests start keep no warm kernels unless a test asks (`--warm-per-shape 1`, or
+    # `start_stack(..., warm=True)`): each warm kernel costs a second of CPU, and most of the
+    # suite's ~200 hosts never take theirs. Config files in JUPYTER_CONFIG_PATH rank below the
+    # command line, so an explicit option still wins; the browser tests' `gpupool up` keeps
+    # the product's default (lab_stack starts it without JUPYTER_* variables).
+    config_dir = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-config-")
+    (Path(config_dir.name) / "gpupool_host_config.json").write_text(
+        json.dumps({"HostKernelManager": {"warm_per_shape": 0}})
+    )
+    os.environ["JUPYTER_CONFIG_PATH"] = config_dir.name
+    _RUN_FOLDERS.extend((data, config_dir))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -90,24 +111,6 @@ def on_postgresql() -> Iterator[None]:
 def postgres() -> Postgres:
     """The run's PostgreSQL server, whatever --db says (skips where there can be none)."""
     return shared_postgres()
-
-
-# Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs into a
-# data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a pool shape
-# left there by a test would show up in every later Lab on this machine.
-_DATA = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-data-")
-os.environ["JUPYTER_DATA_DIR"] = _DATA.name
-
-# Hosts the tests start keep no warm kernels unless a test asks (`--warm-per-shape 1`, or
-# `start_stack(..., warm=True)`): each warm kernel costs a second of CPU, and most of the
-# suite's ~200 hosts never take theirs. Config files in JUPYTER_CONFIG_PATH rank below the
-# command line, so an explicit option still wins; the browser tests' `gpupool up` keeps the
-# product's default (lab_stack starts it without JUPYTER_* variables).
-_CONFIG = tempfile.TemporaryDirectory(prefix="gpupool-tests-jupyter-config-")
-(Path(_CONFIG.name) / "gpupool_host_config.json").write_text(
-    json.dumps({"HostKernelManager": {"warm_per_shape": 0}})
-)
-os.environ["JUPYTER_CONFIG_PATH"] = _CONFIG.name
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
