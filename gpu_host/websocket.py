@@ -207,10 +207,22 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         if not stream.sending():
             try:
                 self.session.send_raw(stream.socket, parts, flags=zmq.NOBLOCK, copy=False)
-                return
             except zmq.Again:
                 pass
+            else:
+                # A ZMQ socket wakes its reader (the stream) by an edge-triggered file
+                # descriptor, and this send, past the stream, can take the wakeup of a reply
+                # that arrived meanwhile: it would wait unread until the next one (a client
+                # waited forever for its kernel_info reply). The stream's own sends check.
+                if stream.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                    stream.io_loop.add_callback(_read_waiting, stream)
+                return
         self.session.send_raw(stream, parts)
+
+
+def _read_waiting(stream: Any) -> None:
+    if not stream.closed():
+        stream.flush(zmq.POLLIN)
 
 
 class SizeNamingProtocol(WebSocketProtocol13):

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import zmq
@@ -70,11 +70,24 @@ _MORE, _LAST = int(zmq.SNDMORE) | int(zmq.NOBLOCK), int(zmq.NOBLOCK)
 
 
 def send_now(sock: zmq.Socket, parts: list[Any]) -> None:
-    """Send a multipart message at once: PUB and ROUTER sockets never block (at their high
-    water mark they drop, as a kernel's do), so no future or loop turn is needed."""
+    """Publish a multipart message at once: a PUB socket never blocks (at its high water mark
+    it drops, as a kernel's does), so no future or loop turn is needed. Only for sockets that
+    nothing reads from: see `reply_now`."""
     for part in parts[:-1]:
         _send(sock, part, _MORE, True, False)
     _send(sock, parts[-1], _LAST, True, False)
+
+
+def reply_now(sock: zmq.asyncio.Socket, parts: list[Any]) -> None:
+    """Send on a ROUTER socket that a task is reading from, through pyzmq's own send: a ZMQ
+    socket wakes its reader by an edge-triggered file descriptor, and a send past pyzmq (as
+    `send_now`) can take the wakeup of a request that arrived meanwhile, which then waits,
+    unread, until the next one (a client waiting for its kernel_info reply waited forever).
+    pyzmq checks for such a request after its send. A ROUTER never blocks: it drops what it
+    cannot route."""
+    sent = cast("asyncio.Future[Any]", sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False))
+    if sent.done() and not sent.cancelled():
+        sent.exception()  # retrieved: a dropped reply is not an error here
 
 
 def say(text: str) -> None:
@@ -205,7 +218,7 @@ class Bridge:
                   "date": datetime.now(timezone.utc).isoformat()}  # fmt: skip
         body = {"status": "ok", "restart": restart}
         parts = [json.dumps(x).encode() for x in (header, request, {}, body)]
-        send_now(self.sockets["control"], [*idents, DELIM, self.sign(parts), *parts])
+        reply_now(self.sockets["control"], [*idents, DELIM, self.sign(parts), *parts])
         self.stop()
 
     async def to_client(self, channel: str, parts: list[Any]) -> None:
@@ -224,7 +237,7 @@ class Bridge:
         idents = routes.get(msg_id) if channel == "stdin" else routes.pop(msg_id, None)
         if idents is None:
             return  # a reply to someone else (the gateway's own kernel_info): nobody here waits
-        send_now(self.sockets[channel], [*idents, DELIM, signature, *parts])
+        reply_now(self.sockets[channel], [*idents, DELIM, signature, *parts])
 
     # --- websocket side ---------------------------------------------------------------------
 

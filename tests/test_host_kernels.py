@@ -310,3 +310,28 @@ def test_a_flood_of_messages_to_a_busy_kernel_arrives_whole_and_in_order(host):
 def cell(code: str) -> dict:
     return {"code": code, "silent": True, "store_history": False, "user_expressions": {},
             "allow_stdin": False}  # fmt: skip
+
+
+def test_pipelined_requests_are_all_answered(host):
+    """Requests sent while replies arrive (five at a time, as a client that does not wait)
+    are all answered: the host's send of a request to the kernel could take the wakeup of a
+    reply that came meanwhile, and that reply, and every one after it, then waited unread
+    (a client's kernel_info loop never got its reply)."""
+    kernel_id = host.create(name="python3")["id"]
+
+    async def bursts() -> None:
+        sock = await KernelSocket.open(host.url, host.token, kernel_id, V1)
+        try:
+            for _ in range(200):
+                waiting = {await sock.send("shell", "kernel_info_request", {}) for _ in range(5)}
+                while waiting:
+                    msg = await sock.recv(10)
+                    if msg["msg_type"] == "kernel_info_reply":
+                        waiting.discard(msg["parent_header"]["msg_id"])
+        finally:
+            sock.close()
+
+    try:
+        asyncio.run(bursts())
+    finally:
+        host.call("DELETE", f"/api/kernels/{kernel_id}")

@@ -192,6 +192,29 @@ def test_interrupt_restart_suspend_shutdown_through_the_bridge(
     assert stack.token not in caplog.text and "gpupool: pool kernel" in caplog.text
 
 
+def test_pipelined_requests_through_the_bridge_are_all_answered(
+    stack: Gateway, client_env: dict[str, str]
+) -> None:
+    """Requests a client sends while replies arrive (five at a time) are all answered, end to
+    end (bridge, gateway, host): where a send to a ZMQ socket bypassed the reader's own loop
+    (the host's, towards the kernel; the bridge's, towards the client), it could take the
+    wakeup of a message that came meanwhile, which then waited unread with all after it."""
+    km = KernelManager(kernel_name=SHAPE)
+    km.start_kernel(env=client_env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        for _ in range(200):
+            waiting = {kc.kernel_info() for _ in range(5)}
+            while waiting:
+                reply = kc.get_shell_msg(timeout=10)
+                waiting.discard(reply["parent_header"].get("msg_id"))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+
+
 def test_a_queued_start_says_its_position_and_waits_for_the_gpu(
     stack: Gateway, client_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -438,10 +461,16 @@ def test_argv_alone_starts_and_ends_its_own_pool_kernel(
     try:
         try:
             kc.wait_for_ready(timeout=60)
-        except RuntimeError:
-            if bridge.poll() is not None and bridge.stderr:
-                raise AssertionError(f"the bridge ended: {bridge.stderr.read()}") from None
-            raise
+        except RuntimeError as error:
+            ended = bridge.poll() is not None
+            if not ended:
+                bridge.kill()
+            said = bridge.stderr.read() if bridge.stderr else ""
+            kernels = stack.call("GET", "/api/kernels").body
+            raise AssertionError(
+                f"{error}; the bridge {'ended' if ended else 'was still running'} and said: "
+                f"{said!r}; the gateway's kernels: {kernels}; its log ends: {stack.log()}"
+            ) from None
         kernel_id = stack.call("GET", "/api/kernels").body[0]["id"]
         assert run(kc, "21 * 2")[1] == "42"
         kc.execute("import time; time.sleep(60)")
