@@ -278,8 +278,8 @@ def test_a_flood_of_messages_to_a_busy_kernel_arrives_whole_and_in_order(host):
                 await sock.send("shell", "execute_request", cell(f"_seen.append({i})"))
             return await sock.send("shell", "execute_request", {**cell(check), "silent": False})
 
-        # Read while sending, as Lab does: a client that reads nothing until it has sent
-        # everything stalled this test twice in CI (see docs/architecture.md, Known gaps).
+        # Read while sending, as Lab does. (Sending all before reading stalled this test twice
+        # in CI: replies waited unread at the host, test_pipelined_requests_are_all_answered.)
         sending = asyncio.ensure_future(send_all())
         seen: list[dict] = []
         out, reply, idle = "", None, False
