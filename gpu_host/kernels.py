@@ -225,6 +225,21 @@ class HostKernelManager(AsyncMappingKernelManager):
             client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
             self.shells[kernel_id] = client
             await client.kernel_info(reply=True, timeout=120)
+            # jupyter_server's activity watch subscribes to IOPub as the kernel starts, and a
+            # ZMQ subscription takes effect a moment later: what is published before is lost to
+            # it, such as the "busy" of a first cell sent at once (a warm kernel taken as soon
+            # as it booted). The watch takes the kernel out of "starting" on the first status
+            # it sees, so ask again until it has seen one. (Inside the try: a shutdown may
+            # still come now, and is a 409 as before, not a 500.)
+            kernel = self.get_kernel(kernel_id)
+            for _ in range(SUBSCRIBE_TRIES):
+                if kernel.execution_state != "starting":  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.005)
+                await client.kernel_info(reply=True, timeout=10)
+            else:
+                self.log.warning("kernel %s: the activity watch heard nothing from it", kernel_id)
+                kernel.execution_state = "idle"  # type: ignore[attr-defined]
         except BaseException as error:
             shut_down = kernel_id not in self  # by a DELETE that came while it started
             if not shut_down:
@@ -236,20 +251,6 @@ class HostKernelManager(AsyncMappingKernelManager):
                     409, f"kernel {kernel_id} was shut down while it started; ask for a new one."
                 ) from None
             raise
-        # jupyter_server's activity watch subscribes to IOPub as the kernel starts, and a ZMQ
-        # subscription takes effect a moment later: what is published before is lost to it,
-        # such as the "busy" of a first cell sent at once (a warm kernel taken as soon as it
-        # booted). The watch takes the kernel out of "starting" on the first status it sees,
-        # so ask again until it has seen one.
-        kernel = self.get_kernel(kernel_id)
-        for _ in range(SUBSCRIBE_TRIES):
-            if kernel.execution_state != "starting":  # type: ignore[attr-defined]
-                break
-            await asyncio.sleep(0.005)
-            await client.kernel_info(reply=True, timeout=10)
-        else:
-            self.log.warning("kernel %s: the activity watch heard nothing from it", kernel_id)
-            kernel.execution_state = "idle"  # type: ignore[attr-defined]
         return kernel_id
 
     async def _adopt(self, placement: KernelPlacement, requested: dict[str, str]) -> None:
