@@ -127,6 +127,9 @@ class Companion:
         self.compatible = False  # the agent is installed and its versions match this side's
         self.timed_out = False
         self.last: Outcome | None = None  # of the last cell, also when it raised
+        # The gateway's clock less this machine's, and the time of its last usage report.
+        self.clock_offset: float | None = None
+        self.last_until: str | None = None
 
     # --- life -----------------------------------------------------------------------------
 
