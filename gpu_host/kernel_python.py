@@ -127,6 +127,10 @@ def _copy_packages(venv: Path) -> None:
         shutil.copytree(
             _package_source(name), fresh / name, ignore=shutil.ignore_patterns("__pycache__")
         )
+        # Compiled here, by the venv's own Python: a tenant's user cannot write __pycache__
+        # there, so each of its kernels would compile the sources again at start.
+        subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(fresh / name)],
+                       capture_output=True, timeout=120, check=False)  # fmt: skip
         open_to_all(fresh)
         old = site / name
         if old.exists():
@@ -203,7 +207,8 @@ def ensure(venv: Path = KERNEL_VENV, refresh: bool = False) -> str:
             build(venv, base_python())
             return str(venv / "bin" / "python")
         current = _fingerprint()
-        copied = all((_site_packages(venv) / name).is_dir() for name in KERNEL_PACKAGES)
+        copied = all((_site_packages(venv) / name / "__pycache__").is_dir()
+                     for name in KERNEL_PACKAGES)  # fmt: skip
         if stamp.get("packages") != current or not copied:
             _copy_packages(venv)
             stamp["packages"] = current

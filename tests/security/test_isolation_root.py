@@ -175,6 +175,11 @@ def test_a_tenants_kernel_has_gpu_magic_loaded(stack: Gateway, tenants: dict[str
     code = "print('jupyter_ext' in get_ipython().extension_manager.loaded)"
     token, kernel = tenants["tokens"]["a"], tenants["kernels"]["a"]
     assert asyncio.run(run_code(stack.url, token, kernel, code)) == "True\n"
+    # Their bytecode is there too: the tenant's user cannot write it, and every kernel would
+    # compile them again at start.
+    code = ("import os, gpupool.wire, jupyter_ext.magics as m\n"
+            "print(all(os.path.exists(x.__cached__) for x in (gpupool.wire, m)))")  # fmt: skip
+    assert asyncio.run(run_code(stack.url, token, kernel, code)) == "True\n"
 
 
 def test_b_can_reach_nothing_of_a_nor_of_the_stack(attack: dict[str, Any]) -> None:
