@@ -150,12 +150,17 @@ class GatewayState:
         return True
 
     def tenant_for(self, token: str) -> Tenant | None:
+        # One query, not two (token, then tenant): every authenticated request asks it.
         with self.db() as s:
-            row = s.scalars(select(Token).where(Token.digest == digest(token))).first()
-            if row is None or row.revoked:
-                return None
-            tenant = s.get(Tenant, row.tenant_id)
-        return None if tenant is None or tenant.revoked else tenant
+            return s.scalars(
+                select(Tenant)
+                .join(Token, Token.tenant_id == Tenant.id)
+                .where(
+                    Token.digest == digest(token),
+                    Token.revoked.is_(False),
+                    Tenant.revoked.is_(False),
+                )
+            ).first()
 
     # -- tenants ---------------------------------------------------------------------------
 
