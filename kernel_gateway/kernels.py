@@ -606,6 +606,11 @@ class GatewayKernels:
         async with live.acting:
             kernel = self._row(kernel_id)  # as it is now, after any action before this one
             host = self.pool.hosts.get(kernel.host_id or "")
+            if action == "restart" and kernel.state == KernelState.SUSPENDED and kernel.checkpoint:
+                # A restart is a fresh namespace: the saved variables are dropped, so the next
+                # message starts the kernel anew instead of bringing them back.
+                self._set(kernel_id, checkpoint={})
+                await self._discard_checkpoint(tenant.name, kernel)
             if kernel.state == KernelState.RUNNING and host is not None:
                 path = f"/api/kernels/{kernel.host_kernel_id}/{action}"
                 try:
@@ -719,6 +724,8 @@ class GatewayKernels:
         user in the next cell's output by the kernel itself. The checkpoint is deleted after
         (the next suspend writes a new one), unless the restore failed: then it stays, for a
         look by hand."""
+        if not kernel.checkpoint:
+            return  # none to restore (the kernel was restarted while it was suspended)
         with self.db() as s:
             tenant = s.get(Tenant, kernel.tenant_id)
         assert tenant is not None

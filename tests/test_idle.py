@@ -110,6 +110,28 @@ def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
     assert checkpoint_files(stack) == files_before
 
 
+def test_a_suspended_kernel_restarted_comes_back_empty(stack):
+    """Restart of a suspended kernel (Lab's Restart while it slept) is a fresh namespace, as for
+    a running one: its checkpoint is deleted, and the next cell resumes it without x. It was a
+    no-op that succeeded, and the next cell brought the old variables back."""
+    files_before = checkpoint_files(stack)
+    kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
+    asyncio.run(run_code(stack.url, stack.token, kernel_id, "x = 1"))
+    stack.wait_for(
+        lambda: (
+            stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"] == "suspended"
+        ),
+        10,
+        "the kernel to be suspended",
+    )
+    assert len(checkpoint_files(stack) - files_before) == 1
+    assert stack.call("POST", f"/api/kernels/{kernel_id}/restart").status == 200
+    assert checkpoint_files(stack) == files_before
+    code = "print('x' in globals())"
+    assert asyncio.run(run_code(stack.url, stack.token, kernel_id, code)) == "False\n"
+    assert stack.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+
+
 def test_a_busy_kernel_is_never_suspended_mid_cell(stack):
     kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
 
