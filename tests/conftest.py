@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_core.paths import jupyter_data_dir
 from postgres import Postgres, Unavailable
 
 from kernel_gateway.up import host_state_dir
@@ -40,8 +41,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 _RUN_FOLDERS: list[tempfile.TemporaryDirectory[str]] = []
 
 
+# The user's own Jupyter kernelspecs folder, as it was when the run began (see
+# pytest_sessionfinish).
+_USER_KERNELS: dict[str, Any] = {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     DATABASE["backend"] = config.getoption("--db")
+    if not hasattr(config, "workerinput"):  # the run's own process, not an xdist worker
+        kernels = Path(jupyter_data_dir()) / "kernels"
+        _USER_KERNELS.update(path=kernels, names=_kernel_names(kernels))
     # Every Jupyter server and `gpupool kernelspec sync` the tests start writes its kernelspecs
     # into a data folder of this run, never the user's own (~/.local/share/jupyter/kernels): a
     # pool shape left there by a test would show up in every later Lab on this machine.
@@ -58,6 +67,22 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     os.environ["JUPYTER_CONFIG_PATH"] = config_dir.name
     _RUN_FOLDERS.extend((data, config_dir))
+
+
+def _kernel_names(kernels: Path) -> set[str]:
+    return {p.name for p in kernels.iterdir()} if kernels.is_dir() else set()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that left kernelspecs in the user's own Jupyter folder fails: every later Lab on
+    this machine would list them (a test started a server without a data folder of its own)."""
+    if not _USER_KERNELS:
+        return
+    left = sorted(_kernel_names(_USER_KERNELS["path"]) - _USER_KERNELS["names"])
+    if left:
+        print(f"\nthe tests left kernelspecs in {_USER_KERNELS['path']}: {', '.join(left)}; "
+              "give every server a test starts its own JUPYTER_DATA_DIR")  # fmt: skip
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -80,6 +80,7 @@ def start_server(folder: Path, *args: str, env: dict[str, str] | None = None) ->
     (config / "jupyter_server_config.d" / "gpupool.json").write_text(shipped.read_text())
     port, token = free_port(), uuid.uuid4().hex
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
+    full_env["JUPYTER_DATA_DIR"] = str(folder / "data")  # its kernelspecs: never the user's own
     full_env.update(env or {})
     full_env.update(JUPYTER_CONFIG_DIR=str(config), JUPYTER_RUNTIME_DIR=str(folder / "runtime"),
                     JUPYTER_TOKEN=token)  # fmt: skip

@@ -53,6 +53,7 @@ def start_stock_server(
     log_path = tmp_path / "jupyter-server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
     command = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}",
                "--ip=127.0.0.1", f"--IdentityProvider.token={token}",
                f"--gateway-url={gateway_url}", f"--GatewayClient.auth_token={gateway_token}",

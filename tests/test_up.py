@@ -77,6 +77,7 @@ def test_up_with_lab_then_ctrl_c(tmp_path: Path, ctrl_c: str, mode: str) -> None
                "--fake-gpus", "H100:2", "--lab-mode", mode]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "JUPYTER_"))}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")  # the Lab's kernelspecs: not the user's
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
