@@ -94,9 +94,9 @@ def test_an_idle_kernel_is_suspended_and_the_next_cell_resumes_it(stack):
     stack.call("DELETE", f"/api/kernels/{kernel_id}")
 
 
-def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
-    files_before = checkpoint_files(stack)
-    kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
+def suspended_with_x(stack) -> str:
+    """A GPU kernel with x = 1 in it, suspended for being idle (its checkpoint written)."""
+    kernel_id = str(stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"])
     asyncio.run(run_code(stack.url, stack.token, kernel_id, "x = 1"))
     stack.wait_for(
         lambda: (
@@ -105,6 +105,12 @@ def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
         10,
         "the kernel to be suspended",
     )
+    return kernel_id
+
+
+def test_shutting_down_a_suspended_kernel_deletes_its_checkpoint(stack):
+    files_before = checkpoint_files(stack)
+    kernel_id = suspended_with_x(stack)
     assert len(checkpoint_files(stack) - files_before) == 1
     assert stack.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
     assert checkpoint_files(stack) == files_before
@@ -115,15 +121,7 @@ def test_a_suspended_kernel_restarted_comes_back_empty(stack):
     a running one: its checkpoint is deleted, and the next cell resumes it without x. It was a
     no-op that succeeded, and the next cell brought the old variables back."""
     files_before = checkpoint_files(stack)
-    kernel_id = stack.create(name="python3-gpu-h100-x1", env=IDLE)["id"]
-    asyncio.run(run_code(stack.url, stack.token, kernel_id, "x = 1"))
-    stack.wait_for(
-        lambda: (
-            stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["state"] == "suspended"
-        ),
-        10,
-        "the kernel to be suspended",
-    )
+    kernel_id = suspended_with_x(stack)
     assert len(checkpoint_files(stack) - files_before) == 1
     assert stack.call("POST", f"/api/kernels/{kernel_id}/restart").status == 200
     assert checkpoint_files(stack) == files_before
