@@ -29,6 +29,7 @@ from gpupool.wire import (
 from .budgets import Budgets
 from .errors import ApiError
 from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger
+from .lifecycle import Lifecycle
 from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
 from .shapes import EXECUTION_STATE
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 UNREACHABLE = "could not be reached"  # in a kernel's reason: its host did not answer a start
 START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's kernel to start
 STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
+RUNS_OR_WAITS = (KernelState.QUEUED, KernelState.STARTING, KernelState.RUNNING)
+LIVE_STATES = (*RUNS_OR_WAITS, KernelState.SUSPENDED)  # not ended
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -107,6 +110,7 @@ class GatewayKernels:
         self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
         self._dispatching = asyncio.Lock()
         self.ledger = Ledger(db)
+        self.lifecycle = Lifecycle(db, self.ledger)
         self.budgets = Budgets(self.ledger)
         # Idle handling; the app sets these from its options.
         self.idle_default = 600.0
@@ -315,9 +319,11 @@ class GatewayKernels:
                     why = refusals[kernel.tenant_id]
                     if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
                         self.queue.remove(kernel_id)
-                        self._set(
-                            kernel_id, state=KernelState.SUSPENDED, reason=f"not resumed: {why}"
-                        )
+                        self.lifecycle.move(
+                            kernel_id, KernelState.SUSPENDED, (KernelState.QUEUED,),
+                            closing=BUDGET, reason=f"not resumed: {why}",
+                        )  # fmt: skip
+                        self._live(kernel_id).suspended = True
                         self._live(kernel_id).notify()
                     else:
                         self._end(kernel_id, f"not started: {why}")
@@ -335,8 +341,12 @@ class GatewayKernels:
                     blocked.add(shape.gpu_type)
                     continue
                 self.queue.remove(kernel_id)
+                started = self.lifecycle.move(
+                    kernel_id, KernelState.STARTING, (KernelState.QUEUED,), host_id=host.id
+                )
+                if started is None:
+                    continue  # ended meanwhile
                 host.reserved[kernel_id] = shape
-                self._set(kernel_id, state=KernelState.STARTING, host_id=host.id)
                 asyncio.get_running_loop().create_task(self._start_on(host, kernel))
             for kernel_id in self.queue:
                 self._live(kernel_id).notify()  # queue positions moved
@@ -375,7 +385,9 @@ class GatewayKernels:
             if self._row(kernel.id).state != KernelState.STARTING:
                 return  # shut down, or lost with its host, while the host answered
             if error.code == 409:  # our view of the host was stale: wait for the next GPU
-                self._set(kernel.id, state=KernelState.QUEUED, host_id=None)
+                again = (KernelState.STARTING,)
+                if self.lifecycle.move(kernel.id, KernelState.QUEUED, again, host_id=None) is None:
+                    return
                 self.queue.insert(0, kernel.id)
                 self._live(kernel.id).notify()  # create() answers "queued" now, not in 30 s
                 return
@@ -413,18 +425,13 @@ class GatewayKernels:
     def _mark_running(
         self, kernel_id: str, host: HostView, host_kernel_id: str, held: float
     ) -> bool:
-        """Running, and its ledger interval open, in one transaction; False (and nothing
-        written) if it was shut down or lost meanwhile."""
-        with self.db() as s:
-            kernel = s.get(Kernel, kernel_id)
-            if kernel is None or kernel.state != KernelState.STARTING:
-                return False
-            kernel.state, kernel.host_kernel_id = KernelState.RUNNING, host_kernel_id
-            kernel.gpus, kernel.checkpoint = host.held.get(kernel_id, []), {}
-            kernel.last_seen_alive = time.time()
-            self.ledger.open(s, kernel, host.id, held)
-            s.commit()
-        return True
+        """Running, and its ledger interval open from `held`, in one transaction; False (and
+        nothing written) if it was shut down or lost meanwhile."""
+        running = self.lifecycle.move(
+            kernel_id, KernelState.RUNNING, (KernelState.STARTING,), at=held,
+            host_kernel_id=host_kernel_id, gpus=host.held.get(kernel_id, []), checkpoint={},
+        )  # fmt: skip
+        return running is not None
 
     async def host_call(
         self, host: HostView, method: str, path: str, body: Any = None
@@ -451,18 +458,15 @@ class GatewayKernels:
         closing: str = DIED,
     ) -> None:
         """The kernel is over: its GPUs go back and its interval closes at `ended` (the last
-        time it was seen alive, when known), for the ledger reason `closing`."""
-        kernel = self._row(kernel_id)
-        if kernel.state == KernelState.DELETED or kernel.state == state == KernelState.DEAD:
-            return
-        # Its owner shuts down a kernel that already died: keep why.
-        if kernel.state == KernelState.DEAD:
-            with self.db() as s:
-                row = s.get(Kernel, kernel_id)
-                assert row is not None
-                row.state = state
-                self._revoke_kernel_tokens(s, kernel_id)
-                s.commit()
+        time it was seen alive, when known), for the ledger reason `closing`. Its owner shutting
+        down a kernel that died already changes only its state: why it died stays."""
+        ending = LIVE_STATES if state == KernelState.DELETED else RUNS_OR_WAITS
+        moved = self.lifecycle.move(
+            kernel_id, state, ending, at=ended, closing=closing, reason=reason
+        )
+        if moved is None:
+            if state == KernelState.DELETED:
+                self.lifecycle.move(kernel_id, state, (KernelState.DEAD,), closing=closing)
             return
         for host in self.pool.hosts.values():
             host.held.pop(kernel_id, None)
@@ -471,18 +475,6 @@ class GatewayKernels:
             self.queue.remove(kernel_id)
         self.missed.discard(kernel_id)
         live = self._live(kernel_id)
-        ended = time.time() if ended is None else min(ended, time.time())
-        with self.db() as s:
-            row = s.get(Kernel, kernel_id)
-            assert row is not None
-            closed = self.ledger.close(s, kernel_id, ended, closing)
-            # billing ends when the kernel was last seen alive, never before it started
-            row.state, row.reason = state, reason
-            row.ended = closed.ended if closed is not None else ended
-            if closing != HOST_LOST:  # a host that comes back brings the same process back
-                self._revoke_kernel_tokens(s, kernel_id)
-            s.commit()
-        self.ledger.counted(closed)
         live.execution_state = "dead"
         live.notify()
         asyncio.get_running_loop().create_task(self.dispatch())
@@ -668,8 +660,6 @@ class GatewayKernels:
             return
         finally:
             live.suspending_since = None
-        if self._row(kernel_id).state != KernelState.RUNNING:
-            return  # shut down meanwhile
         if closing == SUSPENDED and live.last_client_message > began:
             # A client spoke during the checkpoint: not idle after all, and the checkpoint would
             # miss what that message did. It stays running; the watch looks again later.
@@ -677,9 +667,10 @@ class GatewayKernels:
         not_saved = saved.get("not_saved", {})
         lost = f"; not saved: {', '.join(sorted(not_saved))}" if not_saved else ""
         # Suspended first, then the host kernel stops: its websocket relay sees why it ended.
-        live.suspended = True
-        self._set(
-            kernel_id, state=KernelState.SUSPENDED, host_kernel_id=None, gpus=[],
+        # Billing closes at `began`, and the kernel's own tokens go, in the same transaction.
+        suspended = self.lifecycle.move(
+            kernel_id, KernelState.SUSPENDED, (KernelState.RUNNING,), at=began, closing=closing,
+            host_kernel_id=None, gpus=[],
             reason=f"{why}; its GPU was given back and {len(saved.get('saved', []))} variables "
                    f"saved{lost}. The next cell resumes it.",
             # The file is named by the host kernel's id (the host chose it), never by what the
@@ -687,10 +678,9 @@ class GatewayKernels:
             checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved,
                         "file": f"{kernel.host_kernel_id}.pkl"},
         )  # fmt: skip
-        self._close_hold(kernel_id, began, closing)
-        with self.db() as s:
-            self._revoke_kernel_tokens(s, kernel_id)
-            s.commit()
+        if suspended is None:
+            return  # shut down or lost meanwhile
+        live.suspended = True
         # Its GPUs are the pool's from here. Done before the host is told, since a client
         # message during that call resumes the kernel, and the new start's own reservation
         # and GPUs must not be undone after it.
@@ -711,9 +701,9 @@ class GatewayKernels:
 
     def resume(self, kernel_id: str) -> None:
         """Queue a suspended kernel for a GPU of the same shape; it restores, then runs."""
-        if self._row(kernel_id).state != KernelState.SUSPENDED:
+        again = (KernelState.SUSPENDED,)
+        if self.lifecycle.move(kernel_id, KernelState.QUEUED, again, reason="") is None:
             return
-        self._set(kernel_id, state=KernelState.QUEUED, reason="")
         self._live(kernel_id).suspended = False
         self.queue.append(kernel_id)
         self._live(kernel_id).notify()
@@ -741,13 +731,6 @@ class GatewayKernels:
         else:
             log.warning("kernel %s resumed on another host without its variables", kernel.id)
         asyncio.get_running_loop().create_task(self._discard_checkpoint(tenant.name, kernel))
-
-    def _close_hold(self, kernel_id: str, when: float, closing: str) -> None:
-        """Billing of a suspended kernel ends now, with the reason `closing`."""
-        with self.db() as s:
-            closed = self.ledger.close(s, kernel_id, when, closing)
-            s.commit()
-        self.ledger.counted(closed)
 
     # -- budgets ---------------------------------------------------------------------------
 
@@ -899,18 +882,11 @@ class GatewayKernels:
         for kernel in lost:
             if kernel.host_kernel_id in running and "stopped answering" in kernel.reason:
                 # A new interval: the time the host was away was never seen, so never billed.
-                now = time.time()
-                with self.db() as s:
-                    row = s.get(Kernel, kernel.id)
-                    assert row is not None
-                    row.state, row.reason, row.ended, row.last_seen_alive = (
-                        KernelState.RUNNING,
-                        "",
-                        None,
-                        now,
-                    )
-                    self.ledger.open(s, row, host.id, now)
-                    s.commit()
+                back = self.lifecycle.move(
+                    kernel.id, KernelState.RUNNING, (KernelState.DEAD,), reason=""
+                )
+                if back is None:
+                    continue
                 host.held[kernel.id] = list(kernel.gpus)
                 self._live(kernel.id).notify()
         # Kernels shut down (or ended for good) while the host was away still run there: stop

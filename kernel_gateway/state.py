@@ -79,6 +79,18 @@ class GatewayState:
 
     def _load(self) -> None:
         """After a restart: hosts and their running kernels, as they were."""
+        # A kernel that was queued or starting when the gateway stopped starts over.
+        with self.db() as s:
+            waiting = s.execute(
+                select(Kernel.id, Kernel.state)
+                .where(Kernel.state.in_([KernelState.QUEUED, KernelState.STARTING]))
+                .order_by(Kernel.created)  # first come, first served, on any database
+            ).all()
+        again = (KernelState.STARTING,)
+        for kernel_id, state in waiting:
+            if state == KernelState.STARTING:
+                self.kernels.lifecycle.move(kernel_id, KernelState.QUEUED, again)
+            self.kernels.queue.append(kernel_id)
         with self.db() as s:
             # A database of an older gpupool kept hosts' tokens themselves: only digests stay,
             # and each such host, refused at its next heartbeat, registers again for a new one.
@@ -100,14 +112,6 @@ class GatewayState:
             for kernel in s.scalars(select(Kernel).where(Kernel.state == KernelState.RUNNING)):
                 if kernel.host_id in self.pool.hosts:
                     self.pool.hosts[kernel.host_id].held[kernel.id] = list(kernel.gpus)
-            # A kernel that was queued or starting when the gateway stopped starts over.
-            for kernel in s.scalars(
-                select(Kernel)
-                .where(Kernel.state.in_([KernelState.QUEUED, KernelState.STARTING]))
-                .order_by(Kernel.created)  # first come, first served, on any database
-            ).all():
-                kernel.state = KernelState.QUEUED
-                self.kernels.queue.append(kernel.id)
             # Intervals of running kernels go on: their GPUs stayed held while we were away.
             repaired = self.kernels.ledger.repair(s)
             s.commit()

@@ -453,6 +453,45 @@ def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_again(
+    tmp_path: Path,
+) -> None:
+    """A suspended kernel whose tenant reached its budget is not resumed: it stays suspended
+    with its variables and says why, and the next client message asks again (it used to wait
+    for a start that nobody had queued)."""
+
+    async def scenario() -> None:
+        fake = CheckpointingHost()
+        fake.stopped.set()
+        kernels, host, tenant = in_process_gateway(tmp_path, fake)
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        await kernels.suspend(kernel_id, "idle")
+
+        def budget(usd: float | None) -> None:
+            with kernels.db() as s:
+                s.get(Tenant, tenant.id).budget_usd = usd  # type: ignore[union-attr]
+                s.commit()
+
+        budget(0.0)
+        kernels.resume(kernel_id)  # what a client message on its websocket does
+        await asyncio.sleep(0.05)
+        row = kernels._row(kernel_id)
+        assert row.state == "suspended" and row.reason.startswith("not resumed: tenant a has")
+        assert row.checkpoint and kernels._live(kernel_id).suspended
+        assert kernels.queue == [] and host.held == {}
+        budget(None)  # an admin raised it
+        kernels.resume(kernel_id)
+        for _ in range(200):  # bounded: 2 s
+            if kernels._row(kernel_id).state == "running":
+                break
+            await asyncio.sleep(0.01)
+        row = kernels._row(kernel_id)
+        assert row.state == "running" and not kernels._live(kernel_id).suspended, row.reason
+        assert ("POST", "/api/kernels/on-host-2/restore") in fake.calls
+
+    asyncio.run(scenario())
+
+
 def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
     tmp_path: Path,
 ) -> None:
