@@ -133,6 +133,18 @@ def discard(km: HostKernelManager, tenant: str, name: str) -> bool:
         os.close(folder)
 
 
+async def _kernel_info(client: Any) -> dict[str, Any]:
+    """The kernel's kernel_info reply content, saved with its checkpoint: the gateway answers a
+    suspended kernel's kernel_info requests with it rather than resume the kernel for them.
+    {} when the kernel does not answer within 10 s or answers with what is not a reply."""
+    try:
+        reply = await client.kernel_info(reply=True, timeout=10)
+    except TimeoutError:
+        return {}
+    content = reply.get("content") if isinstance(reply, dict) else None
+    return content if isinstance(content, dict) and content.get("status") == "ok" else {}
+
+
 async def _in_kernel(
     km: HostKernelManager, kernel_id: str, function: str, path: Path
 ) -> dict[str, Any]:
@@ -159,6 +171,7 @@ async def _in_kernel(
             if not request.done() and kernel_id not in km:  # the death watch saw it end
                 raise web.HTTPError(500, f"the kernel died during the {function}.")
         reply = request.result()
+        info = await _kernel_info(client) if function == "checkpoint" else None
     except TimeoutError:
         raise web.HTTPError(
             504, f"the kernel did not finish the {function} within {km.checkpoint_timeout} s."
@@ -183,5 +196,7 @@ async def _in_kernel(
         status = 400 if function == "restore" and name == "CheckpointError" else 500
         raise web.HTTPError(status, f"{function} failed in the kernel: {name}: {value}")
     result = dict(answer["data"]["application/json"])
+    if info is not None:
+        result["kernel_info"] = info
     result["seconds"] = round(time.perf_counter() - start, 4)
     return result

@@ -34,6 +34,7 @@ from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
 from .shapes import EXECUTION_STATE
 from .store import Kernel, Tenant, Token
+from .suspended_replies import kept_kernel_info
 from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
@@ -676,7 +677,8 @@ class GatewayKernels:
             # The file is named by the host kernel's id (the host chose it), never by what the
             # tenant's kernel answered, so deleting it later cannot be aimed elsewhere.
             checkpoint={"host_id": host.id, "path": saved["path"], "not_saved": not_saved,
-                        "file": f"{kernel.host_kernel_id}.pkl"},
+                        "file": f"{kernel.host_kernel_id}.pkl",
+                        "kernel_info": kept_kernel_info(saved)},
         )  # fmt: skip
         if suspended is None:
             return  # shut down or lost meanwhile

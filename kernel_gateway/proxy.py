@@ -23,6 +23,7 @@ from tornado.websocket import (
 
 from gpupool.wire import ENDED, MAX_MESSAGE_BYTES, V1_PROTOCOL, KernelState
 
+from . import suspended_replies
 from .base import tenant_of, token_of
 from .errors import ApiError
 from .splice import HostConnection, SplicingProtocol, connect_host
@@ -318,6 +319,8 @@ class ChannelsHandler(WebSocketHandler):
         live = kernels._live(self.kernel_id)
         live.touch()
         live.last_client_message = live.last_activity
+        if live.suspended and self._answered_while_suspended(message):
+            return
         if live.suspended:
             # Its host kernel is gone: hold this message, resume, and deliver it then.
             if self.upstream is not None:
@@ -334,6 +337,22 @@ class ChannelsHandler(WebSocketHandler):
             self.close(1008, "too many messages sent before the kernel started")
             return
         self.pending.append(message)
+
+    def _answered_while_suspended(self, message: str | bytes) -> bool:
+        """What a reconnecting tab asks of a suspended kernel is answered here (see
+        suspended_replies.py): it must not resume the kernel and bill a GPU."""
+        protocol = self.selected_subprotocol
+        request = suspended_replies.answerable(message, protocol)
+        info = self.state.kernels._row(self.kernel_id).checkpoint.get("kernel_info")
+        if request is None or not info:  # (none kept by an older host: the kernel answers)
+            asked = suspended_replies.request_of(message, protocol)
+            log.info("kernel %s resumes for its client's %s", self.kernel_id,
+                     str(asked[1].get("msg_type"))[:64] if asked else "message")  # fmt: skip
+            return False
+        channel, header = request
+        for reply in suspended_replies.answer(channel, header, info, self.kernel_id, protocol):
+            self.write_message(reply, binary=isinstance(reply, bytes))
+        return True
 
     def on_close(self) -> None:
         key = self.session_key

@@ -7,8 +7,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from conftest import start_gateway, start_host
-from kernel_ws import KernelSocket, run_code
+from kernel_ws import V1, KernelSocket, run_code
 
 from kernel_gateway.up import host_state_dir
 
@@ -127,6 +128,44 @@ def test_a_suspended_kernel_restarted_comes_back_empty(stack):
     assert checkpoint_files(stack) == files_before
     code = "print('x' in globals())"
     assert asyncio.run(run_code(stack.url, stack.token, kernel_id, code)) == "False\n"
+    assert stack.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+
+
+@pytest.mark.parametrize("protocol", [None, V1])
+def test_a_reconnecting_tab_does_not_resume_a_suspended_kernel(stack, protocol):
+    """A tab that reconnects asks kernel_info first: the gateway answers it from the reply the
+    kernel gave at its checkpoint, and the kernel stays suspended (no GPU held, nothing billed).
+    The next cell resumes it, with its variables."""
+    kernel_id = suspended_with_x(stack)
+    billed = stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]["billed_seconds"]
+
+    async def reconnect_then_run() -> tuple[list[dict], str]:
+        sock = await KernelSocket.open(stack.url, stack.token, kernel_id, protocol)
+        try:
+            msg_id = await sock.send("shell", "kernel_info_request", {})
+            answered = [await sock.recv(10) for _ in range(3)]
+            assert all(m["parent_header"]["msg_id"] == msg_id for m in answered)
+            await asyncio.sleep(1.0)  # time for a resume to show, were one started
+            model = stack.call("GET", f"/api/kernels/{kernel_id}").body
+            assert model["gpupool"]["state"] == "suspended", model["gpupool"]
+            out, _ = await run(sock, "print(x)")
+        finally:
+            sock.close()
+        return answered, out
+
+    answered, out = asyncio.run(reconnect_then_run())
+    assert [(m["channel"], m["msg_type"]) for m in answered] == [
+        ("iopub", "status"),
+        ("shell", "kernel_info_reply"),
+        ("iopub", "status"),
+    ]
+    reply = answered[1]["content"]
+    assert reply["status"] == "ok" and reply["language_info"]["name"] == "python"
+    assert reply["implementation"] == "ipython"
+    assert [m["content"]["execution_state"] for m in (answered[0], answered[2])] == ["busy", "idle"]
+    assert out == "1\n"  # the cell resumed it, with x
+    model = stack.call("GET", f"/api/kernels/{kernel_id}").body["gpupool"]
+    assert model["billed_seconds"] >= billed
     assert stack.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
 
 

@@ -174,6 +174,12 @@ def test_interrupt_restart_suspend_shutdown_through_the_bridge(
 
         # Idle suspend and resume behind the bridge: the next cell brings x back.
         stack.wait_for(lambda: gateway_state(stack, kernel_id) == "suspended", 30, "suspend")
+        # What a client that connects anew asks first is answered without a GPU: it stays
+        # suspended, and nothing is billed for the question.
+        info = kc.kernel_info(reply=True, timeout=10)["content"]
+        assert info["status"] == "ok" and info["language_info"]["name"] == "python"
+        time.sleep(1)
+        assert gateway_state(stack, kernel_id) == "suspended"
         reply, text = run(kc, "x")
         assert reply["status"] == "ok" and text == "41"
         assert gateway_state(stack, kernel_id) == "running"

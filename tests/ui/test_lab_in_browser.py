@@ -147,8 +147,11 @@ def ran(cell: Any) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_idle_suspend_then_the_next_cell_resumes_with_its_variables(page: Page) -> None:
-    """The notebook's two-H100 kernel of the test above, left idle."""
+def test_idle_suspend_then_the_next_cell_resumes_with_its_variables(
+    page: Page, up: dict[str, Any]
+) -> None:
+    """The notebook's two-H100 kernel of the test above, left idle. A reload of the page (as
+    after a laptop's sleep) does not resume it: only the next cell does."""
     status = page.locator(".gpupool-status")
     expect(status).to_contain_text("GPU H100 \u00d72", timeout=WAIT_MS)
     ran(run_cell(page, "import threading; kept, held = 41, threading.Lock()"))
@@ -158,6 +161,12 @@ def test_idle_suspend_then_the_next_cell_resumes_with_its_variables(page: Page) 
                                   "cell resumes it.", timeout=WAIT_MS)  # fmt: skip
     page.wait_for_timeout(1000)  # the toast slides in
     page.screenshot(path=str(SHOTS / "suspended.png"))
+    page.reload()  # the tab's new websocket asks kernel_info, which the gateway answers
+    expect(status).to_contain_text("suspended", timeout=WAIT_MS)
+    page.wait_for_timeout(3000)  # time for a resume to show, were one started
+    states = [k["gpupool"]["state"] for k in gateway(up, "GET", "/api/kernels")]
+    assert states == ["suspended"], states
+    expect(status).to_contain_text("suspended")
     cell = run_cell(page, "kept + 1")
     expect(cell.locator(RESULT)).to_contain_text("42", timeout=WAIT_MS)
     expect(status).to_contain_text(re.compile(r"· (idle|running) ·"), timeout=WAIT_MS)
