@@ -64,7 +64,7 @@ class KernelspecsHandler(GatewayHandler):
             entry = types.get(shape.gpu_type or "", {})
             per_gpu = round(entry.get("memory", 0) / 1024**3)
             waiting = sum(
-                1 for k in queue if self.state.kernels._row(k).gpu_type == shape.gpu_type
+                1 for k in queue if self.state.kernels.row(k).gpu_type == shape.gpu_type
             ) if shape.gpu_count else 0  # fmt: skip
             specs[shape.kernel_name] = {
                 "name": shape.kernel_name,
@@ -157,7 +157,7 @@ class KernelActionHandler(GatewayHandler):
 class GpusHandler(GatewayHandler):
     def get(self) -> None:
         self.tenant()
-        queue = [self.state.kernels._row(k) for k in self.state.kernels.queue]
+        queue = [self.state.kernels.row(k) for k in self.state.kernels.queue]
         self.reply([
             {"gpu_type": t, "memory_gb": round(v["memory"] / 1024**3), "total": v["total"],
              "free": v["free"], "usd_per_hour": usd_per_gpu_hour(t),

@@ -38,7 +38,7 @@ class IdleWatcher:
         with self.kernels.db() as s:
             running = s.scalars(select(Kernel).where(Kernel.state == KernelState.RUNNING)).all()
         for kernel in running:
-            live = self.kernels._live(kernel.id)
+            live = self.kernels.live_of(kernel.id)
             due = live.last_activity + kernel.idle_timeout
             if live.execution_state == "busy" or now < due or kernel.id in self._acting:
                 continue
@@ -70,7 +70,7 @@ class IdleWatcher:
         except Exception as error:
             log.warning("idle check of kernel %s failed: %s", kernel.id, error)
             return False
-        live = self.kernels._live(kernel.id)
+        live = self.kernels.live_of(kernel.id)
         live.execution_state = model.get("execution_state", live.execution_state)
         live.last_activity = max(live.last_activity, parse_iso(model["last_activity"]))
         return (

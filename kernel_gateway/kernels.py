@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError
 
 from gpupool.wire import (
     CPU,
@@ -28,7 +27,8 @@ from gpupool.wire import (
 
 from .budgets import Budgets
 from .errors import ApiError
-from .ledger import BUDGET, CULLED, DIED, HOST_LOST, REVOKED, SHUT_DOWN, SUSPENDED, Ledger
+from .host_client import HostApi, HostClient, error_message
+from .ledger import BUDGET, CULLED, DIED, REVOKED, SHUT_DOWN, SUSPENDED, Ledger
 from .lifecycle import Lifecycle
 from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
@@ -97,7 +97,9 @@ def read_shape(name: str, env: dict[str, str]) -> Shape:
 
 
 class GatewayKernels:
-    def __init__(self, db: sessionmaker[Session], pool: Pool) -> None:
+    def __init__(
+        self, db: sessionmaker[Session], pool: Pool, host_api: HostApi | None = None
+    ) -> None:
         self.db = db
         self.pool = pool
         self.live: dict[str, Live] = {}
@@ -106,9 +108,7 @@ class GatewayKernels:
         # Host kernel ids the gateway is stopping (shut down, culled, revoked, orphans): their
         # end is the gateway's to record, not a heartbeat's or a relay's.
         self.stopping: set[str] = set()
-        # Its own client: tornado's shared one runs 10 requests at a time, so a burst of starts
-        # would queue (and time out) behind each other, and deletes behind them.
-        self.http = AsyncHTTPClient(force_instance=True, max_clients=512)
+        self.host_call: HostApi = host_api or HostClient()
         self._dispatching = asyncio.Lock()
         self.ledger = Ledger(db)
         self.lifecycle = Lifecycle(db, self.ledger)
@@ -122,7 +122,7 @@ class GatewayKernels:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _live(self, kernel_id: str) -> Live:
+    def live_of(self, kernel_id: str) -> Live:
         live = self.live.get(kernel_id)
         if live is None:
             # First seen by this process, after a restart too: what the next client message
@@ -148,7 +148,7 @@ class GatewayKernels:
         return kernel is not None and kernel.tenant_id == tenant.id
 
     def model(self, kernel: Kernel) -> dict[str, Any]:
-        live = self._live(kernel.id)
+        live = self.live_of(kernel.id)
         billed, cost, since = self.ledger.holding(kernel.id)
         placing = kernel.state in (KernelState.QUEUED, KernelState.STARTING)
         resuming = placing and bool(kernel.checkpoint)
@@ -242,17 +242,17 @@ class GatewayKernels:
         with self.db() as s:
             s.add(kernel)
             s.commit()
-        live = self._live(kernel.id)
+        live = self.live_of(kernel.id)
         self.queue.append(kernel.id)
         waiter = live.changed
         await self.dispatch()
-        kernel = self._row(kernel.id)
+        kernel = self.row(kernel.id)
         if kernel.state == KernelState.STARTING:
             try:
                 await asyncio.wait_for(waiter.wait(), START_WAIT_SECONDS)
             except asyncio.TimeoutError:
                 pass  # it goes on starting; the client sees "starting" and may connect already
-            kernel = self._row(kernel.id)
+            kernel = self.row(kernel.id)
         if kernel.state == KernelState.DEAD:
             if UNREACHABLE in kernel.reason:  # the host's fault, not the request's: try later
                 raise ApiError(
@@ -265,7 +265,7 @@ class GatewayKernels:
     def _gateway_env(self, kernel: Kernel) -> dict[str, str]:
         """GPUPOOL_URL and a token of the kernel's own, so that `%%gpu` works inside it: the
         token acts for the kernel's tenant and is revoked when this kernel process ends."""
-        if not self.public_url or self._row(kernel.id).state != KernelState.STARTING:
+        if not self.public_url or self.row(kernel.id).state != KernelState.STARTING:
             return {}  # (shut down before its start began: its tokens are gone, none is added)
         token = new_token()
         with self.db() as s:
@@ -280,7 +280,7 @@ class GatewayKernels:
         and a kernel resumed a thousand times would otherwise leave a thousand rows."""
         s.execute(delete(Token).where(Token.kernel_id == kernel_id))
 
-    def _row(self, kernel_id: str) -> Kernel:
+    def row(self, kernel_id: str) -> Kernel:
         with self.db() as s:
             kernel = s.get(Kernel, kernel_id)
         assert kernel is not None
@@ -312,7 +312,7 @@ class GatewayKernels:
             blocked: set[str | None] = set()
             refusals: dict[int, str | None] = {}
             for kernel_id in list(self.queue):
-                kernel = self._row(kernel_id)
+                kernel = self.row(kernel_id)
                 shape = Shape(kernel.gpu_type, kernel.gpu_count)
                 if shape.gpu_type in blocked:
                     continue
@@ -324,10 +324,10 @@ class GatewayKernels:
                             kernel_id, KernelState.SUSPENDED, (KernelState.QUEUED,),
                             closing=BUDGET, reason=f"not resumed: {why}",
                         )  # fmt: skip
-                        self._live(kernel_id).suspended = True
-                        self._live(kernel_id).notify()
+                        self.live_of(kernel_id).suspended = True
+                        self.live_of(kernel_id).notify()
                     else:
-                        self._end(kernel_id, f"not started: {why}")
+                        self.end(kernel_id, f"not started: {why}")
                     continue
                 keeper = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
                 if keeper is not None and not keeper.lost:
@@ -350,7 +350,7 @@ class GatewayKernels:
                 host.reserved[kernel_id] = shape
                 asyncio.get_running_loop().create_task(self._start_on(host, kernel))
             for kernel_id in self.queue:
-                self._live(kernel_id).notify()  # queue positions moved
+                self.live_of(kernel_id).notify()  # queue positions moved
 
     def _over_budget(self, tenant_id: int, refusals: dict[int, str | None]) -> bool:
         if tenant_id not in refusals:
@@ -383,27 +383,27 @@ class GatewayKernels:
             reply = await self.host_call(host, "POST", "/api/kernels", body)
         except HTTPClientError as error:
             host.reserved.pop(kernel.id, None)
-            if self._row(kernel.id).state != KernelState.STARTING:
+            if self.row(kernel.id).state != KernelState.STARTING:
                 return  # shut down, or lost with its host, while the host answered
             if error.code == 409:  # our view of the host was stale: wait for the next GPU
                 again = (KernelState.STARTING,)
                 if self.lifecycle.move(kernel.id, KernelState.QUEUED, again, host_id=None) is None:
                     return
                 self.queue.insert(0, kernel.id)
-                self._live(kernel.id).notify()  # create() answers "queued" now, not in 30 s
+                self.live_of(kernel.id).notify()  # create() answers "queued" now, not in 30 s
                 return
-            self._end(kernel.id, f"host {host.name} refused to start it: {_message(error)}")
+            self.end(kernel.id, f"host {host.name} refused to start it: {error_message(error)}")
             return
         except Exception as error:
             host.reserved.pop(kernel.id, None)
-            self._end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
+            self.end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
             return
         host.reserved.pop(kernel.id, None)
-        if self._row(kernel.id).state != KernelState.STARTING:
+        if self.row(kernel.id).state != KernelState.STARTING:
             # Shut down, or lost with its host, while the host started it: stop it there too,
             # or it would hold its GPUs with no one to use or bill them.
             log.info("kernel %s ended while starting; stopping it on %s", kernel.id, host.name)
-            asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
+            asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
         host.held[kernel.id] = list(reply["gpupool"]["gpus"])
         # Billed from when the host gave it its GPUs (a cold start holds them while the kernel
@@ -415,9 +415,9 @@ class GatewayKernels:
             await self._restore_on(host, kernel, str(reply["id"]))
         if not self._mark_running(kernel.id, host, str(reply["id"]), held):
             log.info("kernel %s ended while restoring; stopping it on %s", kernel.id, host.name)
-            asyncio.get_running_loop().create_task(self._stop_on_host(host, str(reply["id"])))
+            asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
-        live = self._live(kernel.id)
+        live = self.live_of(kernel.id)
         live.execution_state = reply.get("execution_state", "idle")
         live.touch()
         START_SECONDS.observe(time.time() - kernel.created)
@@ -434,23 +434,9 @@ class GatewayKernels:
         )  # fmt: skip
         return running is not None
 
-    async def host_call(
-        self, host: HostView, method: str, path: str, body: Any = None
-    ) -> dict[str, Any]:
-        request = HTTPRequest(
-            host.url + path,
-            method=method,
-            headers={"Authorization": f"token {host.token}", "Content-Type": "application/json"},
-            body=json.dumps(body) if body is not None else (b"{}" if method == "POST" else None),
-            connect_timeout=10,
-            request_timeout=120,
-        )
-        response = await self.http.fetch(request)
-        return dict(json.loads(response.body)) if response.body else {}
-
     # -- ending ----------------------------------------------------------------------------
 
-    def _end(
+    def end(
         self,
         kernel_id: str,
         reason: str,
@@ -475,12 +461,12 @@ class GatewayKernels:
         if kernel_id in self.queue:
             self.queue.remove(kernel_id)
         self.missed.discard(kernel_id)
-        live = self._live(kernel_id)
+        live = self.live_of(kernel_id)
         live.execution_state = "dead"
         live.notify()
         asyncio.get_running_loop().create_task(self.dispatch())
 
-    async def _stop_on_host(self, host: HostView, host_kernel_id: str) -> None:
+    async def stop_on_host(self, host: HostView, host_kernel_id: str) -> None:
         self.stopping.add(host_kernel_id)
         try:
             await self.host_call(host, "DELETE", f"/api/kernels/{host_kernel_id}")
@@ -499,7 +485,7 @@ class GatewayKernels:
             except HTTPClientError as error:
                 if error.code != 404:
                     raise ApiError(
-                        502, f"host {host.name} could not stop it: {_message(error)}"
+                        502, f"host {host.name} could not stop it: {error_message(error)}"
                     ) from None
             except OSError as error:
                 log.warning(
@@ -507,7 +493,7 @@ class GatewayKernels:
                 )
             finally:
                 self.stopping.discard(kernel.host_kernel_id)
-        self._end(kernel_id, "shut down by its owner", state=KernelState.DELETED, closing=SHUT_DOWN)
+        self.end(kernel_id, "shut down by its owner", state=KernelState.DELETED, closing=SHUT_DOWN)
         if kernel.checkpoint:  # shut down while suspended (or waiting to resume)
             await self._discard_checkpoint(tenant.name, kernel)
 
@@ -527,7 +513,7 @@ class GatewayKernels:
         # host answers); running ones once stopped, so their GPUs go to no one before that.
         for kernel in rows:
             if kernel not in running:
-                self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
+                self.end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
 
         async def stop_then_end(kernel: Kernel) -> None:
             # Ended as soon as its own stop returns (no await between): a heartbeat that comes
@@ -535,8 +521,8 @@ class GatewayKernels:
             # billing as "died" instead of "revoked".
             host = self.pool.hosts.get(kernel.host_id or "")
             if host is not None:
-                await self._stop_on_host(host, str(kernel.host_kernel_id))
-            self._end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
+                await self.stop_on_host(host, str(kernel.host_kernel_id))
+            self.end(kernel.id, why, state=KernelState.DELETED, ended=now, closing=REVOKED)
 
         await asyncio.gather(*(stop_then_end(kernel) for kernel in running))
         for kernel in rows:
@@ -548,16 +534,16 @@ class GatewayKernels:
         """Ask the host about a running kernel whose connection just ended: one the host
         reports dead, or no longer knows, is marked dead (billing ends) with the host's reason.
         An unreachable host decides nothing here: missed heartbeats do (`host_lost`)."""
-        kernel = self._row(kernel_id)
+        kernel = self.row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state != KernelState.RUNNING or host is None or not kernel.host_kernel_id:
             return kernel
         if kernel.host_kernel_id in self.stopping:  # the gateway ends it: wait for its reason
             try:
-                await asyncio.wait_for(self._live(kernel_id).changed.wait(), STOP_WAIT_SECONDS)
+                await asyncio.wait_for(self.live_of(kernel_id).changed.wait(), STOP_WAIT_SECONDS)
             except asyncio.TimeoutError:
                 pass
-            return self._row(kernel_id)
+            return self.row(kernel_id)
         now = time.time()
         try:
             reported = await self.host_call(host, "GET", f"/api/kernels/{kernel.host_kernel_id}")
@@ -568,15 +554,15 @@ class GatewayKernels:
         except Exception as error:
             log.info("kernel %s: its host %s cannot be reached: %s", kernel_id, host.name, error)
             return kernel
-        latest = self._row(kernel_id)
+        latest = self.row(kernel_id)
         if reported.get("execution_state") != "dead" or latest.state != KernelState.RUNNING:
             return latest
         if latest.host_kernel_id != kernel.host_kernel_id:
             return latest  # restarted elsewhere meanwhile
         seen = latest.last_seen_alive or now
-        died = min(max(_stamp(reported.get("last_activity")) or now, seen), now)
-        self._end(kernel_id, f"on host {host.name}: {reported.get('reason')}", ended=died)
-        return self._row(kernel_id)
+        died = min(max(time_of(reported.get("last_activity")) or now, seen), now)
+        self.end(kernel_id, f"on host {host.name}: {reported.get('reason')}", ended=died)
+        return self.row(kernel_id)
 
     async def _discard_checkpoint(self, tenant_name: str, kernel: Kernel) -> None:
         """Delete a checkpoint that no kernel will resume from."""
@@ -593,11 +579,11 @@ class GatewayKernels:
         kernel = self.get(tenant, kernel_id)
         if kernel.state == KernelState.DEAD:
             raise ApiError(409, f"kernel {kernel_id} is dead ({kernel.reason}); start a new one.")
-        live = self._live(kernel_id)
+        live = self.live_of(kernel_id)
         live.touch()  # the user's own act: the idle clock restarts, and a suspend under way stops
         live.last_client_message = live.last_activity
         async with live.acting:
-            kernel = self._row(kernel_id)  # as it is now, after any action before this one
+            kernel = self.row(kernel_id)  # as it is now, after any action before this one
             host = self.pool.hosts.get(kernel.host_id or "")
             if action == "restart" and kernel.state == KernelState.SUSPENDED and kernel.checkpoint:
                 # A restart is a fresh namespace: the saved variables are dropped, so the next
@@ -610,9 +596,9 @@ class GatewayKernels:
                     await self.host_call(host, "POST", path)
                 except HTTPClientError as error:
                     raise ApiError(
-                        502, f"host {host.name} could not {action} it: {_message(error)}"
+                        502, f"host {host.name} could not {action} it: {error_message(error)}"
                     ) from None
-        return self.model(self._row(kernel_id))
+        return self.model(self.row(kernel_id))
 
     # -- idle: suspend and resume ---------------------------------------------------------
 
@@ -640,12 +626,12 @@ class GatewayKernels:
         Billing ends at `since` (when the idle watch found the kernel idle past its deadline),
         else when the suspend begins: the seconds the checkpoint takes are the pool's, not the
         tenant's. If a client speaks meanwhile, nothing is closed and the kernel stays."""
-        kernel = self._row(kernel_id)
+        kernel = self.row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state != KernelState.RUNNING or host is None or not kernel.host_kernel_id:
             return
         began = time.time() if since is None else min(since, time.time())
-        live = self._live(kernel_id)
+        live = self.live_of(kernel_id)
         live.suspending_since = began
         try:
             saved = await self.host_call(
@@ -690,25 +676,25 @@ class GatewayKernels:
             view.held.pop(kernel_id, None)
         live.execution_state = "idle"
         live.notify()
-        await self._stop_on_host(host, kernel.host_kernel_id)
+        await self.stop_on_host(host, kernel.host_kernel_id)
         asyncio.get_running_loop().create_task(self.dispatch())
 
     async def cull(self, kernel_id: str, why: str, since: float | None = None) -> None:
         """Shut the kernel down; billing ends at `since` (when it was found idle), else now."""
-        kernel = self._row(kernel_id)
+        kernel = self.row(kernel_id)
         host = self.pool.hosts.get(kernel.host_id or "")
         if host is not None and kernel.host_kernel_id:
-            await self._stop_on_host(host, kernel.host_kernel_id)
-        self._end(kernel_id, why, ended=since, closing=CULLED)
+            await self.stop_on_host(host, kernel.host_kernel_id)
+        self.end(kernel_id, why, ended=since, closing=CULLED)
 
     def resume(self, kernel_id: str) -> None:
         """Queue a suspended kernel for a GPU of the same shape; it restores, then runs."""
         again = (KernelState.SUSPENDED,)
         if self.lifecycle.move(kernel_id, KernelState.QUEUED, again, reason="") is None:
             return
-        self._live(kernel_id).suspended = False
+        self.live_of(kernel_id).suspended = False
         self.queue.append(kernel_id)
-        self._live(kernel_id).notify()
+        self.live_of(kernel_id).notify()
         asyncio.get_running_loop().create_task(self.dispatch())
 
     async def _restore_on(self, host: HostView, kernel: Kernel, host_kernel_id: str) -> None:
@@ -762,162 +748,10 @@ class GatewayKernels:
             await self.suspend(kernel.id, f"suspended to end its GPU billing: {why}", BUDGET)
         return [kernel.id for kernel in rows]
 
-    # -- hosts -----------------------------------------------------------------------------
 
-    def host_reported(
-        self, host: HostView, kernels: list[dict[str, Any]], at: float | None = None
-    ) -> None:
-        """Take in a host's view of its kernels (as of `at`): activity, and deaths. Those it
-        reports alive are recorded as seen alive, so a death nobody saw bills up to here."""
-        at = time.time() if at is None else at
-        by_host_id = {k["id"]: k for k in kernels}
-        alive: list[Kernel] = []
-        with self.db() as s:
-            ours = s.scalars(
-                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == KernelState.RUNNING)
-            ).all()
-        for kernel in ours:
-            if kernel.host_kernel_id in self.stopping:
-                continue  # being stopped by the gateway, which ends it with its own reason
-            reported = by_host_id.get(kernel.host_kernel_id or "")
-            if reported is None and kernel.id not in self.missed:
-                # A report composed just before the host started this kernel can arrive after
-                # the host's answer to the start: only a second report in a row is proof.
-                self.missed.add(kernel.id)
-                continue
-            seen = kernel.last_seen_alive or at
-            if reported is None:  # gone without a word: bill until it was last seen alive
-                self._end(kernel.id, f"on host {host.name}: the host no longer runs it",
-                          ended=seen)  # fmt: skip
-                continue
-            stamp = _stamp(reported.get("last_activity"))
-            if reported.get("execution_state") == "dead":
-                # The host's time of death, within what this gateway saw (its clock may differ).
-                died = min(max(stamp or at, seen), at)
-                self._end(kernel.id, f"on host {host.name}: {reported.get('reason')}", ended=died)
-                continue
-            self.missed.discard(kernel.id)
-            alive.append(kernel)
-            live = self._live(kernel.id)
-            host.held.setdefault(kernel.id, list(kernel.gpus))
-            live.execution_state = reported["execution_state"]
-            live.last_activity = max(live.last_activity, stamp or 0.0)
-        if alive:
-            with self.db() as s:
-                self.ledger.seen_alive(s, [k.id for k in alive], at)
-                opened = self.ledger.ensure_open(s, alive, host.id, at)
-                s.commit()
-            if opened:
-                log.warning("opened ledger intervals for %d running kernel(s) that had none",
-                            len(opened))  # fmt: skip
-        self._stop_orphans(host, kernels)
-
-    def _stop_orphans(self, host: HostView, reported: list[dict[str, Any]]) -> None:
-        """Stop host kernels this gateway started but no running kernel of its uses: a start in
-        flight when the gateway crashed (the kernel was queued again, and started anew), a start
-        whose answer never came, or a kernel shut down while its host could not be told. Their
-        GPUs would stay taken with nobody to use or bill them."""
-        owned = {
-            str(m["id"]): str(m["gpupool"]["owner"])
-            for m in reported
-            if (m.get("gpupool") or {}).get("owner") and m.get("id") is not None
-            and m.get("execution_state") != "dead"
-        }  # fmt: skip
-        if not owned:
-            return
-        with self.db() as s:  # one query per heartbeat, however many kernels it reports
-            rows = s.scalars(select(Kernel).where(Kernel.id.in_(set(owned.values())))).all()
-        kernels = {k.id: k for k in rows}
-        for host_kernel_id, owner in owned.items():
-            if owner in host.reserved or host_kernel_id in self.stopping:
-                continue  # its start is in flight, or it is being stopped already
-            kernel = kernels.get(owner)
-            if (
-                kernel is not None
-                and kernel.host_id == host.id
-                and (
-                    (
-                        kernel.state == KernelState.RUNNING
-                        and kernel.host_kernel_id == host_kernel_id
-                    )
-                    or (kernel.state == KernelState.STARTING and owner in host.held)  # restoring
-                )
-            ):
-                continue
-            log.warning("stopping kernel %s on %s: no kernel of this gateway uses it now",
-                        host_kernel_id, host.name)  # fmt: skip
-            self.stopping.add(host_kernel_id)
-            asyncio.get_running_loop().create_task(self._stop_orphan(host, host_kernel_id))
-
-    async def _stop_orphan(self, host: HostView, host_kernel_id: str) -> None:
-        try:
-            await self._stop_on_host(host, host_kernel_id)
-        finally:
-            self.stopping.discard(host_kernel_id)
-
-    def host_lost(self, host: HostView) -> None:
-        with self.db() as s:
-            ours = s.scalars(
-                select(Kernel).where(
-                    Kernel.host_id == host.id,
-                    Kernel.state.in_([KernelState.RUNNING, KernelState.STARTING]),
-                )
-            ).all()
-        seen = iso(host.last_seen)
-        for kernel in ours:
-            # Billing ends at the last heartbeat that reported it alive (before a gateway
-            # restart, if the host never came back after it).
-            self._end(
-                kernel.id,
-                f"its host {host.name} stopped answering (last heard {seen})",
-                ended=kernel.last_seen_alive or host.last_seen,
-                closing=HOST_LOST,
-            )
-
-    def reattach(self, host: HostView, kernels: list[dict[str, Any]]) -> None:
-        """A host that comes back reports its kernels: those lost with it run again."""
-        running = {k["id"]: k for k in kernels if k.get("execution_state") != "dead"}
-        with self.db() as s:
-            lost = s.scalars(
-                select(Kernel).where(Kernel.host_id == host.id, Kernel.state == KernelState.DEAD)
-            ).all()
-        for kernel in lost:
-            if kernel.host_kernel_id in running and "stopped answering" in kernel.reason:
-                # A new interval: the time the host was away was never seen, so never billed.
-                back = self.lifecycle.move(
-                    kernel.id, KernelState.RUNNING, (KernelState.DEAD,), reason=""
-                )
-                if back is None:
-                    continue
-                host.held[kernel.id] = list(kernel.gpus)
-                self._live(kernel.id).notify()
-        # Kernels shut down (or ended for good) while the host was away still run there: stop
-        # them, or their GPUs stay taken with nobody to use or bill them.
-        with self.db() as s:
-            over = s.scalars(
-                select(Kernel).where(
-                    Kernel.host_id == host.id,
-                    Kernel.state.in_(ENDED),
-                    Kernel.host_kernel_id.in_(list(running)),
-                )
-            ).all()
-        for kernel in over:
-            log.info("stopping kernel %s on %s: it ended while the host was away", kernel.id,
-                     host.name)  # fmt: skip
-            stop = self._stop_on_host(host, str(kernel.host_kernel_id))
-            asyncio.get_running_loop().create_task(stop)
-
-
-def _stamp(text: Any) -> float | None:
+def time_of(text: Any) -> float | None:
     """A time in the kernel model's format as a Unix time; None if it is not one."""
     try:
         return parse_iso(text)
     except ValueError:
         return None
-
-
-def _message(error: HTTPClientError) -> str:
-    try:
-        return str(json.loads(error.response.body)["message"]) if error.response else str(error)
-    except (ValueError, KeyError, TypeError):
-        return str(error)

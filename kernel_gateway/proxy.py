@@ -113,7 +113,7 @@ class ChannelsHandler(WebSocketHandler):
             self.close(1013, close_reason(refusal))  # 1013: try again later
             return
         self.counted = True
-        live = self.state.kernels._live(kernel_id)
+        live = self.state.kernels.live_of(kernel_id)
         live.connections += 1
         self.owned = asyncio.Event()
         self.session_key = (kernel_id, self.session_id) if self.session_id else None
@@ -129,8 +129,8 @@ class ChannelsHandler(WebSocketHandler):
         connection open: end the relay, which closes this websocket saying why."""
         kernels = self.state.kernels
         while self.ws_connection is not None:
-            changed = kernels._live(self.kernel_id).changed
-            if kernels._row(self.kernel_id).state in ENDED:
+            changed = kernels.live_of(self.kernel_id).changed
+            if kernels.row(self.kernel_id).state in ENDED:
                 if self.upstream is not None:
                     self.upstream.close()
                 return
@@ -172,9 +172,9 @@ class ChannelsHandler(WebSocketHandler):
     async def _wait_running(self) -> Any:
         kernels = self.state.kernels
         while True:
-            live = kernels._live(self.kernel_id)
+            live = kernels.live_of(self.kernel_id)
             changed = live.changed
-            kernel = kernels._row(self.kernel_id)
+            kernel = kernels.row(self.kernel_id)
             if kernel.state == KernelState.RUNNING or kernel.state in ENDED:
                 return kernel
             await changed.wait()
@@ -244,7 +244,7 @@ class ChannelsHandler(WebSocketHandler):
             self.pending.clear()
         self.upstream = upstream
         upstream.relay = self  # from now on its data frames may go straight to the client
-        live = self.state.kernels._live(self.kernel_id)
+        live = self.state.kernels.live_of(self.kernel_id)
         while True:
             received = await upstream.read_message()  # what splice_to_client did not take
             if received is None:
@@ -293,7 +293,7 @@ class ChannelsHandler(WebSocketHandler):
             return None
         if not self.owned.is_set() or self.session_key in self.waiting:
             return None  # the session changes hands first (on_message)
-        live = self.state.kernels._live(self.kernel_id)
+        live = self.state.kernels.live_of(self.kernel_id)
         if live.suspended or upstream.protocol.is_closing():
             return None  # held and resumed, or held for a reconnect (on_message)
         live.touch()
@@ -306,7 +306,7 @@ class ChannelsHandler(WebSocketHandler):
         connection = self.ws_connection
         if masked or connection is None or connection.is_closing():
             return None
-        self.state.kernels._live(self.kernel_id).touch()
+        self.state.kernels.live_of(self.kernel_id).touch()
         return cast("IOStream", connection.stream)
 
     def on_message(self, message: str | bytes) -> None:
@@ -316,7 +316,7 @@ class ChannelsHandler(WebSocketHandler):
             for other in self.waiting.pop(self.session_key):
                 other._give_up()
         kernels = self.state.kernels
-        live = kernels._live(self.kernel_id)
+        live = kernels.live_of(self.kernel_id)
         live.touch()
         live.last_client_message = live.last_activity
         if live.suspended and self._answered_while_suspended(message):
@@ -343,7 +343,7 @@ class ChannelsHandler(WebSocketHandler):
         suspended_replies.py): it must not resume the kernel and bill a GPU."""
         protocol = self.selected_subprotocol
         request = suspended_replies.answerable(message, protocol)
-        info = self.state.kernels._row(self.kernel_id).checkpoint.get("kernel_info")
+        info = self.state.kernels.row(self.kernel_id).checkpoint.get("kernel_info")
         if request is None or not info:  # (none kept by an older host: the kernel answers)
             asked = suspended_replies.request_of(message, protocol)
             log.info("kernel %s resumes for its client's %s", self.kernel_id,
@@ -365,7 +365,7 @@ class ChannelsHandler(WebSocketHandler):
         if self.counted:
             self.counted = False
             self.state.limits.closed_socket(self.tenant.id, self)
-            self.state.kernels._live(self.kernel_id).connections -= 1
+            self.state.kernels.live_of(self.kernel_id).connections -= 1
         if self.upstream is not None:
             self.upstream.close()
         for task in (self.relay, self.watch):

@@ -260,7 +260,7 @@ class Shares:
     # -- snapshots no link can show any more ----------------------------------------------
 
     @staticmethod
-    def _live(now: float) -> ColumnElement[bool]:
+    def live_of(now: float) -> ColumnElement[bool]:
         """A share that can still be opened: not revoked, not expired, its tenant not revoked
         (as `open` decides; the query joins Tenant)."""
         return and_(
@@ -281,7 +281,7 @@ class Shares:
                 s.scalars(
                     select(Share.digest)
                     .join(Tenant, Tenant.id == Share.tenant_id)
-                    .where(Share.digest.in_(digests), self._live(now))
+                    .where(Share.digest.in_(digests), self.live_of(now))
                     .distinct()
                 ).all()
             )
@@ -303,7 +303,7 @@ class Shares:
                 s.scalars(
                     select(Share.digest)
                     .join(Tenant, Tenant.id == Share.tenant_id)
-                    .where(not_(self._live(now)))
+                    .where(not_(self.live_of(now)))
                     .distinct()
                 ).all()
             )

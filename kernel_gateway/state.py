@@ -23,6 +23,7 @@ from .errors import ApiError
 from .idle import IdleWatcher
 from .kernels import GatewayKernels
 from .pool import HostView, Pool
+from .reconcile import HostReconciler
 from .shares import SWEEP_SECONDS, Shares
 from .store import Host, Kernel, Secret, Tenant, Token
 from .tenant_limits import TenantLimits
@@ -61,6 +62,7 @@ class GatewayState:
         self.limits = TenantLimits()  # the app sets its caps from its options
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
+        self.reconciler = HostReconciler(self.kernels)
         self.shares: Shares | None = None  # set by the app, which knows the state folder
         self.share_sweep_seconds = SWEEP_SECONDS  # the app sets it from its option
         self._watch: asyncio.Task[None] | None = None
@@ -369,8 +371,8 @@ class GatewayState:
         self.pool.hosts[host_id] = view
         self.unheard.discard(host_id)
         kernels = body.get("kernels") or []
-        self.kernels.reattach(view, kernels)
-        self.kernels.host_reported(view, kernels)
+        self.reconciler.reattach(view, kernels)
+        self.reconciler.host_reported(view, kernels)
         log.info("host %s registered with %d GPU(s)", name, len(gpus))
         asyncio.get_running_loop().create_task(self.kernels.dispatch())
         return {"host_id": host_id, "host_token": token}
@@ -386,7 +388,7 @@ class GatewayState:
             view.update(gpus)
         kernels = body.get("kernels")
         if isinstance(kernels, list):
-            self.kernels.host_reported(view, kernels, at=view.last_seen)
+            self.reconciler.host_reported(view, kernels, at=view.last_seen)
         with self.db() as s:
             host = s.get(Host, host_id)
             if host is not None:
@@ -464,7 +466,7 @@ class GatewayState:
             "host %s missed heartbeats for %.0f s: marking it lost", view.name, self.host_timeout
         )
         view.lost = True
-        self.kernels.host_lost(view)
+        self.reconciler.host_lost(view)
         view.held.clear()
         with self.db() as s:
             host = s.get(Host, view.id)

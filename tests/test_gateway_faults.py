@@ -26,6 +26,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from gpupool.wire import iso
 from kernel_gateway.kernels import GatewayKernels
 from kernel_gateway.pool import HostView, Pool
+from kernel_gateway.reconcile import HostReconciler
 from kernel_gateway.store import Host, Kernel, Tenant, open_store
 
 pytestmark = pytest.mark.slow
@@ -328,8 +329,7 @@ def in_process_gateway(
         tenant = Tenant(name="a")
         s.add(tenant)
         s.commit()
-    kernels = GatewayKernels(db, pool)
-    kernels.host_call = host_api  # type: ignore[method-assign]
+    kernels = GatewayKernels(db, pool, host_api)
     return kernels, host, tenant
 
 
@@ -340,12 +340,12 @@ def test_a_kernel_shut_down_while_its_host_starts_it_stays_down(tmp_path: Path) 
         creating = asyncio.create_task(kernels.create(tenant, H100_X1, {}))
         await asyncio.sleep(0.05)
         [kernel_id] = kernels.live
-        assert kernels._row(kernel_id).state == "starting"
+        assert kernels.row(kernel_id).state == "starting"
         await kernels.delete(tenant, kernel_id)
         fake.release.set()  # the host's answer comes after the owner gave up on it
         await asyncio.wait_for(creating, 5)
         await asyncio.sleep(0.05)
-        assert kernels._row(kernel_id).state == "deleted"
+        assert kernels.row(kernel_id).state == "deleted"
         assert host.held == {} and host.free("H100") == 1
         assert ("DELETE", "/api/kernels/on-host-1") in fake.calls  # not left running there
 
@@ -371,15 +371,15 @@ def test_a_heartbeat_sent_before_a_start_does_not_kill_the_new_kernel(tmp_path: 
         model = await kernels.create(tenant, H100_X1, {})
         assert model["gpupool"]["state"] == "running"
         # A heartbeat composed just before the host started the kernel arrives after its reply.
-        kernels.host_reported(host, [])
-        assert kernels._row(model["id"]).state == "running"
+        HostReconciler(kernels).host_reported(host, [])
+        assert kernels.row(model["id"]).state == "running"
         report = {"id": "on-host-1", "execution_state": "busy", "last_activity": iso(time.time())}
-        kernels.host_reported(host, [report])
-        kernels.host_reported(host, [])
-        assert kernels._row(model["id"]).state == "running"
+        HostReconciler(kernels).host_reported(host, [report])
+        HostReconciler(kernels).host_reported(host, [])
+        assert kernels.row(model["id"]).state == "running"
         # Missing from two reports in a row, it is gone.
-        kernels.host_reported(host, [])
-        row = kernels._row(model["id"])
+        HostReconciler(kernels).host_reported(host, [])
+        row = kernels.row(model["id"])
         assert row.state == "dead" and "no longer runs it" in row.reason
         assert host.held == {}
 
@@ -431,22 +431,22 @@ def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
             if ("DELETE", "/api/kernels/on-host-1") in fake.calls:
                 break
             await asyncio.sleep(0.01)
-        assert kernels._row(kernel_id).state == "suspended" and host.held == {}
+        assert kernels.row(kernel_id).state == "suspended" and host.held == {}
         kernels.resume(kernel_id)  # the next cell, while the old host kernel is being stopped
         for _ in range(100):
-            if kernels._row(kernel_id).state == "running":
+            if kernels.row(kernel_id).state == "running":
                 break
             await asyncio.sleep(0.01)
         fake.stopped.set()
         await asyncio.wait_for(suspending, 5)
         await asyncio.sleep(0.05)
-        row = kernels._row(kernel_id)
+        row = kernels.row(kernel_id)
         assert row.state == "running" and row.host_kernel_id == "on-host-2", row.reason
         assert len(row.gpus) == 1 and host.held == {kernel_id: row.gpus} and host.reserved == {}
         # Its new host kernel is not taken for an orphan by the next heartbeats.
         report = {"id": "on-host-2", "execution_state": "idle", "last_activity": iso(time.time()),
                   "gpupool": {"owner": kernel_id}}  # fmt: skip
-        kernels.host_reported(host, [report])
+        HostReconciler(kernels).host_reported(host, [report])
         await asyncio.sleep(0.05)
         assert ("DELETE", "/api/kernels/on-host-2") not in fake.calls
 
@@ -475,18 +475,18 @@ def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_a
         budget(0.0)
         kernels.resume(kernel_id)  # what a client message on its websocket does
         await asyncio.sleep(0.05)
-        row = kernels._row(kernel_id)
+        row = kernels.row(kernel_id)
         assert row.state == "suspended" and row.reason.startswith("not resumed: tenant a has")
-        assert row.checkpoint and kernels._live(kernel_id).suspended
+        assert row.checkpoint and kernels.live_of(kernel_id).suspended
         assert kernels.queue == [] and host.held == {}
         budget(None)  # an admin raised it
         kernels.resume(kernel_id)
         for _ in range(200):  # bounded: 2 s
-            if kernels._row(kernel_id).state == "running":
+            if kernels.row(kernel_id).state == "running":
                 break
             await asyncio.sleep(0.01)
-        row = kernels._row(kernel_id)
-        assert row.state == "running" and not kernels._live(kernel_id).suspended, row.reason
+        row = kernels.row(kernel_id)
+        assert row.state == "running" and not kernels.live_of(kernel_id).suspended, row.reason
         assert ("POST", "/api/kernels/on-host-2/restore") in fake.calls
 
     asyncio.run(scenario())
@@ -513,13 +513,13 @@ def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
         found_idle = time.time() - 0.1
         suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=found_idle))
         await asyncio.sleep(0.05)
-        kernels._live(kernel_id).execution_state = "busy"  # the checkpoint runs in the kernel
-        model = kernels.model(kernels._row(kernel_id))
+        kernels.live_of(kernel_id).execution_state = "busy"  # the checkpoint runs in the kernel
+        model = kernels.model(kernels.row(kernel_id))
         assert model["gpupool"]["state"] == "running"
         assert model["gpupool"]["idle_deadline"] == iso(found_idle)  # not now + timeout
         fake.saved.set()
         await asyncio.wait_for(suspending, 5)
-        model = kernels.model(kernels._row(kernel_id))
+        model = kernels.model(kernels.row(kernel_id))
         assert (
             model["gpupool"]["state"] == "suspended" and model["gpupool"]["idle_deadline"] is None
         )
@@ -554,7 +554,7 @@ def test_a_restart_during_the_checkpoint_stops_the_suspend_not_the_kernel(
         await asyncio.sleep(0.05)
         await kernels.action(tenant, kernel_id, "restart")  # its user, through the REST API
         await asyncio.wait_for(suspending, 5)
-        row = kernels._row(kernel_id)
+        row = kernels.row(kernel_id)
         assert row.state == "running", row.reason  # not culled for a checkpoint it cut short
         assert not any(method == "DELETE" for method, _ in fake.calls)
 
@@ -571,12 +571,12 @@ def test_a_host_kernel_of_a_kernel_shut_down_while_its_host_was_unreachable_is_s
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         report = {"id": "on-host-1", "execution_state": "idle", "last_activity": iso(time.time()),
                   "gpupool": {"owner": kernel_id}}  # fmt: skip
-        kernels.host_reported(host, [report])
+        HostReconciler(kernels).host_reported(host, [report])
         await asyncio.sleep(0.05)
         assert ("DELETE", "/api/kernels/on-host-1") not in fake.calls  # in use: kept
         # Shut down by its owner, but the host's DELETE never arrived (it was unreachable):
-        kernels._end(kernel_id, "shut down by its owner", state="deleted")
-        kernels.host_reported(host, [report])
+        kernels.end(kernel_id, "shut down by its owner", state="deleted")
+        HostReconciler(kernels).host_reported(host, [report])
         await asyncio.sleep(0.05)
         assert ("DELETE", "/api/kernels/on-host-1") in fake.calls
 
@@ -595,20 +595,20 @@ def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> N
             s.add(Host(id=other.id, name=other.name, url=other.url, token="t", gpus=[]))
             s.commit()
         resumed = (await kernels.create(tenant, H100_X1, {}))["id"]
-        assert kernels._row(resumed).host_id == keeper.id
+        assert kernels.row(resumed).host_id == keeper.id
         await kernels.suspend(resumed, "idle")
         taker = (await kernels.create(tenant, H100_X1, {}))["id"]  # takes the keeper's GPU
-        assert kernels._row(taker).host_id == keeper.id
+        assert kernels.row(taker).host_id == keeper.id
         kernels.resume(resumed)
         await asyncio.sleep(0.05)
         # The other host is free, but its variables are not there: it waits.
-        assert kernels._row(resumed).state == "queued" and other.free("H100") == 1
+        assert kernels.row(resumed).state == "queued" and other.free("H100") == 1
         await kernels.delete(tenant, taker)
         for _ in range(100):
-            if kernels._row(resumed).state == "running":
+            if kernels.row(resumed).state == "running":
                 break
             await asyncio.sleep(0.01)
-        row = kernels._row(resumed)
+        row = kernels.row(resumed)
         assert row.state == "running" and row.host_id == keeper.id
         assert ("POST", f"/api/kernels/{row.host_kernel_id}/restore") in fake.calls
 

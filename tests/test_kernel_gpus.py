@@ -102,7 +102,7 @@ def test_each_heartbeat_updates_what_the_kernel_shows(tmp_path: Path) -> None:
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
 
         def shown() -> list[dict[str, Any]]:
-            return list(kernels.model(kernels._row(kernel_id))["gpupool"]["gpus"])
+            return list(kernels.model(kernels.row(kernel_id))["gpupool"]["gpus"])
 
         # GPU-2, busy for someone else, is never shown.
         assert shown() == [
@@ -113,7 +113,7 @@ def test_each_heartbeat_updates_what_the_kernel_shows(tmp_path: Path) -> None:
                             "memory_used": int(12.1 * GIB), "memory_total": 80 * GIB}]  # fmt: skip
         host.update([reading("GPU-1", None, 1)])  # a MIG instance cannot say how busy it is
         assert shown()[0]["utilization"] is None
-        model = kernels.model(kernels._row(kernel_id))["gpupool"]
+        model = kernels.model(kernels.row(kernel_id))["gpupool"]
         assert model["host"] == "box" and model["state"] == "running"
 
     asyncio.run(scenario())
