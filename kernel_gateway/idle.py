@@ -13,16 +13,17 @@ from sqlalchemy import select
 
 from gpupool.wire import KernelState, parse_iso
 
-from .kernels import GatewayKernels
 from .store import Kernel
+from .suspension import Suspensions
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
 
 
 class IdleWatcher:
-    def __init__(self, kernels: GatewayKernels) -> None:
-        self.kernels = kernels
+    def __init__(self, suspensions: Suspensions) -> None:
+        self.suspensions = suspensions
+        self.kernels = suspensions.kernels
         self._acting: set[str] = set()
 
     async def run(self) -> None:
@@ -50,9 +51,11 @@ class IdleWatcher:
             if await self._still_idle(kernel):
                 why = f"idle for {kernel.idle_timeout:g} s"
                 if self.kernels.idle_action == "cull":
-                    await self.kernels.cull(kernel.id, f"culled after being {why}", since=noticed)
+                    await self.suspensions.cull(
+                        kernel.id, f"culled after being {why}", since=noticed
+                    )
                 else:
-                    await self.kernels.suspend(
+                    await self.suspensions.suspend(
                         kernel.id, f"suspended after being {why}", since=noticed
                     )
         finally:

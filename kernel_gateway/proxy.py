@@ -326,7 +326,7 @@ class ChannelsHandler(WebSocketHandler):
             if self.upstream is not None:
                 self.upstream.close()
                 self.upstream = None
-            kernels.resume(self.kernel_id)
+            self.state.suspensions.resume(self.kernel_id)
         elif self.upstream is not None:
             try:
                 self.upstream.write_message(message, binary=isinstance(message, bytes))

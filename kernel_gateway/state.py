@@ -26,6 +26,7 @@ from .pool import HostView, Pool
 from .reconcile import HostReconciler
 from .shares import SWEEP_SECONDS, Shares
 from .store import Host, Kernel, Secret, Tenant, Token
+from .suspension import Suspensions
 from .tenant_limits import TenantLimits
 from .tokens import digest, host_token, new_token, same
 
@@ -63,6 +64,7 @@ class GatewayState:
         self.pool = Pool()
         self.kernels = GatewayKernels(db, self.pool)
         self.reconciler = HostReconciler(self.kernels)
+        self.suspensions = Suspensions(self.kernels)
         self.shares: Shares | None = None  # set by the app, which knows the state folder
         self.share_sweep_seconds = SWEEP_SECONDS  # the app sets it from its option
         self._watch: asyncio.Task[None] | None = None
@@ -408,7 +410,7 @@ class GatewayState:
     def start_watch(self) -> None:
         loop = asyncio.get_running_loop()
         self._watch = loop.create_task(self._watch_hosts())
-        self._idle = loop.create_task(IdleWatcher(self.kernels).run())
+        self._idle = loop.create_task(IdleWatcher(self.suspensions).run())
         self._budget_watch = loop.create_task(self._watch_budgets())
         self._revoked = loop.create_task(self._end_revoked())
         if self.shares is not None:
@@ -418,7 +420,7 @@ class GatewayState:
         """Stop the GPU billing of tenants that reach their budget while their kernels run."""
         while True:
             try:
-                wait = await self.kernels.enforce_budgets()
+                wait = await self.suspensions.enforce_budgets()
             except Exception:
                 log.exception("checking budgets failed; trying again in a second")
                 wait = 1.0

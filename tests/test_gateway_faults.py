@@ -28,6 +28,7 @@ from kernel_gateway.kernels import GatewayKernels
 from kernel_gateway.pool import HostView, Pool
 from kernel_gateway.reconcile import HostReconciler
 from kernel_gateway.store import Host, Kernel, Tenant, open_store
+from kernel_gateway.suspension import Suspensions
 
 pytestmark = pytest.mark.slow
 
@@ -426,13 +427,15 @@ def test_a_resume_during_the_suspend_keeps_its_new_gpus(tmp_path: Path) -> None:
         kernels, host, tenant = in_process_gateway(tmp_path, fake)
         host.update([{"uuid": f"GPU-{n}", "gpu_type": "H100"} for n in (1, 2)])
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
-        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle"))
+        suspending = asyncio.create_task(Suspensions(kernels).suspend(kernel_id, "idle"))
         for _ in range(500):  # bounded: 5 s
             if ("DELETE", "/api/kernels/on-host-1") in fake.calls:
                 break
             await asyncio.sleep(0.01)
         assert kernels.row(kernel_id).state == "suspended" and host.held == {}
-        kernels.resume(kernel_id)  # the next cell, while the old host kernel is being stopped
+        Suspensions(kernels).resume(
+            kernel_id
+        )  # the next cell, while the old host kernel is being stopped
         for _ in range(100):
             if kernels.row(kernel_id).state == "running":
                 break
@@ -465,7 +468,7 @@ def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_a
         fake.stopped.set()
         kernels, host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
-        await kernels.suspend(kernel_id, "idle")
+        await Suspensions(kernels).suspend(kernel_id, "idle")
 
         def budget(usd: float | None) -> None:
             with kernels.db() as s:
@@ -473,14 +476,14 @@ def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_a
                 s.commit()
 
         budget(0.0)
-        kernels.resume(kernel_id)  # what a client message on its websocket does
+        Suspensions(kernels).resume(kernel_id)  # what a client message on its websocket does
         await asyncio.sleep(0.05)
         row = kernels.row(kernel_id)
         assert row.state == "suspended" and row.reason.startswith("not resumed: tenant a has")
         assert row.checkpoint and kernels.live_of(kernel_id).suspended
         assert kernels.queue == [] and host.held == {}
         budget(None)  # an admin raised it
-        kernels.resume(kernel_id)
+        Suspensions(kernels).resume(kernel_id)
         for _ in range(200):  # bounded: 2 s
             if kernels.row(kernel_id).state == "running":
                 break
@@ -511,7 +514,9 @@ def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
         kernels, _host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
         found_idle = time.time() - 0.1
-        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=found_idle))
+        suspending = asyncio.create_task(
+            Suspensions(kernels).suspend(kernel_id, "idle", since=found_idle)
+        )
         await asyncio.sleep(0.05)
         kernels.live_of(kernel_id).execution_state = "busy"  # the checkpoint runs in the kernel
         model = kernels.model(kernels.row(kernel_id))
@@ -550,7 +555,9 @@ def test_a_restart_during_the_checkpoint_stops_the_suspend_not_the_kernel(
         fake = FailingCheckpoint()
         kernels, _host, tenant = in_process_gateway(tmp_path, fake)
         kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
-        suspending = asyncio.create_task(kernels.suspend(kernel_id, "idle", since=time.time()))
+        suspending = asyncio.create_task(
+            Suspensions(kernels).suspend(kernel_id, "idle", since=time.time())
+        )
         await asyncio.sleep(0.05)
         await kernels.action(tenant, kernel_id, "restart")  # its user, through the REST API
         await asyncio.wait_for(suspending, 5)
@@ -596,10 +603,10 @@ def test_a_resume_waits_for_the_host_that_has_its_variables(tmp_path: Path) -> N
             s.commit()
         resumed = (await kernels.create(tenant, H100_X1, {}))["id"]
         assert kernels.row(resumed).host_id == keeper.id
-        await kernels.suspend(resumed, "idle")
+        await Suspensions(kernels).suspend(resumed, "idle")
         taker = (await kernels.create(tenant, H100_X1, {}))["id"]  # takes the keeper's GPU
         assert kernels.row(taker).host_id == keeper.id
-        kernels.resume(resumed)
+        Suspensions(kernels).resume(resumed)
         await asyncio.sleep(0.05)
         # The other host is free, but its variables are not there: it waits.
         assert kernels.row(resumed).state == "queued" and other.free("H100") == 1
