@@ -42,6 +42,7 @@ START_WAIT_SECONDS = 30.0  # POST /api/kernels waits this long for a free GPU's 
 STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits this long for why
 RUNS_OR_WAITS = (KernelState.QUEUED, KernelState.STARTING, KernelState.RUNNING)
 LIVE_STATES = (*RUNS_OR_WAITS, KernelState.SUSPENDED)  # not ended
+NOT_RUNNING = (KernelState.SUSPENDED, KernelState.QUEUED, KernelState.STARTING)  # nor ended
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -410,8 +411,9 @@ class GatewayKernels:
         now = time.time()
         since = reply["gpupool"].get("held_since")
         held = min(max(asked, since), now) if isinstance(since, int | float) else now
-        if kernel.checkpoint:
-            await self._restore_on(host, kernel, str(reply["id"]))
+        current = self.row(kernel.id)  # a restart meanwhile dropped its checkpoint
+        if current.checkpoint:
+            await self._restore_on(host, current, str(reply["id"]))
         if not self._mark_running(kernel.id, host, str(reply["id"]), held):
             log.info("kernel %s ended while restoring; stopping it on %s", kernel.id, host.name)
             asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
@@ -584,9 +586,10 @@ class GatewayKernels:
         async with live.acting:
             kernel = self.row(kernel_id)  # as it is now, after any action before this one
             host = self.pool.hosts.get(kernel.host_id or "")
-            if action == "restart" and kernel.state == KernelState.SUSPENDED and kernel.checkpoint:
+            if action == "restart" and kernel.state in NOT_RUNNING and kernel.checkpoint:
                 # A restart is a fresh namespace: the saved variables are dropped, so the next
-                # message starts the kernel anew instead of bringing them back.
+                # message (or the resume under way) starts the kernel anew instead of bringing
+                # them back.
                 self._set(kernel_id, checkpoint={})
                 await self._discard_checkpoint(tenant.name, kernel)
             if kernel.state == KernelState.RUNNING and host is not None:

@@ -495,6 +495,50 @@ def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_a
     asyncio.run(scenario())
 
 
+def test_a_restart_while_the_kernel_resumes_starts_it_without_its_variables(
+    tmp_path: Path,
+) -> None:
+    """Restart (Lab's Kernel > Restart) while a suspended kernel waits for its GPU or starts:
+    the resume under way must not bring the old variables back."""
+
+    class GatedStarts(CheckpointingHost):
+        gate: asyncio.Event | None = None
+
+        async def __call__(
+            self, host: HostView, method: str, path: str, body: Any = None
+        ) -> dict[str, Any]:
+            if method == "POST" and path == "/api/kernels" and self.gate is not None:
+                await self.gate.wait()
+            return await super().__call__(host, method, path, body)
+
+    async def scenario() -> None:
+        fake = GatedStarts()
+        fake.stopped.set()
+        kernels, _host, tenant = in_process_gateway(tmp_path, fake)
+        kernel_id = (await kernels.create(tenant, H100_X1, {}))["id"]
+        suspensions = Suspensions(kernels)
+        await suspensions.suspend(kernel_id, "idle")
+        fake.gate = asyncio.Event()
+        suspensions.resume(kernel_id)  # the next cell: the host starts it, slowly
+        for _ in range(200):  # bounded: 2 s
+            if kernels.row(kernel_id).state == "starting":
+                break
+            await asyncio.sleep(0.01)
+        assert kernels.model(kernels.row(kernel_id))["gpupool"]["state"] == "resuming"
+        await kernels.action(tenant, kernel_id, "restart")
+        assert kernels.row(kernel_id).checkpoint == {}
+        assert ("DELETE", "/api/checkpoints/a/on-host-1.pkl") in fake.calls
+        fake.gate.set()
+        for _ in range(200):
+            if kernels.row(kernel_id).state == "running":
+                break
+            await asyncio.sleep(0.01)
+        assert kernels.row(kernel_id).state == "running"
+        assert not any(path.endswith("/restore") for _, path in fake.calls), fake.calls
+
+    asyncio.run(scenario())
+
+
 def test_while_the_checkpoint_runs_the_deadline_shown_is_the_one_that_passed(
     tmp_path: Path,
 ) -> None:
