@@ -17,6 +17,7 @@ from tornado.netutil import bind_sockets
 from traitlets import Enum, Float, Int, Unicode, default
 from traitlets.config import Application
 
+from gpupool.token_file import read_token_file
 from gpupool.wire import MAX_MESSAGE_BYTES
 
 from . import __version__
@@ -31,10 +32,16 @@ from .tenant_limits import DEFAULT_REQUESTS, DEFAULT_WEBSOCKETS
 from .tokens import new_token
 
 
-def secret_file(path: Path) -> str:
-    """A token kept in a 0600 file, made on first use, so restarts keep the same one."""
+def secret_file(path: Path, option: str) -> str:
+    """A token kept in a 0600 file, made on first use, so restarts keep the same one. Read
+    bounded: a path given as the file (such as /dev/zero) must not hang the start."""
     if path.exists():
-        return path.read_text().strip()
+        try:
+            return read_token_file(str(path), option, "token")
+        except ValueError as error:
+            raise SystemExit(
+                f"{error}; put one token in it, or delete it to have a new one made."
+            ) from None
     private_folder(path.parent)
     token = new_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -163,23 +170,26 @@ class GatewayApp(Application):
     @default("metrics_token")
     def _metrics(self) -> str:
         return os.environ.get("GPUPOOL_METRICS_TOKEN") or secret_file(
-            Path(self.metrics_token_file or Path(self.state_dir) / "metrics-token")
+            Path(self.metrics_token_file or Path(self.state_dir) / "metrics-token"),
+            "--metrics-token-file" if self.metrics_token_file else "the metrics token file",
         )
 
     @default("admin_token")
     def _admin(self) -> str:
         return os.environ.get("GPUPOOL_ADMIN_TOKEN") or secret_file(
-            Path(self.state_dir) / "admin-token"
+            Path(self.state_dir) / "admin-token", "the admin token file"
         )
 
     @default("host_key")
     def _host_key(self) -> str:
-        return os.environ.get("GPUPOOL_HOST_KEY") or secret_file(Path(self.state_dir) / "host-key")
+        return os.environ.get("GPUPOOL_HOST_KEY") or secret_file(
+            Path(self.state_dir) / "host-key", "the host key file"
+        )
 
     @default("join_token")
     def _join(self) -> str:
         return os.environ.get("GPUPOOL_JOIN_TOKEN") or secret_file(
-            Path(self.state_dir) / "join-token"
+            Path(self.state_dir) / "join-token", "the join token file"
         )
 
     def given(self, name: str) -> bool:

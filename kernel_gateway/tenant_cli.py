@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
+from gpupool.token_file import read_token_file
+
 from .errors import ApiError
 from .ledger import usd
 from .state import GatewayState
@@ -111,14 +113,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gpupool tenant: {error.message}")
 
 
+MAX_STATE_FILE_BYTES = 64 << 10  # gateway.json is a few hundred bytes
+
+
 def _end_at_gateway(state_dir: Path, name: str) -> str:
     """Ask the gateway running on this state folder to close the tenant's websockets and shut
     its kernels down (its admin route); a gateway that is not running does it at its start."""
     later = "its kernels are shut down when the gateway next starts here"
     try:
-        url = json.loads((state_dir / "gateway.json").read_text())["url"]
-        admin = os.environ.get("GPUPOOL_ADMIN_TOKEN") or (
-            (state_dir / "admin-token").read_text().strip()
+        with open(state_dir / "gateway.json", encoding="utf-8") as f:
+            url = json.loads(f.read(MAX_STATE_FILE_BYTES))["url"]
+        admin = os.environ.get("GPUPOOL_ADMIN_TOKEN") or read_token_file(
+            str(state_dir / "admin-token"), "the admin token file", "token"
         )
     except (OSError, ValueError, KeyError, TypeError):
         return f"no gateway has run in {state_dir}/ yet; {later}."

@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -269,6 +272,25 @@ def test_metrics_need_the_scrape_or_admin_token(tmp_path):
             assert response.status == 200 and b"gpupool_gpus" in response.read()
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("/dev/zero", "--metrics-token-file /dev/zero must hold one token"),  # endless: bounded
+        ("two-lines", "--metrics-token-file"),
+    ],
+)
+def test_a_token_file_that_is_not_one_token_stops_the_start_with_a_sentence(tmp_path, given, says):
+    if given == "two-lines":
+        given = str(tmp_path / "two")
+        (tmp_path / "two").write_text("one-token\nanother-token\n")
+    command = [sys.executable, "-m", "gpupool.cli", "gateway", "--port", str(free_port()),
+               "--state-dir", str(tmp_path / "state"), "--metrics-token-file", given]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    done = subprocess.run(command, text=True, capture_output=True, timeout=60, env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert says in done.stderr and "delete it to have a new one made" in done.stderr
 
 
 def test_metrics_token_is_made_in_the_state_folder_by_default(gw):
