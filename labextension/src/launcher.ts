@@ -7,6 +7,13 @@ import { IShape, money, reportOnce, requestAPI, shapeLabel } from './api';
 
 export const CATEGORY = 'GPU pool';
 export const OPEN_COMMAND = 'gpupool:new-notebook';
+const PROVISIONER = 'gpupool-provisioner';
+const DUPLICATES_STYLE = 'gpupool-launcher-duplicates';
+
+/** A CSS string's body: the text between its double quotes. */
+function cssString(text: string): string {
+  return text.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\a ');
+}
 
 export interface ILauncherOptions {
   showCost: () => boolean;
@@ -38,11 +45,12 @@ export function cardLabel(shape: IShape, showCost: boolean): string {
 export class PoolLauncher {
   shapes: IShape[] = [];
   private items: IDisposable[] = [];
+  private kernelNames: (string | null)[] = [];
   private key = '';
   private timer = 0;
 
   constructor(
-    app: JupyterFrontEnd,
+    private app: JupyterFrontEnd,
     private launcher: ILauncher,
     private options: ILauncherOptions
   ) {
@@ -57,6 +65,8 @@ export class PoolLauncher {
           cwd: (args.cwd as string) ?? ''
         })
     });
+    // Lab may list its kernelspecs after the pool's shapes came: hide their cards then.
+    app.serviceManager.kernelspecs.specsChanged.connect(() => this.hideDuplicates());
     document.addEventListener('visibilitychange', () => {
       if (!document.hidden) {
         void this.refresh();
@@ -107,6 +117,8 @@ export class PoolLauncher {
       return;
     }
     this.key = key;
+    this.kernelNames = cards.map(c => c.shape.kernel_name);
+    this.hideDuplicates();
     this.items.forEach(item => item.dispose());
     this.items = cards.map(({ shape, label, isDefault }, index) =>
       this.launcher.add({
@@ -122,5 +134,34 @@ export class PoolLauncher {
         }
       })
     );
+  }
+
+  /**
+   * The Notebook section's cards of the pool's own kernelspecs (the provisioner's, in hybrid
+   * mode), hidden: this section shows each shape once, with its price and what is free. Their
+   * Console cards stay (this section opens notebooks only), and so do the gateway's kernelspecs
+   * in gateway mode, which Lab lists as its own.
+   */
+  private hideDuplicates(): void {
+    const specs = this.app.serviceManager.kernelspecs.specs?.kernelspecs ?? {};
+    const rules = this.kernelNames
+      .map(name => (name ? specs[name] : undefined))
+      .filter(spec => {
+        const provisioner = (spec?.metadata?.kernel_provisioner ?? {}) as {
+          provisioner_name?: string;
+        };
+        return provisioner.provisioner_name === PROVISIONER;
+      })
+      .map(
+        spec =>
+          `.jp-LauncherCard[data-category="Notebook"][title="${cssString(spec!.display_name)}"]`
+      );
+    let style = document.getElementById(DUPLICATES_STYLE);
+    if (!style) {
+      style = document.createElement('style');
+      style.id = DUPLICATES_STYLE;
+      document.head.appendChild(style);
+    }
+    style.textContent = rules.length ? `${rules.join(',\n')} { display: none; }` : '';
   }
 }

@@ -64,6 +64,12 @@ def test_launcher_status_bar_and_usage_panel(page: Page, up: dict[str, Any]) -> 
     # The user's own Python, beside the pool's shapes (hybrid mode: not the pool's CPU kernel).
     expect(page.locator('.jp-LauncherCard[data-category="Notebook"][title^="Python 3 (ipykernel)"]')
            ).to_have_count(1)  # fmt: skip
+    # Each shape once: the Notebook section's cards of the pool's kernelspecs are hidden (the
+    # GPU pool section shows them with price and what is free); their Console cards stay.
+    notebook_cards = page.locator('.jp-LauncherCard[data-category="Notebook"]:visible')
+    expect(notebook_cards).to_have_count(1, timeout=WAIT_MS)
+    console_card = '.jp-LauncherCard[data-category="Console"][title="Python 3 \u00b7 H100 \u00d71"]'
+    expect(page.locator(console_card)).to_be_visible()
     page.screenshot(path=str(SHOTS / "launcher.png"))
 
     card.click()
@@ -182,8 +188,8 @@ def test_a_local_kernel_runs_beside_the_pool_kernel(page: Page) -> None:
     kernel still answers."""
     page.locator('.lm-MenuBar-itemLabel:text("File")').click()
     page.locator(".lm-Menu-itemLabel", has_text="New Launcher").click()
-    page.locator(
-        '.jp-LauncherCard[data-category="Notebook"][title^="Python 3 (ipykernel)"]'
+    page.locator(  # (the launcher the reload above restored may be open too, behind)
+        '.jp-LauncherCard[data-category="Notebook"][title^="Python 3 (ipykernel)"]:visible'
     ).click()
     expect(page.locator(".jp-StatusBar-Widget").filter(has_text="Python 3 (ipykernel) | Idle")
            ).to_have_count(1, timeout=WAIT_MS)  # fmt: skip
