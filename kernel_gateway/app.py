@@ -245,7 +245,7 @@ class GatewayApp(Application):
             metrics=gateway_registry(
                 Readings(
                     kernel_counts=state.kernels.counts,
-                    queue_length=lambda: len(state.kernels.queue),
+                    queue_length=lambda: len(state.kernels.queued()),
                     gpu_types=state.pool.types,
                     open_gpu_seconds=state.kernels.ledger.open_gpu_seconds,
                 )

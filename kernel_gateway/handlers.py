@@ -56,16 +56,13 @@ class KernelspecsHandler(GatewayHandler):
     def specs(self) -> dict[str, Any]:
         pool = self.state.pool
         types = pool.types()
-        queue = self.state.kernels.queue
         shapes = offered_shapes(types)
         specs = {}
         cpu_hosts = len(pool.placeable())
         for shape in shapes:
             entry = types.get(shape.gpu_type or "", {})
             per_gpu = round(entry.get("memory", 0) / 1024**3)
-            waiting = sum(
-                1 for k in queue if self.state.kernels.row(k).gpu_type == shape.gpu_type
-            ) if shape.gpu_count else 0  # fmt: skip
+            waiting = len(self.state.kernels.queued(shape.gpu_type)) if shape.gpu_count else 0
             specs[shape.kernel_name] = {
                 "name": shape.kernel_name,
                 "spec": {
@@ -157,11 +154,10 @@ class KernelActionHandler(GatewayHandler):
 class GpusHandler(GatewayHandler):
     def get(self) -> None:
         self.tenant()
-        queue = [self.state.kernels.row(k) for k in self.state.kernels.queue]
         self.reply([
             {"gpu_type": t, "memory_gb": round(v["memory"] / 1024**3), "total": v["total"],
              "free": v["free"], "usd_per_hour": usd_per_gpu_hour(t),
-             "queue": sum(1 for k in queue if k.gpu_type == t)}
+             "queue": len(self.state.kernels.queued(t))}
             for t, v in sorted(self.state.pool.types().items())
         ])  # fmt: skip
 

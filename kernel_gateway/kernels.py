@@ -103,7 +103,6 @@ class GatewayKernels:
         self.db = db
         self.pool = pool
         self.live: dict[str, Live] = {}
-        self.queue: list[str] = []
         self.missed: set[str] = set()  # running kernels missing from their host's last report
         # Host kernel ids the gateway is stopping (shut down, culled, revoked, orphans): their
         # end is the gateway's to record, not a heartbeat's or a relay's.
@@ -164,9 +163,7 @@ class GatewayKernels:
             "idle_deadline": self._deadline(kernel, live),
         }
         if kernel.state == KernelState.QUEUED:
-            gpupool["queue_position"] = (
-                self.queue.index(kernel.id) + 1 if kernel.id in self.queue else 1
-            )
+            gpupool["queue_position"] = self.queue_position(kernel)
         host = self.pool.hosts.get(kernel.host_id or "")
         if kernel.state == KernelState.RUNNING and since is not None and host is not None:
             # Only the GPUs this kernel holds: the caller's own kernel, nothing of anyone else's.
@@ -210,6 +207,20 @@ class GatewayKernels:
             ).all()
         return [self.model(k) for k in rows]
 
+    def queued(self, gpu_type: str | None = None) -> list[str]:
+        """The queue, first come first: queued kernels by when they joined it (of `gpu_type`
+        only, when given). Read from the database, where every gateway sees the same."""
+        query = select(Kernel.id).where(Kernel.state == KernelState.QUEUED)
+        if gpu_type is not None:
+            query = query.where(Kernel.gpu_type == gpu_type)
+        with self.db() as s:
+            return list(s.scalars(query.order_by(Kernel.queued_at, Kernel.created, Kernel.id)))
+
+    def queue_position(self, kernel: Kernel) -> int:
+        """1 for the first in the queue (of any GPU type)."""
+        queue = self.queued()
+        return queue.index(kernel.id) + 1 if kernel.id in queue else 1
+
     def counts(self) -> dict[str, int]:
         """Kernels by row state, deleted ones left out: counted by the database (each scrape)."""
         with self.db() as s:
@@ -233,17 +244,18 @@ class GatewayKernels:
             if over:
                 raise ApiError(402, over)
         idle_timeout = self.idle_timeout_for(tenant, env.get("KERNEL_IDLE_TIMEOUT"))
+        now = time.time()
         kernel = Kernel(
             idle_timeout=idle_timeout,
             id=str(uuid.uuid4()), tenant_id=tenant.id, name=shape.kernel_name,
             gpu_type=shape.gpu_type, gpu_count=shape.gpu_count, state=KernelState.QUEUED,
+            created=now, queued_at=now,
             env={k: v for k, v in env.items() if k not in GATEWAY_ENV},
         )  # fmt: skip
         with self.db() as s:
             s.add(kernel)
             s.commit()
         live = self.live_of(kernel.id)
-        self.queue.append(kernel.id)
         waiter = live.changed
         await self.dispatch()
         kernel = self.row(kernel.id)
@@ -311,7 +323,7 @@ class GatewayKernels:
         async with self._dispatching:
             blocked: set[str | None] = set()
             refusals: dict[int, str | None] = {}
-            for kernel_id in list(self.queue):
+            for kernel_id in self.queued():
                 kernel = self.row(kernel_id)
                 shape = Shape(kernel.gpu_type, kernel.gpu_count)
                 if shape.gpu_type in blocked:
@@ -319,7 +331,6 @@ class GatewayKernels:
                 if shape.gpu_count and self._over_budget(kernel.tenant_id, refusals):
                     why = refusals[kernel.tenant_id]
                     if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
-                        self.queue.remove(kernel_id)
                         self.lifecycle.move(
                             kernel_id, KernelState.SUSPENDED, (KernelState.QUEUED,),
                             closing=BUDGET, reason=f"not resumed: {why}",
@@ -341,7 +352,6 @@ class GatewayKernels:
                 if host is None:
                     blocked.add(shape.gpu_type)
                     continue
-                self.queue.remove(kernel_id)
                 started = self.lifecycle.move(
                     kernel_id, KernelState.STARTING, (KernelState.QUEUED,), host_id=host.id
                 )
@@ -349,7 +359,7 @@ class GatewayKernels:
                     continue  # ended meanwhile
                 host.reserved[kernel_id] = shape
                 asyncio.get_running_loop().create_task(self._start_on(host, kernel))
-            for kernel_id in self.queue:
+            for kernel_id in self.queued():
                 self.live_of(kernel_id).notify()  # queue positions moved
 
     def _over_budget(self, tenant_id: int, refusals: dict[int, str | None]) -> bool:
@@ -389,7 +399,6 @@ class GatewayKernels:
                 again = (KernelState.STARTING,)
                 if self.lifecycle.move(kernel.id, KernelState.QUEUED, again, host_id=None) is None:
                     return
-                self.queue.insert(0, kernel.id)
                 self.live_of(kernel.id).notify()  # create() answers "queued" now, not in 30 s
                 return
             self.end(kernel.id, f"host {host.name} refused to start it: {error_message(error)}")
@@ -459,8 +468,6 @@ class GatewayKernels:
         for host in self.pool.hosts.values():
             host.held.pop(kernel_id, None)
             host.reserved.pop(kernel_id, None)
-        if kernel_id in self.queue:
-            self.queue.remove(kernel_id)
         self.missed.discard(kernel_id)
         live = self.live_of(kernel_id)
         live.execution_state = "dead"

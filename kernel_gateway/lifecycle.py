@@ -86,6 +86,8 @@ class Lifecycle:
             left = KernelState(row.state)
             for key, value in values.items():
                 setattr(row, key, value)
+            if to == QUEUED and left == SUSPENDED:
+                row.queued_at = now  # a resume joins the queue at its end
             row.state = to
             closed = None
             if to == RUNNING:

@@ -83,18 +83,14 @@ class GatewayState:
 
     def _load(self) -> None:
         """After a restart: hosts and their running kernels, as they were."""
-        # A kernel that was queued or starting when the gateway stopped starts over.
+        # A kernel that was starting when the gateway stopped is queued again, at the place it
+        # had (its `queued_at`), where those still queued wait as they were.
         with self.db() as s:
-            waiting = s.execute(
-                select(Kernel.id, Kernel.state)
-                .where(Kernel.state.in_([KernelState.QUEUED, KernelState.STARTING]))
-                .order_by(Kernel.created)  # first come, first served, on any database
+            starting = s.scalars(
+                select(Kernel.id).where(Kernel.state == KernelState.STARTING)
             ).all()
-        again = (KernelState.STARTING,)
-        for kernel_id, state in waiting:
-            if state == KernelState.STARTING:
-                self.kernels.lifecycle.move(kernel_id, KernelState.QUEUED, again)
-            self.kernels.queue.append(kernel_id)
+        for kernel_id in starting:
+            self.kernels.lifecycle.move(kernel_id, KernelState.QUEUED, (KernelState.STARTING,))
         with self.db() as s:
             # A database of an older gpupool kept hosts' tokens themselves: only digests stay,
             # and each such host, refused at its next heartbeat, registers again for a new one.
@@ -396,7 +392,7 @@ class GatewayState:
             if host is not None:
                 host.last_seen = view.last_seen
                 s.commit()
-        if self.kernels.queue:
+        if self.kernels.queued():
             asyncio.get_running_loop().create_task(self.kernels.dispatch())
 
     def hosts(self) -> list[dict[str, Any]]:

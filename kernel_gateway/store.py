@@ -109,6 +109,8 @@ class Kernel(Base):
     # Set while suspended (and until resumed): {"host_id", "path", "saved", "not_saved"}.
     checkpoint: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created: Mapped[float] = mapped_column(Float, default=time.time)
+    # When it last joined the queue: the queue is the queued rows in this order.
+    queued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The last time the gateway knew the kernel alive (its start, then each heartbeat that
     # reported it): where its ledger interval closes if it dies while nobody watches.

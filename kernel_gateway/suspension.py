@@ -98,7 +98,6 @@ class Suspensions:
         if self.kernels.lifecycle.move(kernel_id, KernelState.QUEUED, again, reason="") is None:
             return
         self.kernels.live_of(kernel_id).suspended = False
-        self.kernels.queue.append(kernel_id)
         self.kernels.live_of(kernel_id).notify()
         asyncio.get_running_loop().create_task(self.kernels.dispatch())
 

@@ -481,7 +481,7 @@ def test_a_resume_refused_for_budget_stays_suspended_and_the_next_message_asks_a
         row = kernels.row(kernel_id)
         assert row.state == "suspended" and row.reason.startswith("not resumed: tenant a has")
         assert row.checkpoint and kernels.live_of(kernel_id).suspended
-        assert kernels.queue == [] and host.held == {}
+        assert kernels.queued() == [] and host.held == {}
         budget(None)  # an admin raised it
         Suspensions(kernels).resume(kernel_id)
         for _ in range(200):  # bounded: 2 s

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from gpupool.wire import KernelState
+from kernel_gateway.kernels import GatewayKernels
 from kernel_gateway.ledger import Ledger
 from kernel_gateway.lifecycle import MOVES, TRANSITIONS, IllegalMove, Lifecycle
+from kernel_gateway.pool import Pool
 from kernel_gateway.store import Host, Kernel, LedgerInterval, Tenant, Token, open_store
 from kernel_gateway.tokens import digest
 
@@ -138,3 +140,26 @@ def test_the_documented_table_is_the_table_in_the_code() -> None:
         f"in the docs only: {sorted(documented - coded)}; in the code only: "
         f"{sorted(coded - documented)}"
     )
+
+
+def test_the_queue_is_read_from_the_database_in_order_of_joining(tmp_path: Path) -> None:
+    """First come, first served across gateways on one database: a resume joins at the end, a
+    start its host refused (409) goes back to the place it had."""
+    db = open_store(str(tmp_path / "gateway.db"))
+    with db() as s:
+        tenant = Tenant(name="a")
+        s.add(tenant)
+        s.flush()
+        for name, state, joined in (("k1", Q, 1.0), ("k2", Q, 2.0), ("k3", SUSP, 0.5)):
+            s.add(Kernel(id=name, tenant_id=tenant.id, name="python3-gpu-h100-x1",
+                         gpu_type="H100", gpu_count=1, state=state, queued_at=joined))  # fmt: skip
+        s.commit()
+    kernels, other = GatewayKernels(db, Pool()), GatewayKernels(db, Pool())
+    assert kernels.queued() == ["k1", "k2"]
+    kernels.lifecycle.move("k3", Q, (SUSP,))  # a suspended kernel's next cell
+    assert kernels.queued() == ["k1", "k2", "k3"]
+    kernels.lifecycle.move("k1", S, (Q,))
+    assert kernels.queued() == ["k2", "k3"] and kernels.queued("A10G") == []
+    kernels.lifecycle.move("k1", Q, (S,))  # its host answered 409: stale view of its GPUs
+    assert kernels.queued() == ["k1", "k2", "k3"] == other.queued()  # another replica's view
+    assert kernels.queue_position(kernels.row("k3")) == 3
