@@ -167,8 +167,9 @@ def test_messages_keep_their_order_across_both_paths(stack: Gateway, kernel: str
             message = serialize_msg_to_ws_v1(parts, "shell")
             ws.send(iter([message[:50], message[50:]]) if index % 2 else message)
         seen = []
-        for msg_id in ids:
-            seen += [m["content"]["text"] for m in replies(ws, msg_id) if m["msg_type"] == "stream"]
+        for msg_id in ids:  # (a print's text may come as two stream messages: "0", "\n")
+            texts = [m["content"]["text"] for m in replies(ws, msg_id) if m["msg_type"] == "stream"]
+            seen.append("".join(texts))
     assert seen == [f"{index}\n" for index in range(6)]
 
 
