@@ -18,6 +18,7 @@ import ast
 import json
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +205,14 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     if command == "revoke":
         p = argparse.ArgumentParser(prog="gpupool share revoke",
                                     description="Revoke a shared link at once.")  # fmt: skip
-        p.add_argument("id", help="the link's id (the part after /s/)")
+        p.add_argument("id", help=ID_HELP)
         return p
     if command == "copy":
         p = argparse.ArgumentParser(
             prog="gpupool share copy",
             description="Save your own copy of a run link's notebook, set to its kernel shape.",
         )
-        p.add_argument("id", help="the link's id (the part after /s/)")
+        p.add_argument("id", help=ID_HELP)
         p.add_argument("-o", "--output", default="", help="file to write (default: its name)")
         p.add_argument("--force", action="store_true", help="overwrite the file")
         p.add_argument("--kernel", default="", help="a running kernel of yours to compare with")
@@ -245,12 +246,22 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     return p
 
 
+ID_HELP = "the link, or its id (the part after /s/)"
+
+
+def share_id_of(given: str) -> str:
+    """The id of a link given whole (https://.../s/ID) or as its id, quoted for a URL path."""
+    return urllib.parse.quote(given.strip().rsplit("/s/", 1)[-1].strip("/"), safe="")
+
+
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else argv
     command = args_in[0] if args_in and args_in[0] in ("list", "revoke", "copy") else "share"
     parser = parser_for(command)
     parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
     args = parser.parse_args(args_in[1:] if command != "share" else args_in)
+    if command in ("revoke", "copy"):
+        args.id = share_id_of(args.id)
     try:
         url, token = resolve()
         api = GatewayApi(url, token)

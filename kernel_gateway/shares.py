@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 
 
 def new_share_id() -> str:
-    return secrets.token_urlsafe(24)
+    """192 random bits, never with a leading "-": `gpupool share copy -AbC...` would be read as
+    an option."""
+    while True:
+        share_id = secrets.token_urlsafe(24)
+        if not share_id.startswith("-"):
+            return share_id
 
 
 def _bad(message: str) -> ApiError:

@@ -67,7 +67,7 @@ def test_share_with_packages_asked_of_a_running_kernel(stack: Gateway, tmp_path:
     assert share_id in listed.stdout and "VIEWS" in listed.stdout
 
     out = tmp_path / "copy.ipynb"
-    done = gpupool_share(stack, tmp_path, "copy", share_id, "-o", str(out),
+    done = gpupool_share(stack, tmp_path, "copy", link, "-o", str(out),  # the link, pasted
                          "--kernel", kernel["id"])  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "your kernel has the same package versions" in done.stdout

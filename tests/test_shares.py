@@ -22,6 +22,8 @@ import pytest
 from conftest import Gateway, Reply, start_gateway
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+from kernel_gateway.shares import new_share_id
+
 ENVIRONMENT = {"python": "3.12.3", "packages": {"numpy": "2.1.0", "torch": "2.5.1"}}
 
 
@@ -365,3 +367,8 @@ def test_a_bad_sweep_interval_is_refused_at_start(tmp_path: Path) -> None:
         assert done.returncode != 0, (bad, done.stdout)
         # Out of range: our sentence; not a number: traitlets' own, naming the trait.
         assert re.search(r"share.sweep.seconds", done.stderr), (bad, done.stderr)
+
+
+def test_share_ids_never_start_with_a_dash() -> None:
+    """`gpupool share copy -AbC...` would read the id as an option (1 id in 64 did)."""
+    assert not any(new_share_id().startswith("-") for _ in range(2000))
