@@ -31,6 +31,14 @@ $(STAMP): pyproject.toml jupyter-config/server-config/gpupool.json \
 			|| { apt-get update && apt-get install -y --no-install-recommends postgresql; } \
 			|| echo "PostgreSQL could not be installed; the PostgreSQL tests will skip."; \
 	fi
+	@# The replica tests put Debian's nginx in front of three gateways; as root, install it when
+	@# missing, else those tests skip.
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$$(id -u)" = 0 ] \
+			&& command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends nginx \
+			|| { apt-get update && apt-get install -y --no-install-recommends nginx; } \
+			|| echo "nginx could not be installed; the replica tests will skip."; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# The front end builds against the JupyterLab it will run in, so that comes first.
