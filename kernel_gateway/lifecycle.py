@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import delete
+from sqlalchemy import delete, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpupool.wire import ENDED, KernelState
@@ -80,10 +80,13 @@ class Lifecycle:
         now = time.time()
         at = now if at is None else min(at, now)
         with self.db() as s:
-            row = s.get(Kernel, kernel_id)
+            # Locked until the commit (PostgreSQL; SQLite has one writer anyway): two replicas
+            # moving one kernel at once would otherwise both read the old state and both write.
+            row = s.get(Kernel, kernel_id, with_for_update=True)
             if row is None or row.state not in expect:
                 return None
             left = KernelState(row.state)
+            row.lease_owner = row.lease_until = None  # a lease is for one job in one state
             for key, value in values.items():
                 setattr(row, key, value)
             if to == QUEUED and left == SUSPENDED:
@@ -105,3 +108,46 @@ class Lifecycle:
         TRANSITIONS.labels(left.value, to.value).inc()
         self.ledger.counted(closed)
         return row
+
+    def claim(self, kernel_id: str, owner: str, seconds: float, state: KernelState) -> bool:
+        """Take the kernel's lease for `seconds` if it is in `state` and no other replica holds
+        a lease on it that has not expired: True when `owner` holds it now. One conditional
+        update, so of two replicas asking at once exactly one gets it."""
+        now = time.time()
+        with self.db() as s:
+            taken: Any = s.execute(
+                update(Kernel)
+                .where(
+                    Kernel.id == kernel_id,
+                    Kernel.state == state,
+                    or_(
+                        Kernel.lease_owner.is_(None),
+                        Kernel.lease_owner == owner,
+                        Kernel.lease_until < now,
+                    ),
+                )
+                .values(lease_owner=owner, lease_until=now + seconds)
+            )
+            s.commit()
+        return bool(taken.rowcount)
+
+    def renew(self, owner: str, seconds: float) -> None:
+        """Extend every lease `owner` holds: it is alive and still at work."""
+        with self.db() as s:
+            s.execute(
+                update(Kernel)
+                .where(Kernel.lease_owner == owner)
+                .values(lease_until=time.time() + seconds)
+            )
+            s.commit()
+
+    def release(self, kernel_id: str, owner: str, state: KernelState) -> None:
+        """Give up `owner`'s lease of the kernel while it is still in `state` (a move to another
+        state ended that lease already, and a later one may be the owner's again)."""
+        with self.db() as s:
+            s.execute(
+                update(Kernel)
+                .where(Kernel.id == kernel_id, Kernel.lease_owner == owner, Kernel.state == state)
+                .values(lease_owner=None, lease_until=None)
+            )
+            s.commit()

@@ -115,6 +115,10 @@ class Kernel(Base):
     # The last time the gateway knew the kernel alive (its start, then each heartbeat that
     # reported it): where its ledger interval closes if it dies while nobody watches.
     last_seen_alive: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The gateway replica starting the kernel, or saving it for a suspend, and until when its
+    # lease holds (renewed while it works); an expired lease lets another replica take over.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class LedgerInterval(Base):
@@ -177,6 +181,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # pg_advisory_xact_lock's key for schema upgrades: any fixed number no other user of the
 # database takes ("gpupool" in ASCII).
 UPGRADE_LOCK = 0x677075706F6F6C
+PLACEMENT_LOCK = UPGRADE_LOCK + 1  # one placement pass at a time, across replicas
 
 
 def database_url(url_or_path: str) -> str:
@@ -218,6 +223,18 @@ def upgrade(engine: Engine) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
         log.info("upgraded the gateway's database schema to revision %s", head)
+
+
+@contextmanager
+def placement_lock(db: sessionmaker[Session]) -> Iterator[None]:
+    """Held by one gateway's placement pass at a time: on PostgreSQL a transaction advisory lock
+    (released by the commit, or by the database when the holder's connection dies); SQLite has
+    one gateway, whose own lock serialises its passes."""
+    with db() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
+        yield
+        s.commit()
 
 
 def make_engine(url_or_path: str) -> Engine:

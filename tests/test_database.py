@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from kernel_gateway.store import Base, Tenant, make_engine, open_store
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def fresh_url(kind: str, tmp_path: Path, postgres_server: Any) -> str:
