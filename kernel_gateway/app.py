@@ -22,6 +22,7 @@ from gpupool.wire import MAX_MESSAGE_BYTES
 
 from . import __version__
 from .handlers import routes
+from .kernels import LEASE_SECONDS
 from .log_redaction import log_request, redact_all_logs
 from .metrics import Readings, gateway_registry
 from .private_files import private_file, private_folder
@@ -81,6 +82,7 @@ class GatewayApp(Application):
         "metrics-token-file": "GatewayApp.metrics_token_file",
         "max-share-mb": "GatewayApp.max_share_mb",
         "share-sweep-seconds": "GatewayApp.share_sweep_seconds",
+        "lease-seconds": "GatewayApp.lease_seconds",
     }
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -146,6 +148,11 @@ class GatewayApp(Application):
         SWEEP_SECONDS, help="How often the snapshot files of shared links that expired (or "
         "were revoked, or whose tenant was) are looked for and deleted, where no live link "
         "holds the same snapshot; seconds.",
+    ).tag(config=True)  # fmt: skip
+    lease_seconds = Float(
+        LEASE_SECONDS, help="With replicas on one database: how long a replica that stops "
+        "(killed, or cut off from the database) keeps the kernel starts and suspends it was "
+        "doing before another replica takes them over; it renews them every third of this.",
     ).tag(config=True)  # fmt: skip
     max_message_mb = Int(
         MAX_MESSAGE_BYTES >> 20, help="Largest websocket message relayed, in MiB."
@@ -235,6 +242,9 @@ class GatewayApp(Application):
                 f"--share-sweep-seconds is {self.share_sweep_seconds:g}; use 0.1 to 86400."
             )
         state.share_sweep_seconds = self.share_sweep_seconds
+        if not 1 <= self.lease_seconds <= 3600:
+            raise SystemExit(f"--lease-seconds is {self.lease_seconds:g}; use 1 to 3600.")
+        kernels.lease_seconds = self.lease_seconds
         return state
 
     def make_app(self, state: GatewayState) -> web.Application:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import HTTPClientError
 
@@ -33,7 +35,7 @@ from .lifecycle import Lifecycle
 from .metrics import START_SECONDS
 from .pool import READINGS, HostView, Pool
 from .shapes import EXECUTION_STATE
-from .store import Kernel, Tenant, Token
+from .store import Kernel, Tenant, Token, placement_lock
 from .tokens import digest, new_token
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ STOP_WAIT_SECONDS = 15.0  # a relay whose kernel the gateway is stopping waits t
 RUNS_OR_WAITS = (KernelState.QUEUED, KernelState.STARTING, KernelState.RUNNING)
 LIVE_STATES = (*RUNS_OR_WAITS, KernelState.SUSPENDED)  # not ended
 NOT_RUNNING = (KernelState.SUSPENDED, KernelState.QUEUED, KernelState.STARTING)  # nor ended
+LEASE_SECONDS = 30.0  # a replica that stops renewing its leases for this long is taken as dead
+FOLLOW_SECONDS = 0.5  # how often a replica reads what other replicas changed
 GATEWAY_ENV = ("KERNEL_GPU_TYPE", "KERNEL_GPU_COUNT", "KERNEL_IDLE_TIMEOUT", "KERNEL_WORKING_DIR")
 
 
@@ -118,6 +122,14 @@ class GatewayKernels:
         self.idle_max = 7 * 24 * 3600.0
         self.idle_action = "suspend"
         self.public_url = ""  # given to kernels as GPUPOOL_URL; the app sets it
+        # Other gateways (replicas) may share the database: what they change is read back
+        # (`follow`), and their leases are respected. SQLite has one gateway.
+        self.shared = db.kw["bind"].dialect.name != "sqlite" if db.kw.get("bind") else False
+        # This process among the replicas: the owner of the leases it takes.
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_seconds = LEASE_SECONDS
+        self._renewed = 0.0
+        self._followed: dict[str, str] = {}  # kernel id -> its row state at the last read
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -259,11 +271,13 @@ class GatewayKernels:
         waiter = live.changed
         await self.dispatch()
         kernel = self.row(kernel.id)
-        if kernel.state == KernelState.STARTING:
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while kernel.state == KernelState.STARTING and time.monotonic() < deadline:
             try:
-                await asyncio.wait_for(waiter.wait(), START_WAIT_SECONDS)
+                await asyncio.wait_for(waiter.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 pass  # it goes on starting; the client sees "starting" and may connect already
+            waiter = live.changed
             kernel = self.row(kernel.id)
         if kernel.state == KernelState.DEAD:
             if UNREACHABLE in kernel.reason:  # the host's fault, not the request's: try later
@@ -321,46 +335,118 @@ class GatewayKernels:
     async def dispatch(self) -> None:
         """Start queued kernels, first come first served within each GPU type."""
         async with self._dispatching:
-            blocked: set[str | None] = set()
-            refusals: dict[int, str | None] = {}
-            for kernel_id in self.queued():
-                kernel = self.row(kernel_id)
-                shape = Shape(kernel.gpu_type, kernel.gpu_count)
-                if shape.gpu_type in blocked:
-                    continue
-                if shape.gpu_count and self._over_budget(kernel.tenant_id, refusals):
-                    why = refusals[kernel.tenant_id]
-                    if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
-                        self.lifecycle.move(
-                            kernel_id, KernelState.SUSPENDED, (KernelState.QUEUED,),
-                            closing=BUDGET, reason=f"not resumed: {why}",
-                        )  # fmt: skip
-                        self.live_of(kernel_id).suspended = True
-                        self.live_of(kernel_id).notify()
-                    else:
-                        self.end(kernel_id, f"not started: {why}")
-                    continue
-                keeper = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
-                if keeper is not None and not keeper.lost:
-                    # A resume waits for the host that has its variables (others may go first
-                    # meanwhile): starting elsewhere would lose them.
-                    host = self.pool.place_on(shape, keeper.id)
-                    if host is None:
-                        continue
+            with placement_lock(self.db):  # no await inside: a pass takes milliseconds
+                self._place_queued()
+
+    def _place_queued(self) -> None:
+        """One placement pass, under the placement lock: the GPUs held and reserved are read
+        from the database, so a kernel another replica placed a moment ago counts."""
+        with self.db() as s:
+            rows = s.execute(
+                select(Kernel.id, Kernel.host_id, Kernel.state, Kernel.gpu_type,
+                       Kernel.gpu_count, Kernel.gpus)
+                .where(Kernel.state.in_((KernelState.STARTING, KernelState.RUNNING)))
+            ).all()  # fmt: skip
+        self.pool.hold(list(rows))
+        blocked: set[str | None] = set()
+        refusals: dict[int, str | None] = {}
+        for kernel_id in self.queued():
+            kernel = self.row(kernel_id)
+            shape = Shape(kernel.gpu_type, kernel.gpu_count)
+            if shape.gpu_type in blocked:
+                continue
+            if shape.gpu_count and self._over_budget(kernel.tenant_id, refusals):
+                why = refusals[kernel.tenant_id]
+                if kernel.checkpoint:  # a resume: it stays suspended, its variables kept
+                    self.lifecycle.move(
+                        kernel_id, KernelState.SUSPENDED, (KernelState.QUEUED,),
+                        closing=BUDGET, reason=f"not resumed: {why}",
+                    )  # fmt: skip
+                    self.live_of(kernel_id).suspended = True
+                    self.live_of(kernel_id).notify()
                 else:
-                    host = self.pool.place(shape)
+                    self.end(kernel_id, f"not started: {why}")
+                continue
+            keeper = self.pool.hosts.get(kernel.checkpoint.get("host_id", ""))
+            if keeper is not None and not keeper.lost:
+                # A resume waits for the host that has its variables (others may go first
+                # meanwhile): starting elsewhere would lose them.
+                host = self.pool.place_on(shape, keeper.id)
                 if host is None:
-                    blocked.add(shape.gpu_type)
                     continue
-                started = self.lifecycle.move(
-                    kernel_id, KernelState.STARTING, (KernelState.QUEUED,), host_id=host.id
-                )
-                if started is None:
-                    continue  # ended meanwhile
-                host.reserved[kernel_id] = shape
-                asyncio.get_running_loop().create_task(self._start_on(host, kernel))
-            for kernel_id in self.queued():
-                self.live_of(kernel_id).notify()  # queue positions moved
+            else:
+                host = self.pool.place(shape)
+            if host is None:
+                blocked.add(shape.gpu_type)
+                continue
+            started = self.lifecycle.move(
+                kernel_id, KernelState.STARTING, (KernelState.QUEUED,), host_id=host.id,
+                lease_owner=self.owner, lease_until=time.time() + self.lease_seconds,
+            )  # fmt: skip
+            if started is None:
+                continue  # ended meanwhile
+            host.reserved[kernel_id] = shape
+            asyncio.get_running_loop().create_task(self._start_on(host, kernel))
+        for kernel_id in self.queued():
+            self.live_of(kernel_id).notify()  # queue positions moved
+
+    # -- beside other replicas -------------------------------------------------------------
+
+    def requeue_abandoned(self, everyone: bool = False) -> list[str]:
+        """Kernels left starting by a gateway that stopped (its lease expired) join the queue
+        again, at the place they had; with `everyone`, every starting kernel (a lone gateway's
+        restart: nobody else can be starting them). The ids requeued."""
+        query = select(Kernel.id).where(Kernel.state == KernelState.STARTING)
+        if not everyone:
+            expired = or_(Kernel.lease_until.is_(None), Kernel.lease_until < time.time())
+            query = query.where(expired)
+        with self.db() as s:
+            ids = list(s.scalars(query))
+        requeued = []
+        for kernel_id in ids:
+            starting = (KernelState.STARTING,)
+            if not everyone and not self.lifecycle.claim(
+                kernel_id, self.owner, self.lease_seconds, KernelState.STARTING
+            ):
+                continue  # its replica renewed the lease meanwhile, or another took it
+            if self.lifecycle.move(kernel_id, KernelState.QUEUED, starting) is not None:
+                requeued.append(kernel_id)
+        if requeued and not everyone:
+            log.warning("%d kernel(s) left starting by a gateway replica that stopped wait in "
+                        "the queue again", len(requeued))  # fmt: skip
+        return requeued
+
+    async def follow(self) -> None:
+        """Beside other replicas: renew this one's leases, take over the starts of replicas
+        that died, wake whoever here waits on a kernel another replica moved, and start what
+        waits in the queue (a GPU another replica's kernel gave back)."""
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            try:
+                await self.follow_once()
+            except Exception:
+                log.exception("reading other replicas' changes failed; trying again")
+
+    async def follow_once(self) -> None:
+        now = time.time()
+        if now - self._renewed >= self.lease_seconds / 3:
+            self.lifecycle.renew(self.owner, self.lease_seconds)
+            self._renewed = now
+        self.requeue_abandoned()
+        ids = [k for k in self.live if self._followed.get(k) not in ENDED]
+        for first in range(0, len(ids), 500):
+            chunk = ids[first : first + 500]
+            with self.db() as s:
+                rows = s.execute(select(Kernel.id, Kernel.state).where(Kernel.id.in_(chunk))).all()
+            for kernel_id, state in rows:
+                before = self._followed.get(kernel_id)
+                self._followed[kernel_id] = state
+                if before is not None and before != state:
+                    live = self.live_of(kernel_id)
+                    live.suspended = state == KernelState.SUSPENDED
+                    live.notify()
+        if self.queued():
+            await self.dispatch()
 
     def _over_budget(self, tenant_id: int, refusals: dict[int, str | None]) -> bool:
         if tenant_id not in refusals:
@@ -408,13 +494,14 @@ class GatewayKernels:
             self.end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
             return
         host.reserved.pop(kernel.id, None)
+        gpus = list(reply["gpupool"]["gpus"])
         if self.row(kernel.id).state != KernelState.STARTING:
             # Shut down, or lost with its host, while the host started it: stop it there too,
             # or it would hold its GPUs with no one to use or bill them.
             log.info("kernel %s ended while starting; stopping it on %s", kernel.id, host.name)
             asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
-        host.held[kernel.id] = list(reply["gpupool"]["gpus"])
+        host.held[kernel.id] = gpus
         # Billed from when the host gave it its GPUs (a cold start holds them while the kernel
         # boots), within what this gateway saw, since the host's clock may differ.
         now = time.time()
@@ -423,7 +510,7 @@ class GatewayKernels:
         current = self.row(kernel.id)  # a restart meanwhile dropped its checkpoint
         if current.checkpoint:
             await self._restore_on(host, current, str(reply["id"]))
-        if not self._mark_running(kernel.id, host, str(reply["id"]), held):
+        if not self._mark_running(kernel.id, str(reply["id"]), gpus, held):
             log.info("kernel %s ended while restoring; stopping it on %s", kernel.id, host.name)
             asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
@@ -434,13 +521,13 @@ class GatewayKernels:
         live.notify()
 
     def _mark_running(
-        self, kernel_id: str, host: HostView, host_kernel_id: str, held: float
+        self, kernel_id: str, host_kernel_id: str, gpus: list[str], held: float
     ) -> bool:
         """Running, and its ledger interval open from `held`, in one transaction; False (and
         nothing written) if it was shut down or lost meanwhile."""
         running = self.lifecycle.move(
             kernel_id, KernelState.RUNNING, (KernelState.STARTING,), at=held,
-            host_kernel_id=host_kernel_id, gpus=host.held.get(kernel_id, []), checkpoint={},
+            host_kernel_id=host_kernel_id, gpus=gpus, checkpoint={},
         )  # fmt: skip
         return running is not None
 

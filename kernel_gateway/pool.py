@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.wire import Shape
+from gpupool.wire import KernelState, Shape
 
 READINGS = ("utilization", "memory_used", "memory_total")  # what a tenant sees of its GPUs
 
@@ -24,10 +24,13 @@ class HostView:
     readings: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.time)
     lost: bool = False
+    salt: str = ""  # the token's salt in the database: a new one means the host registered again
+    reported: list[dict[str, Any]] = field(default_factory=list)  # the GPUs as last reported
     held: dict[str, list[str]] = field(default_factory=dict)  # kernel id -> GPU uuids
     reserved: dict[str, Shape] = field(default_factory=dict)  # kernel id -> shape, while starting
 
     def update(self, gpus: list[dict[str, Any]]) -> None:
+        self.reported = gpus
         self.devices = {g["uuid"]: g["gpu_type"] for g in gpus}
         self.memory = {g["gpu_type"]: int(g.get("memory_total", 0)) for g in gpus}
         self.readings = {g["uuid"]: {key: g.get(key) for key in READINGS} for g in gpus}
@@ -53,6 +56,21 @@ class Pool:
         # GPUs count for what the pool can serve, but nothing is placed on them until they
         # speak, since they may be gone.
         self.unheard: set[str] = set()
+
+    def hold(self, rows: list[Any]) -> None:
+        """Who holds and who waits for GPUs, from the database's running and starting kernels
+        (`id, host_id, state, gpu_type, gpu_count, gpus` each), whichever gateway started them."""
+        held: dict[str, dict[str, list[str]]] = {host_id: {} for host_id in self.hosts}
+        reserved: dict[str, dict[str, Shape]] = {host_id: {} for host_id in self.hosts}
+        for kernel_id, host_id, state, gpu_type, gpu_count, gpus in rows:
+            if host_id not in self.hosts:
+                continue
+            if state == KernelState.RUNNING:
+                held[host_id][kernel_id] = list(gpus or [])
+            else:
+                reserved[host_id][kernel_id] = Shape(gpu_type, gpu_count)
+        for host_id, view in self.hosts.items():
+            view.held, view.reserved = held[host_id], reserved[host_id]
 
     def live(self) -> list[HostView]:
         return [h for h in self.hosts.values() if not h.lost]

@@ -92,18 +92,19 @@ class HostReconciler:
             rows = s.scalars(select(Kernel).where(Kernel.id.in_(set(owned.values())))).all()
         kernels = {k.id: k for k in rows}
         for host_kernel_id, owner in owned.items():
-            if owner in host.reserved or host_kernel_id in self.kernels.stopping:
-                continue  # its start is in flight, or it is being stopped already
+            if host_kernel_id in self.kernels.stopping:
+                continue  # being stopped already
             kernel = kernels.get(owner)
             if (
                 kernel is not None
                 and kernel.host_id == host.id
                 and (
-                    (
+                    # its start (or restore) is in flight, at this gateway or another replica
+                    kernel.state == KernelState.STARTING
+                    or (
                         kernel.state == KernelState.RUNNING
                         and kernel.host_kernel_id == host_kernel_id
                     )
-                    or (kernel.state == KernelState.STARTING and owner in host.held)  # restoring
                 )
             ):
                 continue

@@ -71,6 +71,7 @@ class GatewayState:
         self._budget_watch: asyncio.Task[None] | None = None
         self.unheard = self.pool.unheard
         self.probing: set[str] = set()  # hosts whose heartbeats are late, being asked directly
+        self.started = time.time()  # a host heard from since, by any replica, is not unheard
         if serving:
             for name, token in (("admin", admin_token), ("join", join_token)):
                 if token and not self.keep_secret(name, token, name in replace_secrets):
@@ -85,12 +86,8 @@ class GatewayState:
         """After a restart: hosts and their running kernels, as they were."""
         # A kernel that was starting when the gateway stopped is queued again, at the place it
         # had (its `queued_at`), where those still queued wait as they were.
-        with self.db() as s:
-            starting = s.scalars(
-                select(Kernel.id).where(Kernel.state == KernelState.STARTING)
-            ).all()
-        for kernel_id in starting:
-            self.kernels.lifecycle.move(kernel_id, KernelState.QUEUED, (KernelState.STARTING,))
+        # Beside other replicas, only those whose replica stopped: the others' starts go on.
+        self.kernels.requeue_abandoned(everyone=not self.kernels.shared)
         with self.db() as s:
             # A database of an older gpupool kept hosts' tokens themselves: only digests stay,
             # and each such host, refused at its next heartbeat, registers again for a new one.
@@ -107,6 +104,7 @@ class GatewayState:
                     host.id, host.name, host.url, self._host_token(host), last_seen=time.time()
                 )
                 view.update(gpus)
+                view.salt = host.token_salt or ""
                 self.pool.hosts[host.id] = view
             self.unheard.update(self.pool.hosts)  # not heard from since this restart
             for kernel in s.scalars(select(Kernel).where(Kernel.state == KernelState.RUNNING)):
@@ -323,6 +321,39 @@ class GatewayState:
 
     # -- hosts -----------------------------------------------------------------------------
 
+    def sync_hosts(self, host_id: str | None = None) -> None:
+        """Beside other replicas: the hosts as the database has them (of `host_id` only, when
+        given). A host registers and heartbeats through any replica, so each replica learns of
+        its registration, new token, GPUs, last heartbeat and loss from the database."""
+        query = select(Host) if host_id is None else select(Host).where(Host.id == host_id)
+        with self.db() as s:
+            rows = s.scalars(query).all()
+        for row in rows:
+            view = self.pool.hosts.get(row.id)
+            if row.lost:
+                if view is not None:
+                    view.lost = True  # lost by another replica, which ended its kernels
+                continue
+            if view is None or view.salt != (row.token_salt or ""):
+                token = self._host_token(row)
+                if not token:
+                    continue  # not one of ours (another host key): it must register again
+                try:
+                    gpus = host_report.gpus(row.gpus)
+                except ApiError:
+                    continue
+                view = view or HostView(row.id, row.name, row.url, token, last_seen=0.0)
+                view.name, view.url, view.token = row.name, row.url, token
+                view.salt = row.token_salt or ""
+                view.update(gpus)
+                self.pool.hosts[row.id] = view
+            elif row.gpus != view.reported:
+                view.update(row.gpus)  # checked when the replica that took the report stored it
+            view.lost = False
+            view.last_seen = max(view.last_seen, row.last_seen)
+            if row.last_seen >= self.started:
+                self.unheard.discard(row.id)
+
     def _host_token(self, host: Host) -> str:
         """The token to present to `host`, derived again from the host key; "" where it cannot
         be (no salt: converted from an older database; or another host key)."""
@@ -363,7 +394,7 @@ class GatewayState:
         # The same view object is kept when a host comes back: starts in flight (`reserved`, and
         # the `held` that `_start_on` fills in when the host answers) still refer to it.
         view = self.pool.hosts.get(host_id) or HostView(host_id, name, url, token)
-        view.name, view.url, view.token = name, url, token
+        view.name, view.url, view.token, view.salt = name, url, token, salt
         view.lost, view.last_seen = False, time.time()
         view.update(gpus)
         self.pool.hosts[host_id] = view
@@ -377,6 +408,9 @@ class GatewayState:
 
     def heartbeat(self, host_id: str, token: str, body: dict[str, Any]) -> None:
         view = self.pool.hosts.get(host_id)
+        if self.kernels.shared and (view is None or view.lost or not same(token, view.token)):
+            self.sync_hosts(host_id)  # it registered (again) through another replica
+            view = self.pool.hosts.get(host_id)
         if view is None or view.lost or not same(token, view.token):
             raise ApiError(404, "this gateway does not know that host; register again.")
         view.last_seen = time.time()
@@ -391,6 +425,8 @@ class GatewayState:
             host = s.get(Host, host_id)
             if host is not None:
                 host.last_seen = view.last_seen
+                if isinstance(gpus, list):
+                    host.gpus = gpus  # for the other replicas: free GPUs, readings
                 s.commit()
         if self.kernels.queued():
             asyncio.get_running_loop().create_task(self.kernels.dispatch())
@@ -408,6 +444,8 @@ class GatewayState:
         self._watch = loop.create_task(self._watch_hosts())
         self._idle = loop.create_task(IdleWatcher(self.suspensions).run())
         self._budget_watch = loop.create_task(self._watch_budgets())
+        if self.kernels.shared:
+            self._follow = loop.create_task(self.kernels.follow())
         self._revoked = loop.create_task(self._end_revoked())
         if self.shares is not None:
             self._sweep = loop.create_task(self.shares.sweep_forever(self.share_sweep_seconds))
@@ -425,6 +463,11 @@ class GatewayState:
     async def _watch_hosts(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.host_timeout / 3))
+            if self.kernels.shared:
+                try:
+                    self.sync_hosts()
+                except Exception:
+                    log.exception("reading the hosts from the database failed; trying again")
             now = time.time()
             for view in list(self.pool.hosts.values()):
                 grace = RESTART_GRACE_SECONDS if view.id in self.unheard else 0.0

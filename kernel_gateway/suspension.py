@@ -13,10 +13,12 @@ from gpupool.wire import KernelState
 
 from .kernels import GatewayKernels
 from .ledger import BUDGET, CULLED, SUSPENDED
+from .pool import HostView
 from .store import Kernel, Tenant
 from .suspended_replies import kept_kernel_info
 
 log = logging.getLogger(__name__)
+RUNNING = KernelState.RUNNING
 
 
 class Suspensions:
@@ -35,6 +37,18 @@ class Suspensions:
         host = self.kernels.pool.hosts.get(kernel.host_id or "")
         if kernel.state != KernelState.RUNNING or host is None or not kernel.host_kernel_id:
             return
+        kernels = self.kernels
+        if not kernels.lifecycle.claim(kernel_id, kernels.owner, kernels.lease_seconds, RUNNING):
+            return  # another gateway replica is suspending it (or it stopped running)
+        try:
+            await self._suspend(kernel, host, why, closing, since)
+        finally:
+            kernels.lifecycle.release(kernel_id, kernels.owner, RUNNING)
+
+    async def _suspend(
+        self, kernel: Kernel, host: HostView, why: str, closing: str, since: float | None
+    ) -> None:
+        kernel_id = kernel.id
         began = time.time() if since is None else min(since, time.time())
         live = self.kernels.live_of(kernel_id)
         live.suspending_since = began
@@ -81,7 +95,7 @@ class Suspensions:
             view.held.pop(kernel_id, None)
         live.execution_state = "idle"
         live.notify()
-        await self.kernels.stop_on_host(host, kernel.host_kernel_id)
+        await self.kernels.stop_on_host(host, str(kernel.host_kernel_id))
         asyncio.get_running_loop().create_task(self.kernels.dispatch())
 
     async def cull(self, kernel_id: str, why: str, since: float | None = None) -> None:
