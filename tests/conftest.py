@@ -371,18 +371,26 @@ def start_stack(
     return Gateway(proc, lines["gateway"], lines["token"], state, log_path, db_url)
 
 
-def start_gateway(tmp_path: Path, *extra: str, state: Path | None = None, port: int = 0) -> Gateway:
-    """`gpupool gateway` alone (hosts join it separately); no tenant token until one is made."""
+def start_gateway(
+    tmp_path: Path,
+    *extra: str,
+    state: Path | None = None,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+) -> Gateway:
+    """`gpupool gateway` alone (hosts join it separately); no tenant token until one is made.
+    `env`: GPUPOOL_* variables for it (the test's own are never passed on)."""
     state = state or tmp_path / "state"
     log_path = tmp_path / f"gateway-{time.monotonic_ns()}.log"
     db_url = database_url(state) if not any(a.startswith("--db") for a in extra) else ""
     command = [sys.executable, "-m", "gpupool.cli", "gateway",
                "--port", str(port or free_port()), "--state-dir", str(state),
                *(["--db-url", db_url] if db_url else []), *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    full_env.update(env or {})
     log = open(log_path, "w")  # the process writes it until it ends
     proc = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+        command, stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=tmp_path
     )
     lines = _read_lines(proc, log_path, ("gateway",))
     return Gateway(proc, lines["gateway"], "", state, log_path, db_url)

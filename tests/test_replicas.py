@@ -1,0 +1,361 @@
+"""Three gateway replicas on one real PostgreSQL behind a real nginx (round-robin, websockets
+proxied, no sticky sessions), with four hosts of eight fake H100s that joined through nginx:
+placement across replicas never gives one GPU to two kernels (as the hosts themselves tell),
+the queue keeps its order across replicas, any replica serves any kernel, and a replica killed
+under a client's websocket or during a start loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import Gateway, HostAgent, free_port, start_gateway, start_host
+from kernel_ws import KernelSocket
+from nginx import Nginx, binary
+from postgres import Postgres
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from gpupool.wire import parse_iso
+from kernel_gateway.tokens import new_token
+
+pytestmark = pytest.mark.slow
+H100_X1 = "python3-gpu-h100-x1"
+HOSTS, GPUS_PER_HOST = 4, 8
+POOL = HOSTS * GPUS_PER_HOST
+LEASE_SECONDS = 3.0  # so that a killed replica's start is taken over within the test
+
+
+@dataclass
+class Cluster:
+    replicas: list[Gateway]
+    front: Gateway  # nginx, seen as a tenant
+    hosts: list[HostAgent]
+    admin_token: str
+    nginx: Nginx
+
+    def on_hosts(self) -> list[dict[str, Any]]:
+        """Every kernel the hosts run (not dead), as the hosts themselves tell."""
+        kernels = []
+        for host in self.hosts:
+            reply = host.call("GET", "/api/kernels")
+            assert reply.status == 200, reply.body
+            kernels += [k for k in reply.body if k["execution_state"] != "dead"]
+        return kernels
+
+    def states(self, ids: list[str]) -> list[str]:
+        listed = {k["id"]: k for k in self.front.call("GET", "/api/kernels").body}
+        return [listed[i]["gpupool"]["state"] if i in listed else "gone" for i in ids]
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if binary() is None:
+        pytest.skip("replica tests skipped: nginx is not installed (`make install` as root "
+                    "installs Debian's nginx)")  # fmt: skip
+    folder = tmp_path_factory.mktemp("replicas")
+    db_url = postgres.database(str(folder / "database"))
+    secrets = {f"GPUPOOL_{name}": new_token() for name in ("HOST_KEY", "ADMIN_TOKEN", "JOIN_TOKEN")}
+    ports = [free_port() for _ in range(3)]
+    front_port = free_port()
+    front_url = f"http://127.0.0.1:{front_port}"
+    started: list[Any] = []
+    try:
+        replicas = []
+        for index, port in enumerate(ports):
+            replica = start_gateway(
+                folder, "--db-url", db_url, "--public-url", front_url,
+                "--lease-seconds", str(LEASE_SECONDS), state=folder / f"replica-{index}",
+                port=port, env=secrets,
+            )  # fmt: skip
+            replicas.append(replica)
+            started.append(replica)
+        # After the replicas: nginx takes a replica that refuses a connection out for a while.
+        nginx = Nginx(folder / "nginx", front_port, [f"127.0.0.1:{p}" for p in ports])
+        started.append(nginx)
+        admin = secrets["GPUPOOL_ADMIN_TOKEN"]
+        front = Gateway(nginx.proc, nginx.url, "", folder, folder / "nginx" / "error.log")
+        reply = front.call(
+            "POST", "/api/admin/tenants", {"name": "team", "allow_shared_host": True},
+            token=admin,
+        )  # fmt: skip
+        assert reply.status == 201, reply.body
+        front.token = reply.body["token"]
+        hosts = []
+        for index in range(HOSTS):
+            host_folder = folder / f"host-{index}"
+            host_folder.mkdir()
+            host = start_host(
+                host_folder, "--fake-gpus", f"H100:{GPUS_PER_HOST}", "--no-isolate",
+                "--gateway", nginx.url, f"--join-token={secrets['GPUPOOL_JOIN_TOKEN']}",
+                "--heartbeat-seconds", "0.5",
+            )  # fmt: skip
+            hosts.append(host)
+            started.append(host)
+
+        def every_replica_sees_the_pool() -> bool:
+            for replica in replicas:
+                gpus = replica.call("GET", "/api/gpus", token=front.token).body
+                if not isinstance(gpus, list) or sum(g["total"] for g in gpus) != POOL:
+                    return False
+            return True
+
+        front.wait_for(every_replica_sees_the_pool, 30, "every replica to see all four hosts")
+        yield Cluster(replicas, front, hosts, admin, nginx)
+    finally:
+        for thing in reversed(started):
+            thing.stop()
+
+
+class HostWatch:
+    """Reads every host's own list of kernels over and over, in a thread, and keeps any GPU it
+    ever saw given to two live kernels at once."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.twice: list[tuple[str, list[str]]] = []
+        self.most_held = 0
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            holders: dict[str, list[str]] = {}
+            for host in self.cluster.hosts:
+                for kernel in host.call("GET", "/api/kernels").body:
+                    if kernel["execution_state"] == "dead":
+                        continue
+                    for gpu in kernel["gpupool"]["gpus"]:
+                        holders.setdefault(f"{host.url} {gpu}", []).append(kernel["id"])
+            self.twice += [(gpu, ids) for gpu, ids in holders.items() if len(ids) > 1]
+            self.most_held = max(self.most_held, len(holders))
+            self.reads += 1
+            self._stop.wait(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+async def burst(url: str, token: str, count: int) -> list[tuple[int, dict[str, Any]]]:
+    client = AsyncHTTPClient(force_instance=True, max_clients=count)
+
+    async def one() -> tuple[int, dict[str, Any]]:
+        request = HTTPRequest(
+            url + "/api/kernels", method="POST", request_timeout=120,
+            headers={"Authorization": f"token {token}"},
+            body=json.dumps({"name": H100_X1, "env": {}}),
+        )  # fmt: skip
+        response = await client.fetch(request, raise_error=False)
+        return response.code, json.loads(response.body)
+
+    try:
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+    finally:
+        client.close()
+
+
+def transitions(replica: Gateway, admin: str, into: str) -> float:
+    """How many kernels this replica moved into `into` (its own counter, from its /metrics)."""
+    text = replica.call("GET", "/metrics", token=admin).body
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("gpupool_kernel_transitions_total{") and f'to_state="{into}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# 64 real kernels on 2 cores beside other test files: minutes, not seconds, under load.
+@pytest.mark.timeout(600)
+def test_64_starts_on_32_gpus_over_three_replicas(cluster: Cluster) -> None:
+    front = cluster.front
+    watch = HostWatch(cluster)
+    try:
+        first = asyncio.run(burst(front.url, front.token, POOL))
+        assert [code for code, _ in first] == [201] * POOL, first
+        first_ids = [body["id"] for _, body in first]
+        front.wait_for(lambda: cluster.states(first_ids) == ["running"] * POOL, 240,
+                       "the first 32 kernels to run")  # fmt: skip
+        # The rest arrive one after another (each answered at once: queued), through nginx, so
+        # through every replica in turn; the queue keeps their order on every replica.
+        second_ids = []
+        for _ in range(POOL):
+            reply = front.call("POST", "/api/kernels", {"name": H100_X1, "env": {}})
+            assert reply.status == 201 and reply.body["gpupool"]["state"] == "queued", reply.body
+            second_ids.append(reply.body["id"])
+        for replica in cluster.replicas:
+            listed = {
+                k["id"]: k for k in replica.call("GET", "/api/kernels", token=front.token).body
+            }
+            positions = [listed[i]["gpupool"]["queue_position"] for i in second_ids]
+            assert positions == list(range(1, POOL + 1)), (replica.url, positions)
+        # Every replica placed some of the first burst: the starts really were spread.
+        assert all(transitions(r, cluster.admin_token, "starting") > 0 for r in cluster.replicas)
+
+        # Eight GPUs come back (through any replica): the first eight waiting get them, in order.
+        for kernel_id in first_ids[:8]:
+            assert front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+        front.wait_for(lambda: cluster.states(second_ids[:8]) == ["running"] * 8, 120,
+                       "the first eight queued kernels to run")  # fmt: skip
+        assert cluster.states(second_ids[8:]) == ["queued"] * (POOL - 8)
+        for kernel_id in first_ids[8:]:
+            assert front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+        front.wait_for(lambda: cluster.states(second_ids) == ["running"] * POOL, 240,
+                       "every queued kernel to run")  # fmt: skip
+    finally:
+        watch.stop()
+    assert watch.reads > 10
+    assert watch.twice == [], f"GPUs held by two kernels at once: {watch.twice[:5]}"
+    assert watch.most_held == POOL
+    on_hosts = cluster.on_hosts()
+    assert len(on_hosts) == POOL
+    owners = {k["gpupool"]["owner"] for k in on_hosts}
+    assert owners == set(second_ids)
+
+    # The ledger: each kernel of the first burst has one closed interval; each of the second
+    # one open interval that began when its host gave it its GPUs, as the host tells, so the
+    # ledger's GPU-seconds are the hosts' at every moment.
+    intervals: dict[str, list[dict[str, Any]]] = {}
+    for interval in front.call("GET", "/api/usage").body["intervals"]:
+        intervals.setdefault(interval["kernel_id"], []).append(interval)
+    for kernel_id in first_ids:
+        [closed] = intervals[kernel_id]
+        assert not closed["open"] and closed["seconds"] > 0 and closed["end_reason"] == "shut_down"
+    held_since = {k["gpupool"]["owner"]: k["gpupool"]["held_since"] for k in on_hosts}
+    for kernel_id in second_ids:
+        [interval] = intervals[kernel_id]
+        assert interval["open"]
+        assert abs(parse_iso(interval["start"]) - held_since[kernel_id]) < 0.01, interval
+    for kernel_id in second_ids:
+        assert front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+    front.wait_for(lambda: cluster.on_hosts() == [], 120, "the hosts to stop every kernel")
+
+
+def test_any_replica_serves_a_kernel_another_started(cluster: Cluster) -> None:
+    one, other = cluster.replicas[0], cluster.replicas[2]
+    token = cluster.front.token
+    reply = one.call("POST", "/api/kernels", {"name": H100_X1, "env": {}}, token=token)
+    assert reply.status == 201 and reply.body["gpupool"]["state"] == "running", reply.body
+    kernel_id = reply.body["id"]
+
+    async def talk() -> str:
+        sock = await KernelSocket.open(other.url, token, kernel_id)
+        try:
+            out, result = await sock.execute("x = 20\nprint(x * 2 + 2)")
+            assert result["status"] == "ok", result
+            return out
+        finally:
+            sock.close()
+
+    assert asyncio.run(talk()) == "42\n"
+    assert other.call("DELETE", f"/api/kernels/{kernel_id}", token=token).status == 204
+    assert one.call("GET", f"/api/kernels/{kernel_id}", token=token).status == 404
+
+
+def test_a_start_whose_replica_is_killed_is_taken_over(cluster: Cluster) -> None:
+    """The replica dies after placing the kernel, before the host's answer: its lease expires
+    and another replica starts the kernel; the host kernel of the first try is stopped."""
+    victim = cluster.replicas[1]
+    token = cluster.front.token
+    result: dict[str, Any] = {}
+
+    def post() -> None:
+        # The replica dies under this request: its connection closes without an answer.
+        try:
+            result["reply"] = victim.call("POST", "/api/kernels", {"name": H100_X1, "env": {}},
+                                          token=token)  # fmt: skip
+        except ConnectionError as error:
+            result["error"] = error
+
+    poster = threading.Thread(target=post)
+    # The kernel's id is not known before the answer: find it as the one starting.
+    poster.start()
+    starting: list[str] = []
+
+    def placed() -> bool:
+        listed = cluster.front.call("GET", "/api/kernels").body
+        starting[:] = [k["id"] for k in listed if k["gpupool"]["state"] in ("starting", "running")]
+        return bool(starting)
+
+    cluster.front.wait_for(placed, 10, "the kernel to be placed")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    poster.join(30)
+    [kernel_id] = starting
+    cluster.front.wait_for(lambda: cluster.states([kernel_id]) == ["running"], 60,
+                           "another replica to start the kernel")  # fmt: skip
+    # Exactly one host kernel for it, however far the first start got.
+    cluster.front.wait_for(
+        lambda: [k["gpupool"]["owner"] for k in cluster.on_hosts()] == [kernel_id], 30,
+        "one host kernel for it",
+    )  # fmt: skip
+
+    async def run() -> str:
+        sock = await KernelSocket.open(cluster.front.url, token, kernel_id)
+        try:
+            out, _ = await sock.execute("print(6 * 7)")
+            return out
+        finally:
+            sock.close()
+
+    assert asyncio.run(run()) == "42\n"
+    assert cluster.front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
+    cluster.front.wait_for(lambda: cluster.on_hosts() == [], 30, "its host kernel to stop")
+
+
+def test_killing_the_replica_under_a_websocket_loses_nothing(cluster: Cluster) -> None:
+    front = cluster.front
+    alive = [r for r in cluster.replicas if r.proc.poll() is None]
+    assert len(alive) >= 2
+    reply = front.call("POST", "/api/kernels", {"name": H100_X1, "env": {}})
+    assert reply.status == 201, reply.body
+    kernel_id = reply.body["id"]
+    front.wait_for(lambda: cluster.states([kernel_id]) == ["running"], 60, "the kernel to run")
+
+    async def scenario() -> str:
+        sock = await KernelSocket.open(front.url, front.token, kernel_id)
+        _, result = await sock.execute("x = 41")
+        assert result["status"] == "ok"
+        # The replica relaying this websocket is the one that counts a connection for it.
+        holder = None
+        for replica in alive:
+            model = await asyncio.to_thread(
+                replica.call, "GET", f"/api/kernels/{kernel_id}", None, front.token
+            )
+            if model.body["connections"] == 1:
+                holder = replica
+        assert holder is not None
+        holder.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(holder.proc.wait, 10)
+        with pytest.raises(ConnectionError):
+            while True:
+                await sock.recv(10)
+        # The client reconnects, as JupyterLab does, through the same address.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                again = await KernelSocket.open(front.url, front.token, kernel_id)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        try:
+            out, result = await again.execute("print(x + 1)")
+            assert result["status"] == "ok", result
+            return out
+        finally:
+            again.close()
+
+    assert asyncio.run(scenario()) == "42\n"
+    states = cluster.states([kernel_id])
+    assert states == ["running"], states
+    assert front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
