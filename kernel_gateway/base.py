@@ -149,11 +149,7 @@ class GatewayHandler(web.RequestHandler):
             if not self.state.is_join(self.given_token()):
                 raise ApiError(401, "registering a host needs the cluster join token.")
         elif self.who == "host":
-            view = self.state.pool.hosts.get(self.path_kwargs.get("host_id", ""))
-            token = self.given_token()
-            # (GatewayState.heartbeat checks it again, the same way.)
-            if view is None or view.lost or not token or not same(token, view.token):
-                raise ApiError(404, "this gateway does not know that host; register again.")
+            self.state.known_host(self.path_kwargs.get("host_id", ""), self.given_token())
         else:
             assert self.who == "anyone", self.who
 

@@ -406,13 +406,24 @@ class GatewayState:
         asyncio.get_running_loop().create_task(self.kernels.dispatch())
         return {"host_id": host_id, "host_token": token}
 
-    def heartbeat(self, host_id: str, token: str, body: dict[str, Any]) -> None:
+    def known_host(self, host_id: str, token: str) -> HostView:
+        """The host that `token` is the current token of; 404 (the host registers again) if
+        none. Beside other replicas, one it registered with elsewhere is read from the
+        database first."""
+
+        def known(view: HostView | None) -> bool:
+            return view is not None and not view.lost and bool(token) and same(token, view.token)
+
         view = self.pool.hosts.get(host_id)
-        if self.kernels.shared and (view is None or view.lost or not same(token, view.token)):
+        if self.kernels.shared and not known(view) and token:
             self.sync_hosts(host_id)  # it registered (again) through another replica
             view = self.pool.hosts.get(host_id)
-        if view is None or view.lost or not same(token, view.token):
+        if view is None or not known(view):
             raise ApiError(404, "this gateway does not know that host; register again.")
+        return view
+
+    def heartbeat(self, host_id: str, token: str, body: dict[str, Any]) -> None:
+        view = self.known_host(host_id, token)
         view.last_seen = time.time()
         self.unheard.discard(host_id)
         gpus = body.get("gpus")
