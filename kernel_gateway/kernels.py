@@ -475,29 +475,35 @@ class GatewayKernels:
         if kernel.gpu_count:
             body["gpu_type"] = kernel.gpu_type
         asked = time.time()
+        # This start acts on the row only while the row is still this attempt: this host, and
+        # this replica's lease. (Beside replicas, a start whose lease expired while this one
+        # was slow was queued again, and another replica may be starting it elsewhere.)
+        mine = {"host_id": host.id, "lease_owner": self.owner}
+        starting = (KernelState.STARTING,)
         try:
             reply = await self.host_call(host, "POST", "/api/kernels", body)
         except HTTPClientError as error:
             host.reserved.pop(kernel.id, None)
-            if self.row(kernel.id).state != KernelState.STARTING:
-                return  # shut down, or lost with its host, while the host answered
+            if not self._is_mine(kernel.id, mine):
+                return  # shut down, lost with its host, or taken over, while the host answered
             if error.code == 409:  # our view of the host was stale: wait for the next GPU
-                again = (KernelState.STARTING,)
-                if self.lifecycle.move(kernel.id, KernelState.QUEUED, again, host_id=None) is None:
-                    return
-                self.live_of(kernel.id).notify()  # create() answers "queued" now, not in 30 s
+                queued = KernelState.QUEUED
+                if self.lifecycle.move(kernel.id, queued, starting, only_if=mine, host_id=None):
+                    self.live_of(kernel.id).notify()  # create() answers "queued" now
                 return
-            self.end(kernel.id, f"host {host.name} refused to start it: {error_message(error)}")
+            why = f"host {host.name} refused to start it: {error_message(error)}"
+            self.end(kernel.id, why, only_if=mine)
             return
         except Exception as error:
             host.reserved.pop(kernel.id, None)
-            self.end(kernel.id, f"host {host.name} {UNREACHABLE} at {host.url} ({error})")
+            why = f"host {host.name} {UNREACHABLE} at {host.url} ({error})"
+            self.end(kernel.id, why, only_if=mine)
             return
         host.reserved.pop(kernel.id, None)
         gpus = list(reply["gpupool"]["gpus"])
-        if self.row(kernel.id).state != KernelState.STARTING:
-            # Shut down, or lost with its host, while the host started it: stop it there too,
-            # or it would hold its GPUs with no one to use or bill them.
+        if not self._is_mine(kernel.id, mine):
+            # Shut down, lost with its host, or taken over, while the host started it: stop it
+            # there too, or it would hold its GPUs with no one to use or bill them.
             log.info("kernel %s ended while starting; stopping it on %s", kernel.id, host.name)
             asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
@@ -510,7 +516,7 @@ class GatewayKernels:
         current = self.row(kernel.id)  # a restart meanwhile dropped its checkpoint
         if current.checkpoint:
             await self._restore_on(host, current, str(reply["id"]))
-        if not self._mark_running(kernel.id, str(reply["id"]), gpus, held):
+        if not self._mark_running(kernel.id, str(reply["id"]), gpus, held, mine):
             log.info("kernel %s ended while restoring; stopping it on %s", kernel.id, host.name)
             asyncio.get_running_loop().create_task(self.stop_on_host(host, str(reply["id"])))
             return
@@ -520,13 +526,24 @@ class GatewayKernels:
         START_SECONDS.observe(time.time() - kernel.created)
         live.notify()
 
+    def _is_mine(self, kernel_id: str, mine: dict[str, Any]) -> bool:
+        row = self.row(kernel_id)
+        return row.state == KernelState.STARTING and all(
+            getattr(row, key) == value for key, value in mine.items()
+        )
+
     def _mark_running(
-        self, kernel_id: str, host_kernel_id: str, gpus: list[str], held: float
+        self,
+        kernel_id: str,
+        host_kernel_id: str,
+        gpus: list[str],
+        held: float,
+        mine: dict[str, Any],
     ) -> bool:
         """Running, and its ledger interval open from `held`, in one transaction; False (and
-        nothing written) if it was shut down or lost meanwhile."""
+        nothing written) if it was shut down, lost or taken over meanwhile."""
         running = self.lifecycle.move(
-            kernel_id, KernelState.RUNNING, (KernelState.STARTING,), at=held,
+            kernel_id, KernelState.RUNNING, (KernelState.STARTING,), at=held, only_if=mine,
             host_kernel_id=host_kernel_id, gpus=gpus, checkpoint={},
         )  # fmt: skip
         return running is not None
@@ -540,13 +557,15 @@ class GatewayKernels:
         state: KernelState = KernelState.DEAD,
         ended: float | None = None,
         closing: str = DIED,
+        only_if: dict[str, Any] | None = None,
     ) -> None:
         """The kernel is over: its GPUs go back and its interval closes at `ended` (the last
         time it was seen alive, when known), for the ledger reason `closing`. Its owner shutting
-        down a kernel that died already changes only its state: why it died stays."""
+        down a kernel that died already changes only its state: why it died stays. `only_if`:
+        as for `Lifecycle.move`."""
         ending = LIVE_STATES if state == KernelState.DELETED else RUNS_OR_WAITS
         moved = self.lifecycle.move(
-            kernel_id, state, ending, at=ended, closing=closing, reason=reason
+            kernel_id, state, ending, at=ended, closing=closing, reason=reason, only_if=only_if
         )
         if moved is None:
             if state == KernelState.DELETED:

@@ -62,6 +62,7 @@ class Lifecycle:
         *,
         at: float | None = None,
         closing: str | None = None,
+        only_if: Mapping[str, Any] | None = None,
         **values: Any,
     ) -> Kernel | None:
         """Move the kernel to `to` if its row is in one of the states `expect`, setting `values`
@@ -70,7 +71,10 @@ class Lifecycle:
 
         `at` (default now) is when the move happened for billing: entering running opens an
         interval from it; entering suspended, dead or deleted closes the open one, if any, at
-        it with the ledger reason `closing`, and sets `ended` when the kernel ends."""
+        it with the ledger reason `closing`, and sets `ended` when the kernel ends.
+
+        `only_if`: columns the row must also have (a replica's start acts only while the row is
+        still its own attempt: its host, its lease), else nothing is written either."""
         to = KernelState(to)
         for state in expect:
             if to not in MOVES[state]:
@@ -84,6 +88,8 @@ class Lifecycle:
             # moving one kernel at once would otherwise both read the old state and both write.
             row = s.get(Kernel, kernel_id, with_for_update=True)
             if row is None or row.state not in expect:
+                return None
+            if only_if and any(getattr(row, key) != value for key, value in only_if.items()):
                 return None
             left = KernelState(row.state)
             row.lease_owner = row.lease_until = None  # a lease is for one job in one state
