@@ -145,8 +145,28 @@ class Ledger:
                 )
             ).all()
         )
+        missing = sorted(holding.keys() - have)
+        if not missing:
+            return []
+        # Read again, locked: beside other replicas, a kernel seen running in a host's report a
+        # moment ago may have ended since (its interval closed in the same transaction), and
+        # must not get a new one.
+        still = set(
+            s.scalars(
+                select(Kernel.id)
+                .where(Kernel.id.in_(missing), Kernel.state == KernelState.RUNNING)
+                .with_for_update()
+            ).all()
+        )
+        have = set(
+            s.scalars(
+                select(LedgerInterval.kernel_id).where(
+                    LedgerInterval.kernel_id.in_(missing), LedgerInterval.ended.is_(None)
+                )
+            ).all()
+        )
         opened = []
-        for kernel_id in holding.keys() - have:
+        for kernel_id in sorted(still - have):
             row = self.open(s, holding[kernel_id], host_id, when)
             if row is not None:
                 opened.append(row)
