@@ -29,6 +29,18 @@ START_SECONDS = Histogram(
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
     registry=EVENTS,
 )
+# Every round trip to the database: each SQL statement, commit and rollback, and (PostgreSQL)
+# each connection check before use; and the seconds spent in statements, lock waits included.
+DB_ROUND_TRIPS = Counter(
+    "gpupool_db_round_trips",
+    "Round trips to the gateway's database: statements, commits, rollbacks, connection checks.",
+    registry=EVENTS,
+)
+DB_SECONDS = Counter(
+    "gpupool_db_statement_seconds",
+    "Seconds the gateway spent waiting on its database's statements (lock waits included).",
+    registry=EVENTS,
+)
 # Counted when a ledger interval closes (so a restart starts it again from 0, as counters may);
 # what open intervals have run up so far is the gauge `gpupool_gpu_seconds_open`.
 GPU_SECONDS_BILLED = Counter(

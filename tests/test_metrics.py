@@ -67,3 +67,26 @@ def test_two_gateways_in_one_process_each_show_their_own_pool():
     key = ("gpupool_gpus", (("gpu_type", "H100"), ("use", "free")))
     assert samples(render_metrics(one))[key] == 0
     assert samples(render_metrics(two))[key] == 2
+
+
+def test_every_database_round_trip_is_counted(tmp_path):
+    """Statements, commits and rollbacks each count once; their time adds up."""
+    from sqlalchemy import text
+
+    from kernel_gateway.metrics import EVENTS
+    from kernel_gateway.store import open_store
+
+    db = open_store(str(tmp_path / "gateway.db"))
+    before = samples(render_metrics(EVENTS))
+    with db() as s:
+        s.execute(text("SELECT 1"))
+        s.execute(text("SELECT 2"))
+        s.commit()
+    with db() as s:
+        s.execute(text("SELECT 3"))
+        s.rollback()
+    after = samples(render_metrics(EVENTS))
+    trips = ("gpupool_db_round_trips_total", ())
+    assert after[trips] - before[trips] == 5  # three statements, a commit, a rollback
+    spent = ("gpupool_db_statement_seconds_total", ())
+    assert after[spent] > before[spent]
