@@ -40,8 +40,12 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as TimeoutError_
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from .metrics import DB_ROUND_TRIPS, DB_SECONDS
+
 log = logging.getLogger(__name__)
 CONNECT_SECONDS = 5
+LOCK_SECONDS = 5  # the longest a statement waits for a row or advisory lock
+IDLE_IN_TRANSACTION_SECONDS = 60
 DB_RETRY_SECONDS = 5  # Retry-After of a 503 while the database does not answer
 
 
@@ -215,6 +219,8 @@ def upgrade(engine: Engine) -> None:
     lock = _file_lock(Path(f"{sqlite_file}.lock")) if sqlite_file else nullcontext()
     with lock, engine.begin() as connection:
         if engine.dialect.name == "postgresql":
+            # Waits for another replica's upgrade however long it takes (not LOCK_SECONDS).
+            connection.execute(text("SET LOCAL lock_timeout = 0"))
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK})
         context = MigrationContext.configure(connection)
         head = ScriptDirectory.from_config(config).get_current_head()
@@ -246,7 +252,16 @@ def make_engine(url_or_path: str) -> Engine:
     if url.startswith("postgresql"):
         # A connection left from before a database restart is found dead and replaced at once,
         # and a database that does not answer fails a request in seconds, not minutes.
-        options = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_SECONDS}}
+        # A lock held by a replica that died or was cut off mid-transaction (its connection
+        # not yet found dead) stops a waiting replica for LOCK_SECONDS at most, not hours: the
+        # request gets 503, a background pass tries again; the server also ends a session left
+        # idle inside a transaction, which frees its locks.
+        settings = (
+            f"-c lock_timeout={LOCK_SECONDS * 1000} "
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_SECONDS * 1000}"
+        )
+        connect = {"connect_timeout": CONNECT_SECONDS, "options": settings}
+        options = {"pool_pre_ping": True, "connect_args": connect}
     try:
         engine = create_engine(url, **options)
     except ImportError as error:  # the URL's driver is not installed
@@ -259,6 +274,7 @@ def make_engine(url_or_path: str) -> Engine:
         raise SystemExit(f"gpupool: cannot use the database URL {safe_url(url)}: {error}. "
                          "Use postgresql+psycopg://user:password@host:5432/name, "
                          "sqlite:///path, or a file path.") from None  # fmt: skip
+    _count_round_trips(engine, pinged=url.startswith("postgresql"))
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -269,6 +285,32 @@ def make_engine(url_or_path: str) -> Engine:
             cursor.close()
 
     return engine
+
+
+def _count_round_trips(engine: Engine, pinged: bool) -> None:
+    """Count every round trip to the database, and the time statements take, in /metrics."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _began(connection: Any, *_: Any) -> None:
+        connection.info["gpupool_began"] = time.perf_counter()
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _ended(connection: Any, *_: Any) -> None:
+        began = connection.info.pop("gpupool_began", None)
+        DB_ROUND_TRIPS.inc()
+        if began is not None:
+            DB_SECONDS.inc(time.perf_counter() - began)
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _ended_transaction(_connection: Any) -> None:
+        DB_ROUND_TRIPS.inc()
+
+    if pinged:  # pool_pre_ping: a check on each checkout from the pool
+
+        @event.listens_for(engine.pool, "checkout")
+        def _checked(*_: Any) -> None:
+            DB_ROUND_TRIPS.inc()
 
 
 def safe_url(url: str) -> str:
