@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jupyter_server._tz import utcnow
 from tornado import web
 
 from .kernels import HostKernelManager
@@ -180,12 +181,16 @@ async def _in_kernel(
         request.cancel()
         client.stop_channels()
     # The reply comes just before the kernel's idle status: once the activity watch has seen
-    # that, put the idle clock back, since a checkpoint or restore is not the user's activity.
+    # that, put the idle clock back, since a checkpoint is not the user's activity. A restore
+    # is: it runs because a client spoke to the suspended kernel, whose message comes next, so
+    # the idle clock starts when the restore ends (from the start of a slow cold start, a short
+    # idle timeout would suspend the kernel again before that message arrives).
     for _ in range(100):
         if kernel.execution_state == "idle":  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.01)
-    kernel.last_activity = activity  # type: ignore[attr-defined]
+    now = utcnow()
+    kernel.last_activity = activity if function == "checkpoint" else now  # type: ignore[attr-defined]
     kernel.execution_state = "idle"  # type: ignore[attr-defined]
     content = reply["content"]
     answer = content.get("user_expressions", {}).get("gpupool", {})
