@@ -109,6 +109,8 @@ bench: install $(BENCH_STAMP)
 	@# Our hybrid Lab against stock jupyter_server and direct ZMQ, and kernel ready in Chromium.
 	$(BIN)/python bench/lab.py
 	$(BIN)/python bench/share.py
+	@# 1, 2, 3 gateway replicas on PostgreSQL behind nginx, against one gateway on SQLite.
+	$(BIN)/python bench/replicas.py
 	@# 64 kernels and 1,000 websockets, against jupyter-kernel-gateway in bench/.venv-jkg (made once).
 	$(BIN)/python bench/load.py
 
