@@ -441,7 +441,9 @@ class GatewayKernels:
             for kernel_id, state in rows:
                 before = self._followed.get(kernel_id)
                 self._followed[kernel_id] = state
-                if before is not None and before != state:
+                # First read included: a kernel this replica queued may be running already,
+                # placed and started by another replica, and its POST here waits to hear it.
+                if before != state:
                     live = self.live_of(kernel_id)
                     live.suspended = state == KernelState.SUSPENDED
                     live.notify()
