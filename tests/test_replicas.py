@@ -78,7 +78,12 @@ class Cluster:
         return kernels
 
     def states(self, ids: list[str]) -> list[str]:
-        listed = {k["id"]: k for k in self.front.call("GET", "/api/kernels").body}
+        reply = self.front.call("GET", "/api/kernels")
+        if reply.status == 502:  # nginx, for a moment without a live replica after a kill
+            time.sleep(1)
+            reply = self.front.call("GET", "/api/kernels")
+        assert reply.status == 200 and isinstance(reply.body, list), reply
+        listed = {k["id"]: k for k in reply.body}
         return [listed[i]["gpupool"]["state"] if i in listed else "gone" for i in ids]
 
 
@@ -419,7 +424,9 @@ x = 41
 
 
 def intervals_of(front: Gateway, kernel_id: str) -> list[dict[str, Any]]:
-    usage = front.call("GET", "/api/usage").body["intervals"]
+    reply = front.call("GET", "/api/usage")
+    assert reply.status == 200 and isinstance(reply.body, dict), reply
+    usage = reply.body["intervals"]
     return sorted((i for i in usage if i["kernel_id"] == kernel_id), key=lambda i: i["start"])
 
 
