@@ -305,6 +305,21 @@ class Gateway:
         """What store.open_store opens to read this gateway's database."""
         return self.db_url or str(self.state_dir / "gateway.db")
 
+    def sql(self, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Run one SQL statement (named :parameters) on this gateway's database, SQLite or
+        PostgreSQL, committed; its rows, if any."""
+        import sqlalchemy
+
+        from kernel_gateway.store import database_url
+
+        engine = sqlalchemy.create_engine(database_url(self.database))
+        try:
+            with engine.begin() as connection:
+                result = connection.execute(sqlalchemy.text(statement), params)
+                return [tuple(row) for row in result] if result.returns_rows else []
+        finally:
+            engine.dispose()
+
     @property
     def admin_token(self) -> str:
         return (self.state_dir / "admin-token").read_text().strip()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -150,8 +149,8 @@ def test_restricted_revoked_expired_and_unknown_are_the_same_404(
     revoked = share(gw, gw.token, access="anyone").body
     assert gw.call("DELETE", f"/api/shares/{revoked['id']}").status == 204
     expired = share(gw, gw.token, access="anyone", expires_in=3600).body
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:  # as if an hour went by
-        db.execute("UPDATE shares SET expires = ? WHERE id = ?", (time.time() - 1, expired["id"]))
+    # As if an hour went by.
+    gw.sql("UPDATE shares SET expires = :t WHERE id = :id", t=time.time() - 1, id=expired["id"])
     assert page(gw, for_bob["path"], bob).status == 200
     assert page(gw, for_bob["path"], gw.token).status == 200  # the sharer
     refusals = [
@@ -280,9 +279,8 @@ def test_revoking_the_last_share_of_a_snapshot_deletes_its_file(gw: Gateway) -> 
     """Content-addressed: two shares of one notebook hold one file, which goes with the last."""
     nb = notebook(title="revoke-me")  # a snapshot no other test shares
     first, second = (share(gw, gw.token, notebook=nb).body for _ in range(2))
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        [(digest,)] = db.execute("SELECT DISTINCT digest FROM shares WHERE id IN (?, ?)",
-                                 (first["id"], second["id"])).fetchall()  # fmt: skip
+    [(digest,)] = gw.sql("SELECT DISTINCT digest FROM shares WHERE id IN (:a, :b)",
+                         a=first["id"], b=second["id"])  # fmt: skip
     path = gw.state_dir / "shares" / digest[:2] / digest
     assert path.is_file()
     assert gw.call("DELETE", f"/api/shares/{first['id']}").status == 204
@@ -297,16 +295,14 @@ def test_revoking_the_last_share_of_a_snapshot_deletes_its_file(gw: Gateway) -> 
 
 
 def snapshot_of(gw: Gateway, link: dict[str, Any]) -> Path:
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        [(digest,)] = db.execute("SELECT digest FROM shares WHERE id = ?", (link["id"],))
+    [(digest,)] = gw.sql("SELECT digest FROM shares WHERE id = :id", id=link["id"])
     return Path(gw.state_dir / "shares" / digest[:2] / digest)
 
 
 def expire(gw: Gateway, *links: dict[str, Any]) -> None:
     """As if their hour went by (expires_in is at least 60 s)."""
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        db.executemany("UPDATE shares SET expires = ? WHERE id = ?",
-                       [(time.time() - 1, link["id"]) for link in links])  # fmt: skip
+    for link in links:
+        gw.sql("UPDATE shares SET expires = :t WHERE id = :id", t=time.time() - 1, id=link["id"])
 
 
 def test_an_expired_links_snapshot_goes_at_the_next_sweep(gw: Gateway, bob: str) -> None:

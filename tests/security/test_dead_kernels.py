@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -60,10 +59,7 @@ def test_a_kernel_that_dies_is_reported_dead_and_no_longer_billed(
     except HTTPClientError as error:
         assert error.code == 404 and error.response is not None
         assert b"is dead" in error.response.body and b"SIGKILL" in error.response.body
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        assert db.execute("select state from kernels where id = ?", (kernel_id,)).fetchone() == (
-            "dead",
-        )
+    assert gw.sql("select state from kernels where id = :id", id=kernel_id) == [("dead",)]
 
 
 def test_a_kernel_whose_host_stops_answering_closes_its_websockets(

@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -20,8 +19,10 @@ from typing import Any
 
 import pytest
 from conftest import Gateway, free_port, start_gateway
+from sqlalchemy import select
 
 from kernel_gateway.log_redaction import RedactTokens
+from kernel_gateway.store import Host, open_store
 
 GIB = 1 << 30
 DEEP = b"[" * 17_500 + b"]" * 17_500  # 35 KB: the body of the report
@@ -57,8 +58,9 @@ def register(gw: Gateway, body: Any) -> Any:
 
 
 def host_rows(gw: Gateway) -> list[tuple[str, str]]:
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        return list(db.execute("select url, gpus from hosts order by url"))
+    rows = gw.sql("select url, gpus from hosts order by url")
+    # PostgreSQL hands a JSON column back parsed, SQLite as its text.
+    return [(url, gpus if isinstance(gpus, str) else json.dumps(gpus)) for url, gpus in rows]
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +166,10 @@ def test_a_bad_host_row_left_in_the_database_does_not_stop_the_gateway(tmp_path)
         assert register(gw, report(h100s(1), url=url)).status == 200
     finally:
         gw.stop()
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        db.execute("update hosts set gpus = ? where url = ?", (json.dumps([1]), url))
+    with open_store(gw.database)() as s:  # a GPU list no gateway could have stored
+        for row in s.scalars(select(Host).where(Host.url == url)):
+            row.gpus = [1]
+        s.commit()
     again = start_gateway(tmp_path, state=gw.state_dir)
     try:
         again.token = again.tenant("bob")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +21,7 @@ __all__ = ["started"]  # a fixture, used by name
 
 
 def ledger(gw: Gateway, kernel_id: str) -> list[tuple[Any, str]]:
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        rows = db.execute(
-            "select ended, end_reason from ledger where kernel_id = ?", (kernel_id,)
-        ).fetchall()
+    rows = gw.sql("select ended, end_reason from ledger where kernel_id = :id", id=kernel_id)
     return [(ended, reason) for ended, reason in rows]
 
 
@@ -37,7 +33,7 @@ def tenant_cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     return subprocess.run(
         [sys.executable, "-m", "gpupool.cli", "tenant", *args, "--state-dir",
-         str(gw.state_dir)],
+         str(gw.state_dir), *(["--db-url", gw.db_url] if gw.db_url else [])],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
 
@@ -60,8 +56,7 @@ def assert_all_ended(gw: Gateway, agent: HostAgent, token: str, kernels: list[st
         [(ended, reason)] = ledger(gw, kernel_id)
         assert ended is not None and reason == "revoked"
     assert ledger(gw, kernels[2]) == []  # it never ran, so it never billed
-    with sqlite3.connect(gw.state_dir / "gateway.db") as db:
-        states = {s for (s,) in db.execute("select state from kernels").fetchall()}
+    states = {s for (s,) in gw.sql("select state from kernels")}
     assert states == {"deleted"}, states
 
 
