@@ -319,6 +319,11 @@ class ChannelsHandler(WebSocketHandler):
         live = kernels.live_of(self.kernel_id)
         live.touch()
         live.last_client_message = live.last_activity
+        if not live.suspended and self.upstream is None and self.owned.is_set():
+            # No host connection: the row decides. Beside replicas, another replica may have
+            # suspended the kernel since this one last read it, and a message held here with
+            # no resume would wait for ever.
+            live.suspended = kernels.row(self.kernel_id).state == KernelState.SUSPENDED
         if live.suspended and self._answered_while_suspended(message):
             return
         if live.suspended:
