@@ -36,7 +36,6 @@ import shutil
 import statistics
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ class Setup:
     gateways: list[Gateway] = field(default_factory=list)
     hosts: list[HostAgent] = field(default_factory=list)
     nginx: Nginx | None = None
+    front: Gateway | None = None
     token: str = ""
     admin: str = ""
 
@@ -90,6 +90,10 @@ class Setup:
     def url(self) -> str:
         assert self.nginx is not None
         return self.nginx.url
+
+    def front_gateway(self) -> Gateway:
+        assert self.front is not None
+        return self.front
 
     def stop(self) -> None:
         for host in self.hosts:
@@ -120,28 +124,6 @@ class Bench:
         return found
 
 
-def call(url: str, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method=method)
-    request.add_header("Authorization", f"token {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read().decode()
-            return response.status, json.loads(text) if text.startswith(("{", "[")) else text
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def wait(check: Any, limit: float, what: str) -> Any:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {limit} s waiting for {what}")
-
-
 def start_setup(bench: Bench, backend: str, replicas: int) -> Setup:
     folder = bench.where / f"{backend}-{replicas}"
     folder.mkdir()
@@ -168,10 +150,13 @@ def start_setup(bench: Bench, backend: str, replicas: int) -> Setup:
             )
         )
     setup.nginx = Nginx(folder / "nginx", front, [f"127.0.0.1:{p}" for p in ports])
-    status, body = call(setup.url, "POST", "/api/admin/tenants", setup.admin,
-                        {"name": "bench", "allow_shared_host": True})  # fmt: skip
-    assert status == 201, body
-    setup.token = body["token"]
+    # nginx seen as a gateway, for its requests and waits
+    setup.front = entry = Gateway(setup.nginx.proc, setup.url, "", folder,
+                                  folder / "nginx" / "error.log")  # fmt: skip
+    reply = entry.call("POST", "/api/admin/tenants", {"name": "bench", "allow_shared_host": True},
+                       token=setup.admin)  # fmt: skip
+    assert reply.status == 201, reply.body
+    setup.token = entry.token = reply.body["token"]
     for index in range(HOSTS):
         host_folder = folder / f"host-{index}"
         host_folder.mkdir()
@@ -189,12 +174,13 @@ def start_setup(bench: Bench, backend: str, replicas: int) -> Setup:
 
     def every_gateway_sees_the_pool() -> bool:
         for gateway in setup.gateways:
-            status, gpus = call(gateway.url, "GET", "/api/gpus", setup.token)
-            if status != 200 or sum(g["total"] for g in gpus) != HOSTS * GPUS_PER_HOST:
+            reply = gateway.call("GET", "/api/gpus", token=setup.token)
+            gpus = reply.body
+            if reply.status != 200 or sum(g["total"] for g in gpus) != HOSTS * GPUS_PER_HOST:
                 return False
         return True
 
-    wait(every_gateway_sees_the_pool, 60, "every gateway to see the four hosts")
+    entry.wait_for(every_gateway_sees_the_pool, 60, "every gateway to see the four hosts")
     return setup
 
 
@@ -202,8 +188,9 @@ def counters(setup: Setup) -> tuple[float, float]:
     """Database round trips and statement seconds, summed over the setup's gateways."""
     trips = seconds = 0.0
     for gateway in setup.gateways:
-        status, text = call(gateway.url, "GET", "/metrics", setup.admin)
-        assert status == 200, text
+        reply = gateway.call("GET", "/metrics", token=setup.admin)
+        assert reply.status == 200, reply.body
+        text = reply.body
         for line in str(text).splitlines():
             if line.startswith("gpupool_db_round_trips_total "):
                 trips += float(line.split()[1])
@@ -214,7 +201,7 @@ def counters(setup: Setup) -> tuple[float, float]:
 
 def settle(setup: Setup) -> None:
     """Until the hosts run no kernel (deleted ones are stopped) and have refilled their pools."""
-    wait(lambda: all(
+    setup.front_gateway().wait_for(lambda: all(
         not [k for k in h.call("GET", "/api/kernels").body if k["execution_state"] != "dead"
              and (k.get("gpupool") or {}).get("owner")]
         for h in setup.hosts
@@ -305,8 +292,8 @@ async def measure(bench: Bench, args: argparse.Namespace, backend: str, replicas
             result.starts_per_second.append(args.burst_size / took)
             log(f"{label}: burst {index + 1}: {args.burst_size} running in {took:.2f} s")
             for kernel_id in ids:
-                await asyncio.to_thread(call, setup.url, "DELETE", f"/api/kernels/{kernel_id}",
-                                        setup.token)  # fmt: skip
+                await asyncio.to_thread(setup.front_gateway().call, "DELETE",
+                                        f"/api/kernels/{kernel_id}")  # fmt: skip
             await asyncio.to_thread(settle, setup)
         starts = args.bursts * args.burst_size
         result.trips_per_start = trips / starts
@@ -318,8 +305,8 @@ async def measure(bench: Bench, args: argparse.Namespace, backend: str, replicas
         result.request_p50, result.request_p99 = pct(latencies, 0.5), pct(latencies, 0.99)
         log(f"{label}: {rate:.0f} GET /api/kernels per second")
         for kernel_id in ids:
-            await asyncio.to_thread(call, setup.url, "DELETE", f"/api/kernels/{kernel_id}",
-                                    setup.token)  # fmt: skip
+            await asyncio.to_thread(setup.front_gateway().call, "DELETE",
+                                    f"/api/kernels/{kernel_id}")  # fmt: skip
     finally:
         setup.stop()
         bench.setup = None

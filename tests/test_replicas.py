@@ -199,6 +199,21 @@ async def burst(url: str, token: str, count: int) -> list[tuple[int, dict[str, A
         client.close()
 
 
+def run_cell(url: str, token: str, kernel_id: str, code: str) -> str:
+    """Run `code` on the kernel over a websocket to `url` (a replica, or nginx); its stdout."""
+
+    async def run() -> str:
+        sock = await KernelSocket.open(url, token, kernel_id)
+        try:
+            out, result = await sock.execute(code)
+            assert result["status"] == "ok", result
+            return out
+        finally:
+            sock.close()
+
+    return asyncio.run(run())
+
+
 def transitions(replica: Gateway, admin: str, into: str) -> float:
     """How many kernels this replica moved into `into` (its own counter, from its /metrics)."""
     text = replica.call("GET", "/metrics", token=admin).body
@@ -296,16 +311,7 @@ def test_any_replica_serves_a_kernel_another_started(cluster: Cluster) -> None:
     assert reply.status == 201 and reply.body["gpupool"]["state"] == "running", reply.body
     kernel_id = reply.body["id"]
 
-    async def talk() -> str:
-        sock = await KernelSocket.open(other.url, token, kernel_id)
-        try:
-            out, result = await sock.execute("x = 20\nprint(x * 2 + 2)")
-            assert result["status"] == "ok", result
-            return out
-        finally:
-            sock.close()
-
-    assert asyncio.run(talk()) == "42\n"
+    assert run_cell(other.url, token, kernel_id, "x = 20\nprint(x * 2 + 2)") == "42\n"
     assert other.call("DELETE", f"/api/kernels/{kernel_id}", token=token).status == 204
     assert one.call("GET", f"/api/kernels/{kernel_id}", token=token).status == 404
 
@@ -348,15 +354,7 @@ def test_a_start_whose_replica_is_killed_is_taken_over(cluster: Cluster) -> None
         "one host kernel for it",
     )  # fmt: skip
 
-    async def run() -> str:
-        sock = await KernelSocket.open(cluster.front.url, token, kernel_id)
-        try:
-            out, _ = await sock.execute("print(6 * 7)")
-            return out
-        finally:
-            sock.close()
-
-    assert asyncio.run(run()) == "42\n"
+    assert run_cell(cluster.front.url, token, kernel_id, "print(6 * 7)") == "42\n"
     assert cluster.front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
     cluster.front.wait_for(lambda: cluster.on_hosts() == [], 30, "its host kernel to stop")
 
@@ -442,16 +440,7 @@ def test_a_suspend_whose_replica_is_killed_is_done_once_by_another(cluster: Clus
     kernel_id = reply.body["id"]
     front.wait_for(lambda: cluster.states([kernel_id]) == ["running"], 60, "the kernel to run")
 
-    async def run(code: str) -> str:
-        sock = await KernelSocket.open(front.url, front.token, kernel_id)
-        try:
-            out, result = await sock.execute(code)
-            assert result["status"] == "ok", result
-            return out
-        finally:
-            sock.close()
-
-    asyncio.run(run(SLOW_TO_SAVE))
+    run_cell(front.url, front.token, kernel_id, SLOW_TO_SAVE)
     # Idle for 2 s, then some replica's idle watch takes the lease and asks for the checkpoint.
     owner = front.wait_for(lambda: cluster.lease_owner(kernel_id), 30, "a replica to suspend it")
     victim = cluster.replica_of(owner)
@@ -464,7 +453,8 @@ def test_a_suspend_whose_replica_is_killed_is_done_once_by_another(cluster: Clus
     [closed] = intervals_of(front, kernel_id)
     assert not closed["open"] and closed["end_reason"] == "suspended", closed
 
-    assert asyncio.run(run("print(x + 1)")) == "42\n"  # resumed, its variables back
+    # Resumed, its variables back.
+    assert run_cell(front.url, front.token, kernel_id, "print(x + 1)") == "42\n"
     intervals = intervals_of(front, kernel_id)
     assert [(i["open"], i["end_reason"]) for i in intervals] == [
         (False, "suspended"),
