@@ -63,9 +63,11 @@ DELIM = b"<IDS|MSG>"
 ROUTES = 10_000  # requests remembered for routing their replies
 RECONNECT_ENV = "GPUPOOL_RECONNECT_S"
 QUEUE_POLL_S = 1.0
+POLL_ENV = "GPUPOOL_BRIDGE_POLL_S"  # how often a bridge with no websocket asks if its kernel lives
 
 
 _send = zmq.backend.Socket.send  # pyzmq's C send, without the per-part flag enums of its sugar
+_recv, _get = zmq.backend.Socket.recv, zmq.backend.Socket.get  # the same, never a future
 _MORE, _LAST = int(zmq.SNDMORE) | int(zmq.NOBLOCK), int(zmq.NOBLOCK)
 
 
@@ -135,10 +137,13 @@ class Bridge:
         self.done: asyncio.Future[int] | None = None
         self.routes: dict[bytes, OrderedDict[str, list[bytes]]] = {}
         self.reconnect_s = float(os.environ.get(RECONNECT_ENV, "30") or 30)
+        self.poll_s = max(0.1, float(os.environ.get(POLL_ENV, "5") or 5))
         self.ctx: zmq.asyncio.Context = zmq.asyncio.Context()
         self.pending: set[asyncio.Future[None]] = set()  # interrupts under way
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.topic = f"kernel.{kernel_id}".encode()
+        self.subscriptions = 0  # IOPub subscriptions of the clients connected now
+        self.opening: asyncio.Future[None] | None = None  # the websocket's, once asked for
 
     # --- ZMQ side ---------------------------------------------------------------------------
 
@@ -147,12 +152,14 @@ class Bridge:
         if transport != "tcp":
             raise SystemExit(f"gpupool: the bridge speaks tcp, not {transport}")
         kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER,
-                 "iopub": zmq.PUB}  # fmt: skip
+                 "iopub": zmq.XPUB}  # fmt: skip
         for name, kind in kinds.items():
             sock = self.ctx.socket(kind)
             sock.linger = 1000
             if kind == zmq.ROUTER:
                 sock.router_handover = 1
+            else:  # every subscribe and unsubscribe, those at a subscriber's end included
+                sock.setsockopt(zmq.XPUB_VERBOSER, 1)
             sock.bind(f"tcp://{ip}:{self.info[f'{name}_port']}")
             self.sockets[name] = sock
             if kind == zmq.ROUTER:
@@ -221,11 +228,31 @@ class Bridge:
         reply_now(self.sockets["control"], [*idents, DELIM, self.sign(parts), *parts])
         self.stop()
 
+    def subscribed(self) -> bool:
+        """Whether any client takes IOPub now, from the subscriptions that came so far: the
+        bridge neither signs nor sends IOPub messages that nobody would receive (a client that
+        used only the shell channel, or whose subscribers have gone)."""
+        sock = self.sockets["iopub"]
+        while cast(int, _get(sock, zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                self.count_subscription(cast(bytes, _recv(sock, zmq.NOBLOCK)))
+            except zmq.Again:
+                break
+        return self.subscriptions > 0
+
+    def count_subscription(self, event: bytes) -> None:
+        if event[:1] == b"\x01":
+            self.subscriptions += 1
+        elif event[:1] == b"\x00":
+            self.subscriptions = max(0, self.subscriptions - 1)
+
     async def to_client(self, channel: str, parts: list[Any]) -> None:
-        signature = self.sign(parts)
         if channel == "iopub":
-            send_now(self.sockets["iopub"], [self.topic, DELIM, signature, *parts])
+            if self.subscribed():
+                sock = self.sockets["iopub"]
+                send_now(sock, [self.topic, DELIM, self.sign(parts), *parts])
             return
+        signature = self.sign(parts)
         routes = self.routes.get(b"shell" if channel == "stdin" else channel.encode())
         if routes is None:
             return
@@ -242,6 +269,7 @@ class Bridge:
     # --- websocket side ---------------------------------------------------------------------
 
     async def to_gateway(self, channel: str, parts: list[bytes]) -> None:
+        self.want()
         while True:
             await self.connected.wait()
             ws = self.ws
@@ -357,6 +385,24 @@ class Bridge:
             if error is not None:
                 say(str(error))
                 return 1
+        tasks = [asyncio.ensure_future(self.from_client(n)) for n in ("shell", "control", "stdin")]
+        tasks += [asyncio.ensure_future(self.watch_subscriptions()),
+                  asyncio.ensure_future(self.watch_unconnected())]  # fmt: skip
+        try:
+            return await self.done
+        finally:
+            for task in [*tasks, *([self.opening] if self.opening else [])]:
+                task.cancel()
+            if self.ws is not None:
+                await self.ws.close(1000, "the local kernel bridge ended")
+            self.ctx.destroy(linger=500)
+
+    def want(self) -> None:
+        """A client needs the kernel's websocket: open it, once (see `watch_unconnected`)."""
+        if self.opening is None:
+            self.opening = asyncio.ensure_future(self.open_and_relay())
+
+    async def open_and_relay(self) -> None:
         try:
             await self.connect()
         except InvalidStatus as error:
@@ -367,25 +413,51 @@ class Bridge:
                 message = body.decode(errors="replace")[:200]
             say(f"the gateway refused the kernel's websocket ({error.response.status_code}): "
                 f"{message}")  # fmt: skip
-            return 1
+            self.finish(1)
+            return
         except (OSError, TimeoutError) as error:
             say(f"cannot reach the gateway at {self.api.url}: {error}")
-            return 1
-        tasks = [asyncio.ensure_future(self.from_client(n)) for n in ("shell", "control", "stdin")]
-        reader = asyncio.ensure_future(self.from_gateway())
-        try:
-            await asyncio.wait([reader, self.done], return_when=asyncio.FIRST_COMPLETED)
-            return reader.result() if reader.done() else self.done.result()
-        finally:
-            for task in [*tasks, reader]:
-                task.cancel()
-            if self.ws is not None:
-                await self.ws.close(1000, "the local kernel bridge ended")
-            self.ctx.destroy(linger=500)
+            self.finish(1)
+            return
+        self.finish(await self.from_gateway())
+
+    async def watch_subscriptions(self) -> None:
+        """IOPub subscriptions as they come: the first one opens the websocket."""
+        sock = self.sockets["iopub"]
+        while True:
+            self.count_subscription(cast(bytes, await sock.recv()))
+            if self.subscriptions:
+                self.want()
+
+    async def watch_unconnected(self) -> None:
+        """Until a client needs the websocket, the bridge holds none: in Lab, no client of the
+        bridge does (the browser's websocket goes to the gateway past it, see `pool_websocket`),
+        and a second websocket would make the host, the gateway and this process relay every
+        IOPub message twice. Meanwhile the kernel's end is learnt by asking the gateway."""
+        while self.opening is None:
+            await asyncio.sleep(self.poll_s)
+            if self.opening is not None:
+                return
+            try:
+                model = await asyncio.to_thread(self.api.kernel, self.kernel_id)
+            except GatewayError:
+                continue  # unreachable for now: the next look, or the websocket, will tell
+            if model is None:
+                say(f"the pool kernel {self.kernel_id} is gone")
+                self.finish(1)
+                return
+            pool = model.get("gpupool") or {}
+            if pool.get("state") == "dead":
+                say(f"the pool kernel {self.kernel_id} ended: {pool.get('reason') or 'dead'}")
+                self.finish(1)
+                return
+
+    def finish(self, code: int) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(code)
 
     def stop(self) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_result(0)
+        self.finish(0)
 
     def interrupt(self) -> None:
         """SIGINT (a client in `signal` interrupt mode that signals argv's process itself)."""

@@ -33,7 +33,7 @@ from traitlets.config import Configurable
 
 from gpupool.wire import iso, parse_iso
 
-from .pool_websocket import PoolKernelConnection, pool_target
+from .pool_websocket import PoolKernelConnection, pool_target, watch_pool_activity
 
 URL_ENV = "GPUPOOL_URL"
 TOKEN_ENV = "GPUPOOL_TOKEN"
@@ -557,6 +557,7 @@ def _apply_to_kernels(serverapp: Any, preferences: Preferences) -> None:
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app = serverapp.web_app
     _nodelay_on_kernel_websockets(serverapp)
+    watch_pool_activity(serverapp.kernel_manager)
     web_app.settings[SETTINGS_KEY] = Gateway(GpupoolLab(parent=serverapp), serverapp)
     preferences = web_app.settings[PREFERENCES_KEY] = Preferences()
     _apply_to_kernels(serverapp, preferences)

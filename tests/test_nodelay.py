@@ -105,9 +105,10 @@ def test_without_our_extension_jupyter_server_leaves_nagle_on(tmp_path: Path) ->
 def test_a_pool_kernels_browser_websocket_goes_straight_to_the_gateway(
     hybrid: LabServer, stack: Gateway, framing: str | None
 ) -> None:
-    """jupyter_ext/pool_websocket.py: the browser's websocket of a pool kernel is one more
-    websocket at the gateway (beside the bridge's), not a ZMQ connection to the bridge; it runs
-    code in either framing, and ends at the gateway when the browser closes it."""
+    """jupyter_ext/pool_websocket.py: the browser's websocket of a pool kernel is the one
+    websocket at the gateway (the bridge, which nobody in Lab talks to, holds none), not a ZMQ
+    connection to the bridge; it runs code in either framing, Lab's kernel model shows the
+    activity it relayed, and it ends at the gateway when the browser closes it."""
     kernel_id = hybrid.post("/api/kernels", {"name": POOL_SPEC})["id"]
     remote = next(k["id"] for k in stack.call("GET", "/api/kernels").body
                   if k["name"] == POOL_SPEC)  # fmt: skip
@@ -115,17 +116,25 @@ def test_a_pool_kernels_browser_websocket_goes_straight_to_the_gateway(
     def connections() -> int:
         return int(stack.call("GET", f"/api/kernels/{remote}").body["connections"])
 
+    def lab_model() -> dict:
+        status, text = hybrid.get(f"/api/kernels/{kernel_id}")
+        assert status == 200, text
+        return dict(json.loads(text))
+
     async def use() -> None:
-        stack.wait_for(lambda: connections() == 1, 30, "the bridge's websocket")
+        assert connections() == 0
         sock = await KernelSocket.open(hybrid.url, hybrid.token, kernel_id, framing)
         try:
             assert sock.protocol == framing
-            out, reply = await sock.execute("print(6 * 7)")
+            before = lab_model()["last_activity"]
+            out, reply = await sock.execute("import time; time.sleep(0.01); print(6 * 7)")
             assert reply["status"] == "ok" and out == "42\n", (out, reply)
-            assert connections() == 2  # the bridge's and this one's, straight
+            assert connections() == 1  # this one's, straight
+            model = lab_model()
+            assert model["execution_state"] == "idle" and model["last_activity"] > before, model
         finally:
             sock.close()
-        await asyncio.to_thread(stack.wait_for, lambda: connections() == 1, 30, "closed")
+        await asyncio.to_thread(stack.wait_for, lambda: connections() == 0, 30, "closed")
 
     try:
         asyncio.run(use())

@@ -325,6 +325,39 @@ def test_a_pool_kernel_that_dies_is_a_dead_kernel_and_restarts_anew(
     assert stack.call("GET", "/api/kernels").body == []
 
 
+def test_a_bridge_nobody_talks_to_holds_no_websocket_and_sees_its_kernel_end(
+    stack: Gateway, client_env: dict[str, str]
+) -> None:
+    """In Lab no client talks to the bridge (the browser's websocket goes past it), so it holds
+    no websocket at the gateway, which would relay every IOPub message a second time; the first
+    client opens one. Without one, the bridge learns of its kernel's end by asking."""
+    km = KernelManager(kernel_name=SHAPE)
+    km.start_kernel(env={**client_env, "GPUPOOL_BRIDGE_POLL_S": "0.5"})
+    kernel_id = km.provisioner.gateway_kernel_id  # type: ignore[union-attr]
+    kc = km.client()
+    try:
+        time.sleep(1)  # what a websocket opened meanwhile would need to show
+        assert stack.call("GET", f"/api/kernels/{kernel_id}").body["connections"] == 0
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        assert run(kc, "1 + 1")[1] == "2"
+        assert stack.call("GET", f"/api/kernels/{kernel_id}").body["connections"] == 1
+        kc.stop_channels()
+        second = KernelManager(kernel_name=SHAPE)
+        second.start_kernel(env={**client_env, "GPUPOOL_BRIDGE_POLL_S": "0.5"})
+        other = second.provisioner.gateway_kernel_id  # type: ignore[union-attr]
+        assert stack.call("DELETE", f"/api/kernels/{other}").status == 204
+        deadline = time.monotonic() + 15
+        while second.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not second.is_alive()  # a dead kernel to its client, as with a websocket
+        second.shutdown_kernel()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert stack.call("GET", "/api/kernels").body == []
+
+
 def test_wrong_token_is_named_never_printed(stack: Gateway, client_env: dict[str, str]) -> None:
     wrong = "w" * 64
     env = {**client_env, "GPUPOOL_TOKEN": wrong}
