@@ -20,6 +20,7 @@ from jupyter_server.serverapp import ServerApp
 from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
+from gpupool.loop import use_uvloop
 from gpupool.token_file import read_token_file
 
 from . import __version__, kernel_python
@@ -359,4 +360,5 @@ def _no_gpus() -> _NoGpus:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_uvloop()
     HostAgent.launch_instance(argv=argv)

@@ -17,6 +17,7 @@ from tornado.netutil import bind_sockets
 from traitlets import Enum, Float, Int, Unicode, default
 from traitlets.config import Application
 
+from gpupool.loop import use_uvloop
 from gpupool.token_file import read_token_file
 from gpupool.wire import MAX_MESSAGE_BYTES
 
@@ -304,6 +305,7 @@ class GatewayApp(Application):
         server.stop()
 
     def start(self) -> None:
+        use_uvloop()
         asyncio.run(self.run())
 
 
