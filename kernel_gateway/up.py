@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from gpupool.loop import use_uvloop
 from gpupool.wire import ENDED
 
 from .app import GatewayApp, listen_error
@@ -252,4 +253,6 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     # As `gpupool host` and `gpupool gateway` (traitlets) do; this command has no more options.
     parser.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
-    asyncio.run(run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    use_uvloop()
+    asyncio.run(run(args))
