@@ -120,6 +120,7 @@ class HostKernelManager(AsyncMappingKernelManager):
         )
         self.memory = MemoryTrim()
         self.placements: dict[str, KernelPlacement] = {}
+        self.released_gpu_seconds = 0.0  # held by tenants' kernels that have ended
         self.ended: dict[str, dict[str, Any]] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}  # dead kernels' cleanups under way
         # One shell-channel client per kernel for the agent's own requests (readiness, hand-over).
@@ -397,7 +398,28 @@ class HostKernelManager(AsyncMappingKernelManager):
         if kernel_id in self:
             await self._async_shutdown_kernel(kernel_id, now=True)
 
+    def _release_gpus(self, kernel_id: str, when: float) -> None:
+        """The kernel's hold on its GPUs ends at `when`: when they are free for another kernel
+        (its process stopped, or its death seen)."""
+        placement = self.placements.get(kernel_id)
+        if placement is None or not placement.claimed or placement.released_at is not None:
+            return
+        placement.released_at = when
+        self.released_gpu_seconds += max(0.0, when - placement.started_at) * len(placement.gpus)
+
+    def held_gpu_seconds(self, now: float | None = None) -> float:
+        """GPU-seconds this host has given to tenants' kernels since it started, those still
+        held included: what the gateway's ledger should add up to for this host."""
+        now = time.time() if now is None else now
+        holding = sum(
+            (now - p.started_at) * len(p.gpus)
+            for p in self.placements.values()
+            if p.claimed and p.released_at is None
+        )
+        return self.released_gpu_seconds + holding
+
     def _forget(self, kernel_id: str) -> None:
+        self._release_gpus(kernel_id, time.time())
         shell = self.shells.pop(kernel_id, None)
         if shell is not None:
             shell.stop_channels()
@@ -452,6 +474,7 @@ class HostKernelManager(AsyncMappingKernelManager):
                 ids.remove(kernel_id)
         # Reported dead, its GPUs free, from now on, also while its cleanup below awaits (a
         # poll in between must find it neither gone nor alive).
+        self._release_gpus(kernel_id, time.time())
         self.allocator.release(kernel_id)
         if model is not None:
             model.update(

@@ -29,6 +29,7 @@ class KernelPlacement:
     start: str = "cold"  # "warm" when taken from the warm pool
     started_at: float = field(default_factory=time.time)
     owner: str = ""  # the gateway's id for this kernel, so it can tell its own after a crash
+    released_at: float | None = None  # when its GPUs were free again (stopped, or seen dead)
 
     @property
     def connection_file(self) -> Path:

@@ -55,4 +55,5 @@ class HostStatus:
             "gpus": self.gpus(),
             "kernels": self.kernels.activity(),
             "warm": self.kernels.warm.count(),
+            "gpu_seconds": round(self.kernels.held_gpu_seconds(), 3),
         }

@@ -335,3 +335,37 @@ def test_pipelined_requests_are_all_answered(host):
         asyncio.run(bursts())
     finally:
         host.call("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def test_the_host_counts_the_gpu_seconds_it_gave_out(host_factory):
+    """What a gateway's ledger must add up to: a tenant kernel's GPUs from the moment it got
+    them until they are free again (its process stopped, or its death seen), times their
+    number; warm kernels that nobody took count nothing."""
+    agent = host_factory("--fake-gpus", "H100:4", "--no-isolate", "--warm-per-shape", "1")
+    agent.wait_for(lambda: agent.warm_count() >= 1, timeout=60, what="a warm kernel")
+    assert agent.call("GET", "/api/host").body["gpu_seconds"] == 0
+    two = agent.create(gpu_type="H100", gpu_count=2)
+    one = agent.create(gpu_type="H100", gpu_count=1)
+    time.sleep(0.5)
+    held = agent.call("GET", "/api/host").body["gpu_seconds"]
+    since = {m["id"]: m["gpupool"]["held_since"] for m in (two, one)}
+    asked = time.time()
+    assert agent.call("DELETE", f"/api/kernels/{two['id']}").status == 204
+    answered = time.time()
+    pid = int(asyncio.run(run_code(agent.url, agent.token, one["id"],
+                                   "import os; print(os.getpid())")))  # fmt: skip
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    agent.wait_for(
+        lambda: agent.call("GET", f"/api/kernels/{one['id']}").body["execution_state"] == "dead",
+        timeout=10, what="the killed kernel to be reported dead",
+    )  # fmt: skip
+    seen = time.time()
+    total = agent.call("GET", "/api/host").body["gpu_seconds"]
+    time.sleep(0.3)
+    assert agent.call("GET", "/api/host").body["gpu_seconds"] == total  # nothing held now
+    assert held >= 0.5 * 3 - 0.01
+    low = 2 * (asked - since[two["id"]]) + (killed - since[one["id"]])
+    high = 2 * (answered - since[two["id"]]) + (seen - since[one["id"]])
+    assert low - 0.01 <= total <= high + 0.01, (low, total, high)
+    agent.call("DELETE", f"/api/kernels/{one['id']}")

@@ -77,6 +77,10 @@ class Cluster:
             kernels += [k for k in reply.body if k["execution_state"] != "dead"]
         return kernels
 
+    def gpu_seconds(self) -> float:
+        """The GPU-seconds the hosts gave out to kernels, as they count them."""
+        return sum(float(host.call("GET", "/api/host").body["gpu_seconds"]) for host in self.hosts)
+
     def states(self, ids: list[str]) -> list[str]:
         reply = self.front.call("GET", "/api/kernels")
         if reply.status == 502:  # nginx, for a moment without a live replica after a kill
@@ -199,6 +203,11 @@ async def burst(url: str, token: str, count: int) -> list[tuple[int, dict[str, A
         client.close()
 
 
+def billed(front: Gateway) -> float:
+    """The GPU-seconds in the tenant's whole ledger."""
+    return float(front.call("GET", "/api/usage").body["total"]["gpu_seconds"])
+
+
 def run_cell(url: str, token: str, kernel_id: str, code: str) -> str:
     """Run `code` on the kernel over a websocket to `url` (a replica, or nginx); its stdout."""
 
@@ -228,6 +237,8 @@ def transitions(replica: Gateway, admin: str, into: str) -> float:
 @pytest.mark.timeout(600)
 def test_64_starts_on_32_gpus_over_three_replicas(cluster: Cluster) -> None:
     front = cluster.front
+    assert cluster.on_hosts() == []
+    billed_before, held_before = billed(front), cluster.gpu_seconds()
     watch = HostWatch(cluster)
     try:
         first = asyncio.run(burst(front.url, front.token, POOL))
@@ -288,6 +299,12 @@ def test_64_starts_on_32_gpus_over_three_replicas(cluster: Cluster) -> None:
     for kernel_id in second_ids:
         assert front.call("DELETE", f"/api/kernels/{kernel_id}").status == 204
     front.wait_for(lambda: cluster.on_hosts() == [], 120, "the hosts to stop every kernel")
+    # The whole ledger against the hosts' own count of the GPU-seconds they gave out: each
+    # interval starts when a host gave the GPUs and ends when the host's answer to the DELETE
+    # came, the host's count when the kernel had stopped, a few milliseconds before (a quarter
+    # second each allowed, for a loaded machine).
+    ledger, hosts = billed(front) - billed_before, cluster.gpu_seconds() - held_before
+    assert ledger > 0 and abs(ledger - hosts) <= 0.25 * 2 * POOL, (ledger, hosts)
 
 
 def test_hosts_heartbeat_through_every_replica_without_registering_again(
