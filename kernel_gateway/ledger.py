@@ -25,7 +25,7 @@ import io
 import time
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Float, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpupool.wire import MAX_TIME_TEXT, KernelState, iso, parse_iso
@@ -95,6 +95,22 @@ def safe_cell(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
+
+
+def _spent_statement() -> Any:
+    """USD of one tenant's intervals within [since, now], summed by the database: a budget
+    check reads one number, not every interval of the month (`Ledger.spent`)."""
+    row = LedgerInterval
+    since, now = bindparam("since", type_=Float), bindparam("now", type_=Float)
+    end = func.coalesce(row.ended, now)
+    start = case((row.started > since, row.started), else_=since)
+    seconds = case((end > start, end - start), else_=0.0)
+    return select(
+        func.coalesce(func.sum(seconds * row.gpu_count * row.usd_per_gpu_second), 0.0)
+    ).where(row.tenant_id == bindparam("tenant"), or_(row.ended.is_(None), row.ended > since))
+
+
+SPENT = _spent_statement()  # built once: building a statement cost as much as running it
 
 
 class Ledger:
@@ -252,13 +268,8 @@ class Ledger:
         """USD the tenant ran up from `since` until now, open intervals included."""
         now = time.time() if now is None else now
         with self.db() as s:
-            rows = s.scalars(
-                select(LedgerInterval).where(
-                    LedgerInterval.tenant_id == tenant_id,
-                    or_(LedgerInterval.ended.is_(None), LedgerInterval.ended > since),
-                )
-            ).all()
-        return sum(cost_of(r, seconds_in(r, now, since, now)) for r in rows)
+            spent = s.execute(SPENT, {"tenant": tenant_id, "since": since, "now": now}).scalar()
+        return float(spent or 0.0)
 
     def open_rates(self) -> dict[int, float]:
         """USD per second each tenant's open intervals cost now."""

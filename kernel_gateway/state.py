@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
@@ -35,6 +35,11 @@ TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 # After a restart, a host not yet heard from may be in its retry backoff (gpu_host's
 # --gateway-max-backoff, 30 s by default, +-20%): it is lost only after this much more.
 RESTART_GRACE_SECONDS = 40.0
+TENANT_BY_TOKEN = (
+    select(Tenant)
+    .join(Token, Token.tenant_id == Tenant.id)
+    .where(Token.digest == bindparam("digest"), Token.revoked.is_(False), Tenant.revoked.is_(False))
+)
 PROBE_SECONDS = 5.0  # a host whose heartbeats are late has this long to answer a probe
 REVOKED_CLOSE = "this tenant was revoked by the gateway's admin; ask them for a new token."
 
@@ -152,17 +157,10 @@ class GatewayState:
         return True
 
     def tenant_for(self, token: str) -> Tenant | None:
-        # One query, not two (token, then tenant): every authenticated request asks it.
+        # One query, not two (token, then tenant), built once: every authenticated request
+        # asks it, and building the statement cost as much as running it.
         with self.db() as s:
-            return s.scalars(
-                select(Tenant)
-                .join(Token, Token.tenant_id == Tenant.id)
-                .where(
-                    Token.digest == digest(token),
-                    Token.revoked.is_(False),
-                    Tenant.revoked.is_(False),
-                )
-            ).first()
+            return s.scalars(TENANT_BY_TOKEN, {"digest": digest(token)}).first()
 
     # -- tenants ---------------------------------------------------------------------------
 

@@ -108,6 +108,26 @@ def test_a_report_counts_each_interval_within_the_window(tmp_path: Path) -> None
     assert ledger.report(None, until=1000.0, now=1300.0)["intervals"] == []
 
 
+def test_what_was_spent_is_summed_by_the_database_as_the_report_counts_it(
+    tmp_path: Path,
+) -> None:
+    """`Ledger.spent` (budgets) is one SQL sum; the report counts each interval in Python.
+    Intervals before, across and after `since`, and an open one, come to the same USD."""
+    ledger, kernel = ledger_with_kernel(tmp_path, gpu_count=2)
+    with ledger.db() as s:
+        for start, end in ((900.0, 950.0), (1000.0, 1100.0), (1150.0, 1160.0)):
+            ledger.open(s, kernel, "h", start)
+            ledger.close(s, "k1", end, "suspended")
+        ledger.open(s, kernel, "h", 1200.0)  # still open
+        s.commit()
+    tenant_id = kernel.tenant_id
+    for since in (0.0, 950.0, 1050.0, 1155.0, 1250.0, 1400.0):
+        counted = ledger.report(tenant_id, since=since, until=1300.0, now=1300.0)
+        spent = ledger.spent(tenant_id, since, now=1300.0)
+        assert spent == pytest.approx(counted["total"]["cost_usd"], abs=1e-6), since
+    assert ledger.spent(tenant_id + 1, 0.0, now=1300.0) == 0.0  # another tenant spent nothing
+
+
 def test_csv_cells_cannot_start_a_formula() -> None:
     evil = '=HYPERLINK("http://x")'
     interval = {"interval": "k:1", "tenant": "a", "kernel_id": "k", "host_id": "-2+3",
