@@ -341,13 +341,9 @@ class Bridge:
                         + credentials.explain(error, self.api.url))  # fmt: skip
                     return 1
                 model, last = {}, str(error)
-            if model is None:
-                say(f"the pool kernel {self.kernel_id} is gone ({reason})")
-                return 1
-            state = (model.get("gpupool") or {}).get("state") or model.get("execution_state")
-            if state == "dead":
-                why = (model.get("gpupool") or {}).get("reason") or reason
-                say(f"the pool kernel {self.kernel_id} ended: {why}")
+            why = self.ended(model, reason)
+            if why:
+                say(why)
                 return 1
             if model:
                 try:
@@ -443,15 +439,20 @@ class Bridge:
                 model = await asyncio.to_thread(self.api.kernel, self.kernel_id)
             except GatewayError:
                 continue  # unreachable for now: the next look, or the websocket, will tell
-            if model is None:
-                say(f"the pool kernel {self.kernel_id} is gone")
+            why = self.ended(model, "seen while no client used the bridge")
+            if why:
+                say(why)
                 self.finish(1)
                 return
-            pool = model.get("gpupool") or {}
-            if pool.get("state") == "dead":
-                say(f"the pool kernel {self.kernel_id} ended: {pool.get('reason') or 'dead'}")
-                self.finish(1)
-                return
+
+    def ended(self, model: dict[str, Any] | None, reason: str) -> str:
+        """Why the kernel of this model (None: gone) will never run again, else ""."""
+        if model is None:
+            return f"the pool kernel {self.kernel_id} is gone ({reason})"
+        pool = model.get("gpupool") or {}
+        if (pool.get("state") or model.get("execution_state")) == "dead":
+            return f"the pool kernel {self.kernel_id} ended: {pool.get('reason') or reason}"
+        return ""
 
     def finish(self, code: int) -> None:
         if self.done is not None and not self.done.done():
